@@ -1,0 +1,75 @@
+"""Plain-torch SIAF-gated product: the specification every fused kernel is tested against.
+
+    siaf_and_mul(gate, up) = (Σ_{i=1..n} c_i · σ(a_i · gate + b_i)) · up          (paper Eq. 7, c = 1)
+
+`scale` holds a_i, `shift` holds b_i and `weight` holds c_i, each of shape (n,) (one scalar per term)
+or (n, width) (one value per FFN channel). `weight=None` is the paper's form, every c_i = 1.
+"""
+
+from __future__ import annotations
+
+
+import torch
+import torch.nn.functional as F
+
+# Base activations σ a SIAF term may use. Each is differentiable twice so gradcheck can run on it.
+ACTIVATIONS = {
+    "silu": F.silu,
+    "gelu": F.gelu,
+    "gelu_tanh": lambda x: F.gelu(x, approximate="tanh"),
+    "relu": F.relu,
+    "tanh": torch.tanh,
+    "sigmoid": torch.sigmoid,
+}
+
+
+def check_siaf_args(gate, up, scale, shift, weight, activation):
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"unknown SIAF activation {activation!r}; choose one of {sorted(ACTIVATIONS)}")
+    if gate.shape != up.shape:
+        raise ValueError(f"gate {tuple(gate.shape)} and up {tuple(up.shape)} must have the same shape")
+    width = gate.shape[-1]
+    for name, p in (("scale", scale), ("shift", shift), ("weight", weight)):
+        if p is None:
+            continue
+        if p.dim() not in (1, 2) or p.shape[0] != scale.shape[0] or (p.dim() == 2 and p.shape[1] != width):
+            raise ValueError(
+                f"SIAF {name} has shape {tuple(p.shape)}; expected (n,) or (n, {width}) with n = {scale.shape[0]}"
+            )
+    if shift.shape != scale.shape or (weight is not None and weight.shape != scale.shape):
+        raise ValueError("SIAF scale, shift and weight must share one shape")
+
+
+def siaf_and_mul_reference(
+    gate: torch.Tensor,
+    up: torch.Tensor,
+    scale: torch.Tensor,
+    shift: torch.Tensor,
+    weight: torch.Tensor | None = None,
+    activation: str = "silu",
+) -> torch.Tensor:
+    check_siaf_args(gate, up, scale, shift, weight, activation)
+    act = ACTIVATIONS[activation]
+    out = None
+    for i in range(scale.shape[0]):
+        term = act(scale[i] * gate + shift[i])
+        if weight is not None:
+            term = weight[i] * term
+        out = term if out is None else out + term
+    return out * up
+
+
+def identity_init(n: int) -> tuple[list[float], list[float], list[float]]:
+    """(a, b, c) that make the SIAF equal its base activation: c = (1, 0, …), a = 1, b = 0."""
+    return [1.0] * n, [0.0] * n, [1.0] + [0.0] * (n - 1)
+
+
+def spread_init(n: int, spread: float = 1.0) -> tuple[list[float], list[float], list[float]]:
+    """(a, b, c) for the paper's form: a = 1 and shifts b spread evenly over [-spread, spread].
+
+    Distinct shifts matter: with a_i and b_i all equal, every term receives the same gradient and the
+    terms never become different from one another.
+    """
+    shifts = [0.0] if n == 1 else [spread * (2 * i / (n - 1) - 1) for i in range(n)]
+    return [1.0] * n, shifts, [1.0] * n
+
