@@ -1,0 +1,67 @@
+"""`pangu-pi`: one command, many subcommands, each a thin shell over a library function.
+
+Subcommands are imported only when called, so `pangu-pi info` does not pay for DeepSpeed or vLLM.
+An error a user can fix prints one line naming the problem and the fix, without a traceback.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+# name → (module, function taking argv, one-line help)
+COMMANDS: dict[str, tuple[str, str, str]] = {
+    "info": ("pangu_pi.commands", "info_main", "print a preset's config and parameter count"),
+    "tokenizer": ("pangu_pi.commands", "tokenizer_main", "train (or extend) a SentencePiece BPE tokenizer"),
+    "convert-llama": ("pangu_pi.conversion", "convert_main", "turn a LLaMA checkpoint into a PanGu-π one"),
+    "generate": ("pangu_pi.commands", "generate_main", "sample text from a checkpoint"),
+    "data": ("training.data.cli", "main", "tokenize text into training shards"),
+    "pretrain": ("training.pretrain", "main", "pretrain with DeepSpeed"),
+    "export": ("training.export", "main", "write an HF checkpoint from a training checkpoint"),
+    "finetune": ("training.finetune", "main", "instruction-tune (full or LoRA)"),
+    "resize": ("pangu_pi.commands", "resize_main", "grow a model's vocabulary to a new tokenizer"),
+    "eval": ("training.evaluate", "main", "multiple-choice and perplexity evaluation"),
+    "analyze": ("pangu_pi.diagnostics", "main", "feature-collapse diagnostics per layer"),
+    "serve": ("serving.server", "main", "OpenAI-compatible server on vLLM"),
+    "chat": ("serving.chat", "main", "terminal chat client for the endpoint"),
+}
+
+
+class UserError(Exception):
+    """An error the user can fix; the CLI prints its message alone."""
+
+
+def usage() -> str:
+    width = max(map(len, COMMANDS))
+    lines = ["usage: pangu-pi COMMAND [ARGS]", "", "commands:"]
+    lines += [f"  {name.ljust(width)}  {help_}" for name, (_, _, help_) in COMMANDS.items()]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(usage())
+        return 0
+    name, rest = argv[0], argv[1:]
+    if name not in COMMANDS:
+        import difflib
+
+        close = difflib.get_close_matches(name, COMMANDS, n=1)
+        hint = f"; did you mean {close[0]!r}?" if close else "; run `pangu-pi --help` for the list"
+        print(f"pangu-pi: unknown command {name!r}{hint}", file=sys.stderr)
+        return 2
+    module, func, _ = COMMANDS[name]
+    from .config import ConfigError
+
+    try:
+        return getattr(importlib.import_module(module), func)(rest) or 0
+    except (UserError, ConfigError, FileNotFoundError, FileExistsError) as err:
+        print(f"pangu-pi {name}: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
