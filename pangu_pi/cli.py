@@ -19,7 +19,7 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "pretrain": ("training.pretrain", "main", "pretrain with DeepSpeed"),
     "export": ("training.export", "main", "write an HF checkpoint from a training checkpoint"),
     "finetune": ("training.finetune", "main", "instruction-tune (full or LoRA)"),
-    "resize": ("pangu_pi.commands", "resize_main", "grow a model's vocabulary to a new tokenizer"),
+    "resize": ("pangu_pi.vocab", "resize_main", "grow a model's vocabulary to a new tokenizer"),
     "eval": ("training.evaluate", "main", "multiple-choice and perplexity evaluation"),
     "analyze": ("pangu_pi.diagnostics", "main", "feature-collapse diagnostics per layer"),
     "serve": ("serving.server", "main", "OpenAI-compatible server on vLLM"),
