@@ -38,6 +38,16 @@ def usage() -> str:
     return "\n".join(lines)
 
 
+def quiet_accelerator_probe() -> None:
+    """Tell DeepSpeed up front when there is no GPU; otherwise it warns on every import."""
+    import os
+
+    import torch
+
+    if "DS_ACCELERATOR" not in os.environ and not torch.cuda.is_available():
+        os.environ["DS_ACCELERATOR"] = "cpu"
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help"):
@@ -52,6 +62,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"pangu-pi: unknown command {name!r}{hint}", file=sys.stderr)
         return 2
     module, func, _ = COMMANDS[name]
+    quiet_accelerator_probe()
     from .config import ConfigError
 
     try:

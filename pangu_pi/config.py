@@ -135,8 +135,8 @@ class PanGuPiConfig(PretrainedConfig):
     def from_preset(cls, name: str, **overrides: Any) -> "PanGuPiConfig":
         if name not in PRESETS:
             close = difflib.get_close_matches(name, PRESETS, n=1)
-            hint = f"; did you mean {close[0]!r}?" if close else ""
-            raise ConfigError(f"unknown preset {name!r}{hint} Known presets: {', '.join(PRESETS)}")
+            hint = f"did you mean {close[0]!r}? " if close else ""
+            raise ConfigError(f"unknown preset {name!r}; {hint}known presets: {', '.join(PRESETS)}")
         return cls(**{**PRESETS[name], **overrides})
 
     @classmethod

@@ -1,0 +1,117 @@
+"""Small `pangu-pi` subcommands over the model package: info, tokenizer, generate."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from .cli import UserError
+
+
+def parse_overrides(pairs: list[str]) -> dict:
+    """`key=value` strings into a dict; values are read as JSON where they parse (numbers, bools)."""
+    out = {}
+    for pair in pairs:
+        if "=" not in pair:
+            raise UserError(f"override {pair!r} is not key=value")
+        key, value = pair.split("=", 1)
+        try:
+            out[key] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key] = value
+    return out
+
+
+def count_parameters(config) -> int:
+    """Parameters of the model `config` describes, counted on the meta device (no memory spent)."""
+    import torch
+
+    from .modeling import PanGuPiForCausalLM
+
+    with torch.device("meta"):
+        model = PanGuPiForCausalLM(config)
+    return sum(p.numel() for p in model.parameters())
+
+
+def info_main(argv: list[str]) -> int:
+    import difflib
+
+    from .config import PanGuPiConfig
+
+    ap = argparse.ArgumentParser(prog="pangu-pi info", description="Print a preset's config and parameter count.")
+    ap.add_argument("--preset", required=True, help="tiny | pangu-pi-1b | pangu-pi-7b")
+    ap.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="override config fields")
+    ap.add_argument("--json", action="store_true", help="print one JSON object")
+    args = ap.parse_args(argv)
+    overrides = parse_overrides(args.set)
+    fields = PanGuPiConfig.field_names()
+    for key in overrides:
+        if key not in fields:
+            close = difflib.get_close_matches(key, fields, n=1)
+            raise UserError(f"unknown config field {key!r}" + (f"; did you mean {close[0]!r}?" if close else ""))
+    config = PanGuPiConfig.from_preset(args.preset, **overrides)
+    params = count_parameters(config)
+    if args.json:
+        print(json.dumps({"preset": args.preset, "parameters": params, "config": config.to_diff_dict()}, indent=2))
+    else:
+        print(config.to_json_string(use_diff=False).strip())
+        print(f"parameters: {params:,} ({params / 1e9:.3f} B)")
+    return 0
+
+
+def tokenizer_main(argv: list[str]) -> int:
+    if not argv or argv[0] not in ("train", "extend"):
+        raise UserError("usage: pangu-pi tokenizer train|extend ...")
+    if argv[0] == "extend":
+        from .vocab import extend_main
+
+        return extend_main(argv[1:])
+    from .tokenizer import load_tokenizer, train_tokenizer
+
+    ap = argparse.ArgumentParser(prog="pangu-pi tokenizer train", description="Train a SentencePiece BPE tokenizer.")
+    ap.add_argument("--input", nargs="*", help="text files, directories or globs (default: the embedded corpus)")
+    ap.add_argument("--vocab-size", type=int, default=8192)
+    ap.add_argument("--max-bytes", type=int, default=8_000_000, help="text sampled for training")
+    ap.add_argument("--out", required=True)
+    args = ap.parse_args(argv[1:])
+    try:
+        out = train_tokenizer(args.input, args.out, args.vocab_size, args.max_bytes)
+    except ValueError as err:
+        raise UserError(str(err)) from None
+    tok = load_tokenizer(out)
+    print(f"tokenizer with {len(tok)} pieces written to {out}")
+    return 0
+
+
+def generate_main(argv: list[str]) -> int:
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    import pangu_pi  # noqa: F401  (registers the Auto classes)
+
+    from .tokenizer import load_tokenizer
+
+    ap = argparse.ArgumentParser(prog="pangu-pi generate", description="Generate text from a checkpoint.")
+    ap.add_argument("model")
+    ap.add_argument("--prompt", default="def ")
+    ap.add_argument("--max-new-tokens", type=int, default=48)
+    ap.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args(argv)
+    if not (Path(args.model) / "config.json").exists():
+        raise UserError(f"{args.model} holds no checkpoint (config.json missing)")
+    tok = load_tokenizer(args.model)
+    model = AutoModelForCausalLM.from_pretrained(args.model).eval()
+    torch.manual_seed(args.seed)
+    ids = tok(args.prompt, return_tensors="pt").input_ids
+    sample = args.temperature > 0
+    out = model.generate(
+        ids,
+        max_new_tokens=args.max_new_tokens,
+        do_sample=sample,
+        temperature=args.temperature if sample else None,
+        pad_token_id=tok.pad_token_id,
+    )
+    print(tok.decode(out[0], skip_special_tokens=True))
+    return 0

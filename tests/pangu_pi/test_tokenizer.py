@@ -1,0 +1,73 @@
+import json
+import multiprocessing as mp
+
+import pytest
+from transformers import AutoTokenizer
+
+from pangu_pi.corpus import default_corpus_files
+from pangu_pi.tokenizer import IM_END, IM_START, load_tokenizer, train_tokenizer
+
+
+def test_loads_with_auto_tokenizer_and_knows_its_specials(tokenizer_dir):
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+    assert len(tok) == 2048
+    assert (tok.unk_token_id, tok.bos_token_id, tok.eos_token_id, tok.pad_token_id) == (0, 1, 2, 3)
+    assert tok.convert_tokens_to_ids([IM_START, IM_END]) == [4, 5]
+    assert "chat_template" in json.loads((tokenizer_dir / "tokenizer_config.json").read_text()) or (
+        tokenizer_dir / "chat_template.jinja"
+    ).exists()
+
+
+def test_source_code_round_trips_exactly(tokenizer_dir):
+    tok = load_tokenizer(tokenizer_dir)
+    # Files the tokenizer was not trained on (the tail of the corpus), plus text it has never seen.
+    samples = [f.read_text(errors="replace") for f in default_corpus_files()[-40:]]
+    samples += ["tabs\tand  double  spaces\n\n\ntrailing   ", "ünïcödé, 中文, emoji 🚀, nul-free"]
+    for text in samples:
+        ids = tok.encode(text, add_special_tokens=False)
+        assert tok.decode(ids) == text
+
+
+def test_special_tokens_are_single_ids_and_skippable(tokenizer_dir):
+    tok = load_tokenizer(tokenizer_dir)
+    text = f"{IM_START}user\nhello{IM_END}\n"
+    ids = tok.encode(text, add_special_tokens=False)
+    assert ids[0] == 4 and 5 in ids
+    assert tok.decode(ids, skip_special_tokens=True) == "user\nhello\n"
+
+
+def test_chat_template_renders_chatml(tokenizer_dir):
+    tok = load_tokenizer(tokenizer_dir)
+    text = tok.apply_chat_template(
+        [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}],
+        tokenize=False,
+        add_generation_prompt=True,
+    )
+    assert text == f"{IM_START}system\nBe brief.{IM_END}\n{IM_START}user\nHi{IM_END}\n{IM_START}assistant\n"
+
+
+def _train(out, files, queue):
+    train_tokenizer(files, out, vocab_size=600, max_bytes=300_000, progress=False)
+    queue.put(str(out))
+
+
+def test_concurrent_training_into_one_folder_is_safe(tmp_path):
+    files = default_corpus_files(limit_bytes=400_000)
+    out = tmp_path / "tok"
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    procs = [ctx.Process(target=_train, args=(out, files, queue)) for _ in range(2)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout=300)
+        assert p.exitcode == 0
+    assert queue.qsize() == 2
+    tok = load_tokenizer(out)
+    assert tok.decode(tok.encode("x = 1\n", add_special_tokens=False)) == "x = 1\n"
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".tok.")]  # no staging folder left
+
+
+def test_missing_input_is_a_clear_error(tmp_path):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        train_tokenizer([tmp_path / "nope.txt"], tmp_path / "tok")
