@@ -1,0 +1,70 @@
+"""`pangu-pi data prepare|verify`: the command-line face of prepare_shards and verify_dataset."""
+
+from __future__ import annotations
+
+import argparse
+
+from .prepare import DEFAULT_SHARD_BYTES
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="pangu-pi data", description="tokenized training shards")
+    sub = parser.add_subparsers(dest="action", required=True, metavar="ACTION")
+
+    prep = sub.add_parser("prepare", help="tokenize text, JSONL or Parquet into shards",
+                          description="Tokenize inputs into shards; re-running skips finished shards.")
+    prep.add_argument("--tokenizer", required=True, metavar="DIR", help="a tokenizer folder (tokenizer.json)")
+    prep.add_argument("--input", action="extend", nargs="+", metavar="PATH", default=[],
+                      help="files, directories or globs (default: the embedded corpus, the Python stdlib)")
+    prep.add_argument("--out", required=True, metavar="DIR", help="dataset folder to write")
+    prep.add_argument("--workers", type=int, default=1, metavar="N", help="tokenizing processes (default 1)")
+    prep.add_argument("--text-field", default="text", metavar="NAME",
+                      help="JSONL field / Parquet column holding the text (default: text)")
+    prep.add_argument("--shard-mb", type=float, default=DEFAULT_SHARD_BYTES / 2**20, metavar="MB",
+                      help=f"input megabytes per shard (default {DEFAULT_SHARD_BYTES / 2**20:g})")
+    prep.add_argument("--quiet", action="store_true", help="no progress bar")
+
+    ver = sub.add_parser("verify", help="check a prepared dataset against a tokenizer",
+                         description="Check every shard (sizes, tokenizer, token ids) and print a summary.")
+    ver.add_argument("dataset", metavar="DIR")
+    ver.add_argument("--tokenizer", required=True, metavar="DIR", help="the tokenizer the model uses")
+    ver.add_argument("--vocab-size", type=int, metavar="N",
+                     help="the model's vocab_size (default: the tokenizer's)")
+    return parser
+
+
+def main(argv: list[str]) -> int:
+    from pangu_pi.cli import UserError
+
+    from .shards import DataError
+
+    args = _parser().parse_args(argv)
+    try:
+        if args.action == "prepare":
+            return _prepare(args)
+        return _verify(args)
+    except DataError as err:
+        raise UserError(str(err)) from None
+
+
+def _prepare(args) -> int:
+    from .prepare import prepare_shards
+    from .shards import verify_dataset
+
+    out = prepare_shards(args.tokenizer, args.input or None, args.out, workers=args.workers,
+                         text_field=args.text_field, progress=not args.quiet,
+                         shard_bytes=max(1, int(args.shard_mb * 2**20)))
+    info = verify_dataset(out, vocab_size=2**32, tokenizer_hash=None, check_ids=False)
+    print(f"{out}: {len(info.shards)} shards, {info.num_docs:,} documents, {info.num_tokens:,} tokens ({info.dtype})")
+    return 0
+
+
+def _verify(args) -> int:
+    from .prepare import tokenizer_facts
+    from .shards import verify_dataset
+
+    _, tok_vocab, _, digest = tokenizer_facts(args.tokenizer)
+    info = verify_dataset(args.dataset, vocab_size=args.vocab_size or tok_vocab, tokenizer_hash=digest)
+    print(f"{info.path}: OK, {len(info.shards)} shards, {info.num_docs:,} documents, {info.num_tokens:,} tokens "
+          f"({info.dtype}, tokenizer {info.tokenizer_hash})")
+    return 0

@@ -1,0 +1,170 @@
+"""`prepare_shards`: tokenize inputs into a dataset folder, in parallel and resumably.
+
+The manifest is rewritten (atomically) after every finished shard and lists only finished ones, so
+a run killed at any moment leaves a folder from which the next run continues: shards whose inputs,
+tokenizer and files are unchanged are kept, everything else is redone.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from multiprocessing import get_context
+from pathlib import Path
+
+from tqdm.auto import tqdm
+
+from .encode import EncodeSpec, encode_unit, init_worker
+from .shards import (
+    FORMAT_VERSION,
+    MANIFEST,
+    MANIFEST_FORMAT,
+    DataError,
+    bin_path,
+    idx_path,
+    shard_is_intact,
+    token_dtype,
+    write_json_atomic,
+)
+from .sources import Unit, plan_units
+
+log = logging.getLogger(__name__)
+
+DEFAULT_SHARD_BYTES = 8 << 20  # of input text: about 2M tokens, 4 MB of uint16 per shard
+
+
+def tokenizer_facts(tokenizer_dir: str | os.PathLike) -> tuple[str, int, int, str]:
+    """(tokenizer.json path, vocabulary size, EOS id, hash) of a saved tokenizer."""
+    from tokenizers import Tokenizer
+
+    from pangu_pi.tokenizer import EOS, tokenizer_hash
+
+    path = Path(tokenizer_dir) / "tokenizer.json"
+    if not path.exists():
+        raise FileNotFoundError(f"no tokenizer in {tokenizer_dir} (tokenizer.json missing); make one with "
+                                f"`pangu-pi tokenizer train --out {tokenizer_dir}`")
+    tok = Tokenizer.from_file(str(path))
+    eos = tok.token_to_id(EOS)
+    if eos is None:
+        raise DataError(f"tokenizer {tokenizer_dir} has no end-of-document token {EOS!r}, which separates "
+                        f"documents in the shards; use a tokenizer made by `pangu-pi tokenizer train`")
+    return str(path), tok.get_vocab_size(with_added_tokens=True), eos, tokenizer_hash(tokenizer_dir)
+
+
+def _load_done(out: Path, units: list[Unit]) -> dict[str, dict]:
+    """Manifest entries of a previous run whose shard files are still whole and whose unit is still planned."""
+    import json
+
+    path = out / MANIFEST
+    if not path.exists():
+        return {}
+    try:
+        manifest = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return {}  # a foreign or damaged manifest: redo everything rather than trust it
+    if manifest.get("format") != MANIFEST_FORMAT or manifest.get("version") != FORMAT_VERSION:
+        return {}
+    planned = {u.key for u in units}
+    return {
+        e["key"]: e
+        for e in manifest.get("shards", [])
+        if e.get("key") in planned and shard_is_intact(out, e["name"], e["n_tokens"], e["n_docs"])
+    }
+
+
+def _remove_leftovers(out: Path, keep: set[str]) -> None:
+    """Delete temporaries of killed runs and shards no longer planned, so the folder holds only the dataset."""
+    for f in out.iterdir():
+        hidden_tmp = f.name.startswith(".shard-") and ".tmp." in f.name
+        stale = f.name.startswith("shard-") and f.suffix in (".bin", ".idx") and f.stem not in keep
+        if hidden_tmp or stale:
+            f.unlink(missing_ok=True)
+
+
+def prepare_shards(
+    tokenizer_dir: str | os.PathLike,
+    inputs: list[str] | None,
+    out_dir: str | os.PathLike,
+    *,
+    workers: int = 1,
+    text_field: str = "text",
+    progress: bool = True,
+    shard_bytes: int = DEFAULT_SHARD_BYTES,
+) -> Path:
+    """Tokenize `inputs` (files, directories, globs; None = the embedded default corpus) into `out_dir`.
+
+    Each document's tokens are followed by EOS. Shards are planned from the inputs alone (about
+    `shard_bytes` of input each), so any number of `workers` produces the same files.
+    Re-running skips shards already finished. Returns `out_dir`.
+    """
+    from pangu_pi.corpus import default_corpus_files, expand_inputs
+
+    if workers < 1:
+        raise DataError(f"workers must be at least 1, got {workers}")
+    if shard_bytes < 1:
+        raise DataError(f"shard size must be positive, got {shard_bytes} bytes")
+    files = expand_inputs(inputs) if inputs else default_corpus_files()
+    tokenizer_json, vocab_size, eos_id, digest = tokenizer_facts(Path(tokenizer_dir))
+    units = plan_units(files, shard_bytes, text_field=text_field, tokenizer_hash=digest)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    from filelock import FileLock
+
+    # ranks of one job may all call this on the same folder: one works, the others then find it finished
+    with FileLock(str(out) + ".lock"):
+        return _prepare_locked(out, units, tokenizer_json, vocab_size, eos_id, digest, text_field, workers, progress)
+
+
+def _prepare_locked(out: Path, units: list[Unit], tokenizer_json: str, vocab_size: int, eos_id: int, digest: str,
+                    text_field: str, workers: int, progress: bool) -> Path:
+    done = _load_done(out, units)
+    _remove_leftovers(out, keep={u.name for u in units if u.key in done})
+    todo = [u for u in units if u.key not in done]
+    if done:
+        log.info("%s: %d of %d shards already finished, skipping them", out, len(done), len(units))
+
+    def save(complete: bool) -> None:
+        write_json_atomic(out / MANIFEST, {
+            "format": MANIFEST_FORMAT,
+            "version": FORMAT_VERSION,
+            "complete": complete,
+            "planned_shards": len(units),
+            "tokenizer_hash": digest,
+            "vocab_size": vocab_size,
+            "eos_id": eos_id,
+            "dtype": token_dtype(vocab_size).name,
+            "text_field": text_field,
+            "shards": [done[u.key] for u in units if u.key in done],  # in input order, whatever finished first
+        })
+
+    save(complete=not todo)
+    spec = EncodeSpec(tokenizer_json, str(out), eos_id, vocab_size, digest, text_field)
+    bar = tqdm(total=sum(u.size for u in todo), desc=f"tokenizing into {out.name}", unit="B", unit_scale=True,
+               disable=not progress or not todo)
+    with bar:
+        if workers == 1 or len(todo) <= 1:
+            for unit in todo:
+                done[unit.key] = encode_unit(unit, spec, on_bytes=bar.update)
+                save(complete=len(done) == len(units))
+        else:
+            # spawn, not fork: the parent may hold threads (torch, the tokenizer's pool) that fork would break
+            with ProcessPoolExecutor(min(workers, len(todo)), mp_context=get_context("spawn"),
+                                     initializer=init_worker, initargs=(tokenizer_json,)) as pool:
+                pending = {pool.submit(encode_unit, unit, spec): unit for unit in todo}
+                while pending:
+                    finished, _ = wait(pending, return_when=FIRST_COMPLETED)
+                    for fut in finished:
+                        unit = pending.pop(fut)
+                        try:
+                            done[unit.key] = fut.result()
+                        except BaseException:
+                            for other in pending:
+                                other.cancel()
+                            raise
+                        bar.update(unit.size)
+                    save(complete=len(done) == len(units))
+    for u in units:
+        if not (bin_path(out, u.name).exists() and idx_path(out, u.name).exists()):
+            raise DataError(f"shard {u.name} in {out} vanished while preparing; is another process writing there?")
+    return out
