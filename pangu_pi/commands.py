@@ -115,3 +115,34 @@ def generate_main(argv: list[str]) -> int:
     )
     print(tok.decode(out[0], skip_special_tokens=True))
     return 0
+
+
+def init_main(argv: list[str]) -> int:
+    """Write a freshly initialised checkpoint for a preset, sized to a tokenizer's vocabulary."""
+    import torch
+
+    from .config import PanGuPiConfig
+    from .modeling import PanGuPiForCausalLM
+    from .tokenizer import load_tokenizer
+
+    ap = argparse.ArgumentParser(prog="pangu-pi init", description="Create a randomly initialised checkpoint.")
+    ap.add_argument("--preset", default="tiny")
+    ap.add_argument("--tokenizer", required=True, help="tokenizer folder; sets vocab_size")
+    ap.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--out", required=True)
+    args = ap.parse_args(argv)
+    tok = load_tokenizer(args.tokenizer)
+    config = PanGuPiConfig.from_preset(
+        args.preset,
+        **{"vocab_size": len(tok), "pad_token_id": tok.pad_token_id, **parse_overrides(args.set)},
+    )
+    torch.manual_seed(args.seed)
+    model = PanGuPiForCausalLM(config)
+    model.generation_config.eos_token_id = [tok.eos_token_id, tok.convert_tokens_to_ids("<|im_end|>")]
+    model.generation_config.pad_token_id = tok.pad_token_id
+    model.save_pretrained(args.out)
+    tok.save_pretrained(args.out)
+    params = sum(p.numel() for p in model.parameters())
+    print(f"{args.preset} model, {params:,} parameters, written to {args.out}")
+    return 0
