@@ -6,6 +6,15 @@ Nothing here imports torch or transformers at import time, so worker processes s
 
 from .mixture import PackedMixture
 from .prepare import prepare_shards
-from .shards import DataError, DatasetInfo, ShardInfo, token_dtype, verify_dataset
+from .shards import DataError, DatasetInfo, ShardInfo, iter_documents, token_dtype, verify_dataset
 
-__all__ = ["DataError", "DatasetInfo", "PackedMixture", "ShardInfo", "prepare_shards", "token_dtype", "verify_dataset"]
+__all__ = [
+    "DataError",
+    "DatasetInfo",
+    "PackedMixture",
+    "ShardInfo",
+    "iter_documents",
+    "prepare_shards",
+    "token_dtype",
+    "verify_dataset",
+]

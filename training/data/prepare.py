@@ -142,29 +142,40 @@ def _prepare_locked(out: Path, units: list[Unit], tokenizer_json: str, vocab_siz
     spec = EncodeSpec(tokenizer_json, str(out), eos_id, vocab_size, digest, text_field)
     bar = tqdm(total=sum(u.size for u in todo), desc=f"tokenizing into {out.name}", unit="B", unit_scale=True,
                disable=not progress or not todo)
-    with bar:
-        if workers == 1 or len(todo) <= 1:
-            for unit in todo:
-                done[unit.key] = encode_unit(unit, spec, on_bytes=bar.update)
-                save(complete=len(done) == len(units))
-        else:
-            # spawn, not fork: the parent may hold threads (torch, the tokenizer's pool) that fork would break
-            with ProcessPoolExecutor(min(workers, len(todo)), mp_context=get_context("spawn"),
-                                     initializer=init_worker, initargs=(tokenizer_json,)) as pool:
-                pending = {pool.submit(encode_unit, unit, spec): unit for unit in todo}
-                while pending:
-                    finished, _ = wait(pending, return_when=FIRST_COMPLETED)
-                    for fut in finished:
-                        unit = pending.pop(fut)
-                        try:
-                            done[unit.key] = fut.result()
-                        except BaseException:
-                            for other in pending:
-                                other.cancel()
-                            raise
-                        bar.update(unit.size)
-                    save(complete=len(done) == len(units))
+    try:
+        _run_units(todo, units, done, spec, workers, bar, save)
+    except BaseException:
+        bar.leave = False  # the error message, not a half-full bar, is what the user should see last
+        raise
+    finally:
+        bar.close()
     for u in units:
         if not (bin_path(out, u.name).exists() and idx_path(out, u.name).exists()):
             raise DataError(f"shard {u.name} in {out} vanished while preparing; is another process writing there?")
     return out
+
+
+
+def _run_units(todo: list[Unit], units: list[Unit], done: dict, spec: EncodeSpec, workers: int, bar, save) -> None:
+    """Encode the units not yet done, recording each in the manifest as it finishes."""
+    if workers == 1 or len(todo) <= 1:
+        for unit in todo:
+            done[unit.key] = encode_unit(unit, spec, on_bytes=bar.update)
+            save(complete=len(done) == len(units))
+        return
+    # spawn, not fork: the parent may hold threads (torch, the tokenizer's pool) that fork would break
+    with ProcessPoolExecutor(min(workers, len(todo)), mp_context=get_context("spawn"),
+                             initializer=init_worker, initargs=(spec.tokenizer_json,)) as pool:
+        pending = {pool.submit(encode_unit, unit, spec): unit for unit in todo}
+        while pending:
+            finished, _ = wait(pending, return_when=FIRST_COMPLETED)
+            for fut in finished:
+                unit = pending.pop(fut)
+                try:
+                    done[unit.key] = fut.result()
+                except BaseException:
+                    for other in pending:
+                        other.cancel()
+                    raise
+                bar.update(unit.size)
+            save(complete=len(done) == len(units))

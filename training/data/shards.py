@@ -299,3 +299,12 @@ def manifest_fingerprint(manifest: dict) -> str:
 
     blob = json.dumps([e["key"] for e in manifest.get("shards", [])])
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def iter_documents(info: DatasetInfo):
+    """Every document's token ids (its trailing EOS included), shard by shard, in input order."""
+    for shard in info.shards:
+        tokens = open_tokens(shard.bin_path, shard.header)
+        offsets = open_offsets(shard.idx_path, shard.header)
+        for a, b in zip(offsets[:-1], offsets[1:]):
+            yield np.asarray(tokens[a:b])
