@@ -1,0 +1,429 @@
+"""The pretraining run config: a tree of dataclasses with defaults, read from YAML, changed with
+`--set a.b=value`, and checked before any compute is spent.
+
+A run config file names only what differs from the defaults below. Unknown keys are refused with
+the nearest valid key, because a misspelt key silently keeping its default costs a whole run.
+The resolved config (defaults filled in, batch split derived) is saved with every checkpoint.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import math
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from pangu_pi.config import ConfigError, PanGuPiConfig
+
+
+@dataclass
+class DataConfig:
+    # Each {path: prepared shard dir, weight: sampling weight}. Empty = the embedded default corpus,
+    # tokenized by the run itself into the run folder (or `cache_dir`) and reused by later runs.
+    datasets: list = field(default_factory=list)
+    tokenizer: str | None = None  # tokenizer dir the shards were made with; required with datasets
+    seq_len: int = 512  # tokens per sample; at most model.max_position_embeddings
+    val_fraction: float = 0.005
+    # Only for the default corpus: how much of it to use (None = all of it), the tokenizer's size,
+    # where to keep the tokenizer and shards (None = the run folder) and how many tokenizing workers.
+    default_corpus_bytes: int | None = None
+    tokenizer_vocab_size: int = 8192
+    cache_dir: str | None = None
+    workers: int = 1
+
+
+@dataclass
+class BatchConfig:
+    # In sequences of seq_len tokens. global = micro × grad_accum × processes; give any two (with the
+    # process count known) and the third is derived, or all three if they agree.
+    global_batch_size: int | None = None
+    micro_batch_size: int | None = None
+    grad_accum: int | None = None
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 3e-4
+    betas: list = field(default_factory=lambda: [0.9, 0.95])  # paper §5
+    eps: float = 1e-8
+    weight_decay: float = 0.1
+    grad_clip: float = 1.0  # on the global gradient norm; 0 turns clipping off
+
+
+@dataclass
+class ScheduleConfig:
+    kind: str = "cosine"  # cosine | wsd (warmup-stable-decay) | constant
+    warmup_steps: int = 2000
+    min_lr_ratio: float = 0.1  # the floor the decay ends at, as a fraction of optim.lr
+    decay_fraction: float = 0.1  # wsd only: the share of max_steps spent decaying at the end
+
+
+@dataclass
+class TrainConfig:
+    max_steps: int = 1000  # optimizer steps
+    precision: str = "bf16"  # bf16 | fp32
+    zero_stage: int = 2
+    offload_optimizer: bool = False  # ZeRO optimizer state in host memory
+    activation_checkpointing: bool = False
+    max_bad_steps: int = 5  # stop after this many optimizer steps in a row skipped for a non-finite loss/grad
+    log_every: int = 1  # write a metrics line every this many optimizer steps
+
+
+@dataclass
+class CheckpointConfig:
+    save_every: int = 1000  # optimizer steps; the last step is always saved
+    keep_last: int | None = None  # prune older complete checkpoints; None keeps all
+    resume: str = "auto"  # auto: continue from the newest complete checkpoint | none: refuse to reuse a run folder
+
+
+@dataclass
+class EvalConfig:
+    every: int = 1000  # optimizer steps; 0 turns validation off
+    samples: int = 64  # validation sequences per evaluation, split over the processes
+
+
+@dataclass
+class LogConfig:
+    tensorboard: bool = True
+    plot: bool = True
+    # Peak FLOP/s of one device for MFU; None = looked up from the GPU's name (unknown devices show no MFU).
+    peak_flops_per_device: float | None = None
+
+
+@dataclass
+class RunConfig:
+    out: str | None = None  # run folder: checkpoints, metrics, logs
+    seed: int = 0
+    model: dict = field(default_factory=lambda: {"preset": "tiny"})
+    data: DataConfig = field(default_factory=DataConfig)
+    batch: BatchConfig = field(default_factory=BatchConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+    # Passed through to the DeepSpeed config over what we derive (bucket sizes, communication tuning).
+    deepspeed: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def model_config(self, vocab_size: int | None = None) -> PanGuPiConfig:
+        overrides = {k: v for k, v in self.model.items() if k != "preset"}
+        if vocab_size is not None and "vocab_size" not in overrides:
+            overrides["vocab_size"] = vocab_size
+        return PanGuPiConfig.from_preset(self.model.get("preset", "tiny"), **overrides)
+
+
+# ------------------------------------------------------------------------------------------------
+# Reading a tree of plain dicts into the dataclasses, with errors that name the key and the fix.
+
+
+def _valid_paths(cls=RunConfig, prefix: str = "") -> list[str]:
+    paths = []
+    for f in dataclasses.fields(cls):
+        path = prefix + f.name
+        paths.append(path)
+        sub = _dataclass_type(f.type)
+        if sub is not None:
+            paths += _valid_paths(sub, path + ".")
+        elif path == "model":
+            paths += ["model.preset"] + [f"model.{name}" for name in PanGuPiConfig.field_names()]
+    return paths
+
+
+def _unknown_key(path: str) -> ConfigError:
+    candidates = _valid_paths()
+    leaf = path.rsplit(".", 1)[-1]
+    leaves = {c.rsplit(".", 1)[-1]: c for c in candidates}
+    # A right key in the wrong section first, then the nearest spelling of the whole path, then of the leaf.
+    close = [leaves[leaf]] if leaf in leaves and "." in path else []
+    close = close or difflib.get_close_matches(path, candidates, n=1, cutoff=0.6)
+    if not close:
+        match = difflib.get_close_matches(leaf, leaves, n=1, cutoff=0.6)
+        close = [leaves[match[0]]] if match else []
+    hint = f"; did you mean {close[0]!r}?" if close else "; see docs/training.md for the keys"
+    return ConfigError(f"unknown config key {path!r}{hint}")
+
+
+def _dataclass_type(tp) -> type | None:
+    tp = _resolve(tp)
+    return tp if isinstance(tp, type) and dataclasses.is_dataclass(tp) else None
+
+
+def _resolve(tp):
+    if isinstance(tp, str):
+        return eval(tp, globals())  # annotations are strings under `from __future__ import annotations`
+    return tp
+
+
+def _coerce(path: str, value: Any, tp) -> Any:
+    tp = _resolve(tp)
+    args = typing.get_args(tp)
+    if isinstance(tp, types.UnionType) or typing.get_origin(tp) is typing.Union:
+        if value is None and type(None) in args:
+            return None
+        (tp,) = [a for a in args if a is not type(None)]
+    if dataclasses.is_dataclass(tp):
+        return _build(tp, value, path + ".")
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no", "on", "off"):
+            return value.lower() in ("true", "yes", "on")
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        if isinstance(value, str):
+            try:
+                number = float(value.replace("_", ""))  # 4e6 and 4_000_000 both mean an integer
+                if number.is_integer():
+                    return int(number)
+            except ValueError:
+                pass
+    elif tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)  # YAML 1.1 reads 3e-4 (no dot) as a string
+            except ValueError:
+                pass
+    elif tp is str:
+        if isinstance(value, str):
+            return value
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return str(value)
+    elif tp is list:
+        if isinstance(value, (list, tuple)):
+            return list(value)
+    elif tp is dict:
+        if isinstance(value, dict):
+            return dict(value)
+    else:  # pragma: no cover - a field type this reader does not know is a bug here, not user input
+        raise TypeError(f"no reader for {tp} at {path}")
+    want = {bool: "true or false", int: "an integer", float: "a number", str: "a string", list: "a list",
+            dict: "a mapping"}[tp]
+    raise ConfigError(f"config key {path!r} must be {want}, got {value!r}")
+
+
+def _build(cls, values: Any, prefix: str = ""):
+    if values is None:
+        values = {}
+    if not isinstance(values, dict):
+        raise ConfigError(f"config section {prefix.rstrip('.') or 'top level'!r} must be a mapping, got {values!r}")
+    names = {f.name: f for f in dataclasses.fields(cls)}
+    hints = typing.get_type_hints(cls)
+    kwargs = {}
+    for key, value in values.items():
+        if key not in names:
+            raise _unknown_key(prefix + str(key))
+        kwargs[key] = _coerce(prefix + key, value, hints[key])
+    return cls(**kwargs)
+
+
+def _model_section(values: dict) -> dict:
+    known = set(PanGuPiConfig.field_names()) | {"preset"}
+    for key in values:
+        if key not in known:
+            raise _unknown_key(f"model.{key}")
+    return {"preset": "tiny", **values}
+
+
+def _deep_merge(base: dict, extra: dict) -> dict:
+    out = dict(base)
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _deep_merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def parse_override(item: str) -> dict:
+    """`a.b.c=value` → {"a": {"b": {"c": value}}}, with value read as YAML (numbers, lists, null)."""
+    if "=" not in item:
+        raise ConfigError(f"--set {item!r} is not KEY=VALUE; write e.g. --set optim.lr=1e-4")
+    key, raw = item.split("=", 1)
+    key = key.strip()
+    if not key or any(not part for part in key.split(".")):
+        raise ConfigError(f"--set {item!r} has an empty key; write e.g. --set optim.lr=1e-4")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    tree: dict = {}
+    node = tree
+    parts = key.split(".")
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+    node[parts[-1]] = value
+    return tree
+
+
+def load_yaml(path: str | Path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"config file {str(path)!r} does not exist; see configs/ for examples")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path} is not valid YAML: {err}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path} must hold a mapping of config sections at the top level")
+    return data
+
+
+def build_config(values: dict | None = None, overrides: list[str] | None = None) -> RunConfig:
+    """A checked RunConfig from a dict (as read from YAML) and `a.b=value` overrides, applied in order."""
+    values = dict(values or {})
+    for item in overrides or []:
+        values = _deep_merge(values, parse_override(item))
+    model = values.pop("model", None) or {}
+    if not isinstance(model, dict):
+        raise ConfigError("config section 'model' must be a mapping such as {preset: tiny}")
+    config = _build(RunConfig, values)
+    config.model = _model_section(model)
+    check(config)
+    return config
+
+
+def load_config(path: str | Path | None, overrides: list[str] | None = None) -> RunConfig:
+    return build_config(load_yaml(path) if path else {}, overrides)
+
+
+# ------------------------------------------------------------------------------------------------
+# Checks that need no process count; the batch split is checked by `resolve_batch` once it is known.
+
+
+def check(config: RunConfig) -> None:
+    def need(ok: bool, message: str) -> None:
+        if not ok:
+            raise ConfigError(message)
+
+    d, o, s, t = config.data, config.optim, config.schedule, config.train
+    need(d.seq_len >= 2, f"data.seq_len must be at least 2, got {d.seq_len}")
+    need(0 < d.val_fraction < 1, f"data.val_fraction must be in (0, 1), got {d.val_fraction}")
+    need(d.workers >= 1, f"data.workers must be at least 1, got {d.workers}")
+    for i, entry in enumerate(d.datasets):
+        need(
+            isinstance(entry, dict) and "path" in entry and set(entry) <= {"path", "weight"},
+            f"data.datasets[{i}] must be {{path: DIR, weight: NUMBER}}, got {entry!r}",
+        )
+        weight = entry.get("weight", 1.0)
+        need(
+            isinstance(weight, (int, float)) and not isinstance(weight, bool) and weight > 0 and math.isfinite(weight),
+            f"data.datasets[{i}].weight must be a positive number, got {weight!r}",
+        )
+    need(
+        not d.datasets or d.tokenizer,
+        "data.datasets is set but data.tokenizer is not; name the tokenizer dir the shards were prepared with",
+    )
+    need(o.lr > 0, f"optim.lr must be positive, got {o.lr}")
+    need(
+        len(o.betas) == 2 and all(isinstance(b, (int, float)) and 0 <= b < 1 for b in o.betas),
+        f"optim.betas must be two numbers in [0, 1), got {o.betas}",
+    )
+    need(o.weight_decay >= 0, f"optim.weight_decay must be >= 0, got {o.weight_decay}")
+    need(o.grad_clip >= 0, f"optim.grad_clip must be >= 0 (0 = off), got {o.grad_clip}")
+    need(s.kind in ("cosine", "wsd", "constant"), f"schedule.kind must be cosine, wsd or constant, got {s.kind!r}")
+    need(s.warmup_steps >= 0, f"schedule.warmup_steps must be >= 0, got {s.warmup_steps}")
+    need(0 <= s.min_lr_ratio <= 1, f"schedule.min_lr_ratio must be in [0, 1], got {s.min_lr_ratio}")
+    need(0 < s.decay_fraction <= 1, f"schedule.decay_fraction must be in (0, 1], got {s.decay_fraction}")
+    need(t.max_steps >= 1, f"train.max_steps must be at least 1, got {t.max_steps}")
+    need(t.precision in ("bf16", "fp32"), f"train.precision must be bf16 or fp32, got {t.precision!r}")
+    need(t.zero_stage in (1, 2, 3), f"train.zero_stage must be 1, 2 or 3, got {t.zero_stage}")
+    need(t.max_bad_steps >= 1, f"train.max_bad_steps must be at least 1, got {t.max_bad_steps}")
+    need(t.log_every >= 1, f"train.log_every must be at least 1, got {t.log_every}")
+    need(config.checkpoint.save_every >= 1, f"checkpoint.save_every must be at least 1, got {config.checkpoint.save_every}")
+    need(
+        config.checkpoint.keep_last is None or config.checkpoint.keep_last >= 1,
+        f"checkpoint.keep_last must be at least 1 or null, got {config.checkpoint.keep_last}",
+    )
+    need(
+        config.checkpoint.resume in ("auto", "none"),
+        f"checkpoint.resume must be auto or none, got {config.checkpoint.resume!r}",
+    )
+    need(config.eval.every >= 0, f"eval.every must be >= 0 (0 = off), got {config.eval.every}")
+    need(config.eval.samples >= 1, f"eval.samples must be at least 1, got {config.eval.samples}")
+    for key in ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps"):
+        need(key not in config.deepspeed, f"deepspeed.{key} would fight the batch section; set batch.* instead")
+    # Building the model config here refuses a bad model section before any process starts.
+    model = config.model_config()
+    need(
+        d.seq_len <= model.max_position_embeddings,
+        f"data.seq_len ({d.seq_len}) exceeds the model's max_position_embeddings "
+        f"({model.max_position_embeddings}); lower seq_len or set model.max_position_embeddings",
+    )
+
+
+@dataclass(frozen=True)
+class BatchSplit:
+    global_batch_size: int
+    micro_batch_size: int
+    grad_accum: int
+    world_size: int
+
+
+def resolve_batch(batch: BatchConfig, world_size: int) -> BatchSplit:
+    """global = micro × grad_accum × world_size, exactly; derive the one left unset, refuse the impossible."""
+    g, m, a, w = batch.global_batch_size, batch.micro_batch_size, batch.grad_accum, world_size
+    for name, value in (("global_batch_size", g), ("micro_batch_size", m), ("grad_accum", a)):
+        if value is not None and value < 1:
+            raise ConfigError(f"batch.{name} must be at least 1, got {value}")
+    if m is None and (g is None or a is None):
+        raise ConfigError("set batch.micro_batch_size (sequences per process per forward), or both "
+                          "batch.global_batch_size and batch.grad_accum to derive it")
+    if g is None:
+        a = a or 1
+        return BatchSplit(m * a * w, m, a, w)
+    if m is None:
+        if g % (a * w):
+            raise ConfigError(
+                f"batch.global_batch_size {g} is not divisible by grad_accum {a} × {w} processes = {a * w}; "
+                f"pick a global batch that is a multiple of {a * w}"
+            )
+        return BatchSplit(g, g // (a * w), a, w)
+    if a is None:
+        if g % (m * w):
+            raise ConfigError(
+                f"batch.global_batch_size {g} is not divisible by micro_batch_size {m} × {w} processes = {m * w}; "
+                f"pick a global batch that is a multiple of {m * w} or another micro batch"
+            )
+        return BatchSplit(g, m, g // (m * w), w)
+    if g != m * a * w:
+        raise ConfigError(
+            f"batch.global_batch_size {g} ≠ micro_batch_size {m} × grad_accum {a} × {w} processes = {m * a * w}; "
+            "fix one of them, or leave batch.grad_accum unset to derive it"
+        )
+    return BatchSplit(g, m, a, w)
+
+
+def resolved_dict(config: RunConfig, split: BatchSplit | None = None, vocab_size: int | None = None) -> dict:
+    """The config as it ran (defaults filled in, batch split and vocabulary size derived), in a form
+    `load_config` reads back. Saved with every checkpoint."""
+    out = config.to_dict()
+    if vocab_size is not None:
+        out["model"] = {**out["model"], "vocab_size": vocab_size}
+    if split is not None:
+        out["batch"] = {
+            "global_batch_size": split.global_batch_size,
+            "micro_batch_size": split.micro_batch_size,
+            "grad_accum": split.grad_accum,
+        }
+    return out
+
+
+def dump_yaml(data: dict, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(data, sort_keys=False, allow_unicode=True))

@@ -1,0 +1,212 @@
+"""What a pretraining run reports: `metrics.jsonl`, a progress bar, TensorBoard scalars and a PNG of
+the loss curves. Only rank 0 writes any of them.
+
+`metrics.jsonl` has one line per optimizer step (`step`, `loss`, `lr`, `grad_norm`, `tokens_per_s`,
+`skipped`, the time split and, where the peak is known, `mfu`) and one line per validation
+(`step`, `val_loss`, `val_ppl`). After a resume it is cut back to the checkpoint's step, so the file
+always tells one history: the steps that the model in the newest checkpoint went through.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+METRICS_FILE = "metrics.jsonl"
+PLOT_FILE = "loss_curves.png"
+
+# Dense peak FLOP/s per device, (bf16, fp32), from the vendors' data sheets. fp32 on these GPUs runs
+# its matmuls as TF32 under PyTorch's defaults for DeepSpeed, so its peak is the TF32 one.
+PEAK_FLOPS = {
+    "H200": (989e12, 495e12),
+    "H100": (989e12, 495e12),
+    "H800": (989e12, 495e12),
+    "A100": (312e12, 156e12),
+    "A800": (312e12, 156e12),
+    "L40S": (362e12, 183e12),
+    "V100": (125e12, 15.7e12),
+}
+
+
+def flops_per_token(config, seq_len: int) -> float:
+    """Training FLOPs per token: 6 per weight of every matmul, plus attention over the context.
+
+    6·N (forward 2, backward 4) counts the matmul weights (embedding lookups are not matmuls);
+    attention's score and value products add 12·layers·heads·head_dim·seq_len (PaLM, appendix B).
+    The SIAF and the norms are elementwise and left out, as activations are in the usual count.
+    """
+    d, f, L = config.hidden_size, config.intermediate_size, config.num_hidden_layers
+    q_width = config.num_attention_heads * config.head_dim
+    kv_width = config.num_key_value_heads * config.head_dim
+    attention = d * q_width * 2 + d * kv_width * 2  # q, o and k, v projections
+    shortcut = config.shortcut_count * 2 * d * config.shortcut_width
+    mlp = 3 * d * f
+    matmul_weights = L * (attention + shortcut + mlp) + d * config.vocab_size  # + the LM head
+    return 6.0 * matmul_weights + 12.0 * L * q_width * seq_len
+
+
+def peak_flops(configured: float | None, precision: str) -> float | None:
+    """Peak FLOP/s of one device: the configured value, else looked up from the GPU's name."""
+    if configured:
+        return float(configured)
+    try:
+        import torch
+
+        if not torch.cuda.is_available():
+            return None
+        name = torch.cuda.get_device_name()
+    except Exception:
+        return None
+    for key, (bf16, fp32) in PEAK_FLOPS.items():
+        if key in name:
+            return bf16 if precision == "bf16" else fp32
+    return None
+
+
+def read_metrics(path: str | Path) -> list[dict]:
+    path = Path(path)
+    if not path.exists():
+        return []
+    rows = []
+    for line in path.read_text().splitlines():
+        line = line.strip()
+        if line:
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:  # a line cut short by a crash
+                continue
+    return rows
+
+
+def truncate_metrics(path: str | Path, last_step: int) -> None:
+    """Keep only the lines up to `last_step`: those after it were trained by a run that died before saving."""
+    path = Path(path)
+    if not path.exists():
+        return
+    kept = [row for row in read_metrics(path) if row.get("step", 0) <= last_step]
+    tmp = path.with_suffix(".jsonl.tmp")
+    tmp.write_text("".join(json.dumps(row) + "\n" for row in kept))
+    os.replace(tmp, path)
+
+
+def plot_losses(metrics_path: str | Path, png_path: str | Path) -> Path | None:
+    """The train and validation loss curves as a PNG; None when there is nothing to draw yet."""
+    rows = read_metrics(metrics_path)
+    train = [(r["step"], r["loss"]) for r in rows if "loss" in r and r.get("loss") is not None and math.isfinite(r["loss"])]
+    val = [(r["step"], r["val_loss"]) for r in rows if "val_loss" in r]
+    if not train and not val:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
+    if train:
+        ax.plot(*zip(*train), label="train", linewidth=1)
+    if val:
+        ax.plot(*zip(*val), "o-", label="validation", markersize=3)
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("loss (nats/token)")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    png_path = Path(png_path)
+    png_path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = png_path.with_name(png_path.stem + ".tmp.png")
+    fig.savefig(tmp)
+    plt.close(fig)
+    os.replace(tmp, png_path)  # a reader never sees half a PNG
+    return png_path
+
+
+class RunLogger:
+    """Rank 0's reporter; on other ranks every method does nothing."""
+
+    def __init__(
+        self,
+        out_dir: str | Path,
+        *,
+        enabled: bool,
+        start_step: int,
+        max_steps: int,
+        tensorboard: bool = True,
+        progress: bool = True,
+    ):
+        self.enabled = enabled
+        self.out_dir = Path(out_dir)
+        self.metrics_path = self.out_dir / METRICS_FILE
+        self._file = None
+        self._tb = None
+        self._bar = None
+        if not enabled:
+            return
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        truncate_metrics(self.metrics_path, start_step)
+        self._file = open(self.metrics_path, "a", buffering=1)
+        if tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            # purge_step drops events a dead run wrote past the checkpoint we resumed from.
+            self._tb = SummaryWriter(str(self.out_dir / "tensorboard"), purge_step=start_step + 1)
+        if progress:
+            from tqdm.auto import tqdm
+
+            self._bar = tqdm(total=max_steps, initial=start_step, unit="step", desc="pretrain", dynamic_ncols=True)
+
+    def _write(self, row: dict[str, Any]) -> None:
+        self._file.write(json.dumps(row) + "\n")
+        self._file.flush()
+
+    def step(self, row: dict[str, Any], *, write: bool = True) -> None:
+        if not self.enabled:
+            return
+        if write:
+            self._write(row)
+            if self._tb is not None:
+                for key in ("loss", "lr", "grad_norm", "tokens_per_s", "mfu"):
+                    value = row.get(key)
+                    if value is not None and math.isfinite(value):
+                        self._tb.add_scalar(f"train/{key}", value, row["step"])
+        if self._bar is not None:
+            postfix = {"loss": f"{row['loss']:.4f}", "tok/s": f"{row['tokens_per_s']:.0f}"}
+            if row.get("mfu") is not None:
+                postfix["mfu"] = f"{100 * row['mfu']:.1f}%"
+            if row.get("skipped"):
+                postfix["skipped"] = "yes"
+            self._bar.set_postfix(postfix, refresh=False)
+            self._bar.update(1)
+
+    def validation(self, step: int, loss: float) -> None:
+        if not self.enabled:
+            return
+        ppl = math.exp(min(loss, 50.0))  # cap: an untrained model's exp(loss) overflows nothing useful
+        self._write({"step": step, "val_loss": loss, "val_ppl": ppl})
+        if self._tb is not None:
+            self._tb.add_scalar("val/loss", loss, step)
+            self._tb.add_scalar("val/ppl", ppl, step)
+        if self._bar is not None:
+            self._bar.write(f"step {step}: validation loss {loss:.4f}, perplexity {ppl:.2f}")
+
+    def message(self, text: str) -> None:
+        if not self.enabled:
+            return
+        if self._bar is not None:
+            self._bar.write(text)
+        else:
+            print(text, flush=True)
+
+    def plot(self, png_path: str | Path) -> None:
+        if self.enabled:
+            plot_losses(self.metrics_path, png_path)
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+        if self._tb is not None:
+            self._tb.close()
+        if self._file is not None:
+            self._file.close()
