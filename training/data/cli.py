@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from .prepare import DEFAULT_SHARD_BYTES
+from .prepare import MAX_SHARD_BYTES, MIN_SHARD_BYTES
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -20,8 +20,9 @@ def _parser() -> argparse.ArgumentParser:
     prep.add_argument("--workers", type=int, default=1, metavar="N", help="tokenizing processes (default 1)")
     prep.add_argument("--text-field", default="text", metavar="NAME",
                       help="JSONL field / Parquet column holding the text (default: text)")
-    prep.add_argument("--shard-mb", type=float, default=DEFAULT_SHARD_BYTES / 2**20, metavar="MB",
-                      help=f"input megabytes per shard (default {DEFAULT_SHARD_BYTES / 2**20:g})")
+    prep.add_argument("--shard-mb", type=float, metavar="MB",
+                      help=f"input MiB per shard (default: a sixteenth of the input, within "
+                           f"{MIN_SHARD_BYTES / 2**20:g} to {MAX_SHARD_BYTES / 2**20:g})")
     prep.add_argument("--quiet", action="store_true", help="no progress bar")
 
     ver = sub.add_parser("verify", help="check a prepared dataset against a tokenizer",
@@ -53,7 +54,7 @@ def _prepare(args) -> int:
 
     out = prepare_shards(args.tokenizer, args.input or None, args.out, workers=args.workers,
                          text_field=args.text_field, progress=not args.quiet,
-                         shard_bytes=max(1, int(args.shard_mb * 2**20)))
+                         shard_bytes=None if args.shard_mb is None else max(1, int(args.shard_mb * 2**20)))
     info = verify_dataset(out, vocab_size=2**32, tokenizer_hash=None, check_ids=False)
     print(f"{out}: {len(info.shards)} shards, {info.num_docs:,} documents, {info.num_tokens:,} tokens ({info.dtype})")
     return 0

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+from bisect import bisect_right
 import warnings
 from collections import OrderedDict
 from pathlib import Path
@@ -40,13 +41,15 @@ class _Source:
         self.stride = seq_len + 1
         self.seed = seed
         self.content_seed = int(info.fingerprint, 16)
-        self.cum = np.cumsum([0] + [s.n_tokens for s in info.shards], dtype=np.int64)
-        self.n_chunks = int(self.cum[-1] // self.stride)
+        self.cum = [0]  # token offset of each shard in the dataset's stream; a list, as bisect is fastest on one
+        for s in info.shards:
+            self.cum.append(self.cum[-1] + s.n_tokens)
+        self.n_chunks = self.cum[-1] // self.stride
         n_val = 0 if val_fraction == 0 else max(1, round(val_fraction * self.n_chunks))
         if self.n_chunks - n_val < 1 or self.n_chunks < 1:
             need = (n_val + 1) * self.stride
             raise DataError(
-                f"dataset {info.path} has {int(self.cum[-1])} tokens, too few for {n_val} validation and 1 training "
+                f"dataset {info.path} has {self.cum[-1]} tokens, too few for {n_val} validation and 1 training "
                 f"sample of seq_len + 1 = {self.stride} tokens (needs {need}); add text or lower seq_len")
         # the held-out chunks depend on the dataset's content and the seed, not on what it is mixed with,
         # so a dataset's validation loss stays comparable between mixtures
@@ -55,24 +58,28 @@ class _Source:
         mask = np.ones(self.n_chunks, dtype=bool)
         mask[self.val_ids] = False
         self.train_ids = np.flatnonzero(mask).astype(np.int64)
-        self._tokens: list[np.ndarray] | None = None
+        self._tokens: list[np.ndarray | None] = [None] * len(info.shards)
         self._perms: OrderedDict[int, np.ndarray] = OrderedDict()
 
-    def tokens(self) -> list[np.ndarray]:
-        if self._tokens is None:
-            self._tokens = [open_tokens(s.bin_path, s.header) for s in self.info.shards]
-        return self._tokens
+    def tokens(self, s: int) -> np.ndarray:
+        # mapped on first use: a large corpus has thousands of shards, and maps are a limited resource
+        if self._tokens[s] is None:
+            # a plain ndarray view slices faster than the memmap subclass; it keeps the map alive
+            self._tokens[s] = open_tokens(self.info.shards[s].bin_path, self.info.shards[s].header).view(np.ndarray)
+        return self._tokens[s]
 
-    def chunk(self, c: int) -> np.ndarray:
+    def chunk(self, c: int, out: np.ndarray | None = None) -> np.ndarray:
+        """Chunk c as int64 ids, written into `out` when given."""
         start = int(c) * self.stride
         end = start + self.stride
-        out = np.empty(self.stride, dtype=np.int64)
-        s = int(np.searchsorted(self.cum, start, side="right")) - 1
-        tokens, filled = self.tokens(), 0
+        if out is None:
+            out = np.empty(self.stride, dtype=np.int64)
+        s = bisect_right(self.cum, start) - 1
+        filled = 0
         while filled < self.stride:  # a chunk may run across the end of a shard into the next
-            lo = start + filled - int(self.cum[s])
-            hi = min(end - int(self.cum[s]), int(self.cum[s + 1] - self.cum[s]))
-            out[filled : filled + hi - lo] = tokens[s][lo:hi]
+            lo = start + filled - self.cum[s]
+            hi = min(end, self.cum[s + 1]) - self.cum[s]
+            out[filled : filled + hi - lo] = self.tokens(s)[lo:hi]
             filled += hi - lo
             s += 1
         return out
@@ -95,7 +102,7 @@ class _Source:
         return epoch, int(self.train_ids[self.permutation(epoch)[r]])
 
     def drop_maps(self) -> None:
-        self._tokens = None
+        self._tokens = [None] * len(self._tokens)
 
 
 def _block_layout(weights: list[float]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -205,10 +212,10 @@ class PackedMixture:
         epoch, chunk = self._sources[d].train_chunk(block * int(self._counts[d]) + int(self._slot_rank[slot]))
         return d, epoch, chunk
 
-    def sample(self, i: int) -> np.ndarray:
-        """Sample i as int64 token ids, `seq_len + 1` of them."""
+    def sample(self, i: int, out: np.ndarray | None = None) -> np.ndarray:
+        """Sample i as int64 token ids, `seq_len + 1` of them (written into `out` when given)."""
         d, _, chunk = self.locate(i)
-        return self._sources[d].chunk(chunk)
+        return self._sources[d].chunk(chunk, out)
 
     def batch(self, start: int, n: int):
         """Samples start … start+n-1 as a LongTensor of shape (n, seq_len + 1)."""
@@ -216,7 +223,10 @@ class PackedMixture:
 
         if self.split == "val" and not (0 <= start and start + n <= len(self)):
             raise IndexError(f"validation samples {start}..{start + n - 1} requested, there are {len(self)}")
-        return torch.from_numpy(np.stack([self.sample(start + j) for j in range(n)]))
+        out = np.empty((n, self.seq_len + 1), dtype=np.int64)
+        for j in range(n):
+            self.sample(start + j, out[j])
+        return torch.from_numpy(out)
 
     def next_batch(self, n: int, rank: int = 0, world_size: int = 1):
         """This rank's `n` samples of the next global step of `n * world_size` samples; advances the position."""

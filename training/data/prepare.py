@@ -13,6 +13,7 @@ from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from multiprocessing import get_context
 from pathlib import Path
 
+from filelock import FileLock
 from tqdm.auto import tqdm
 
 from .encode import EncodeSpec, encode_unit, init_worker
@@ -31,7 +32,15 @@ from .sources import Unit, plan_units
 
 log = logging.getLogger(__name__)
 
-DEFAULT_SHARD_BYTES = 8 << 20  # of input text: about 2M tokens, 4 MB of uint16 per shard
+# Input bytes per shard. A shard is also the unit of parallel work, so a small corpus is cut into about
+# 16 shards to keep the workers busy, while a large one gets big shards: fewer files and memory maps.
+MAX_SHARD_BYTES = 64 << 20  # about 16M tokens, 32 MB of uint16
+MIN_SHARD_BYTES = 1 << 20
+
+
+def auto_shard_bytes(total_bytes: int) -> int:
+    """The shard size for a corpus of `total_bytes`: depends on the inputs alone, never on the worker count."""
+    return max(MIN_SHARD_BYTES, min(MAX_SHARD_BYTES, total_bytes // 16))
 
 
 def tokenizer_facts(tokenizer_dir: str | os.PathLike) -> tuple[str, int, int, str]:
@@ -90,26 +99,28 @@ def prepare_shards(
     workers: int = 1,
     text_field: str = "text",
     progress: bool = True,
-    shard_bytes: int = DEFAULT_SHARD_BYTES,
+    shard_bytes: int | None = None,
 ) -> Path:
     """Tokenize `inputs` (files, directories, globs; None = the embedded default corpus) into `out_dir`.
 
     Each document's tokens are followed by EOS. Shards are planned from the inputs alone (about
-    `shard_bytes` of input each), so any number of `workers` produces the same files.
+    `shard_bytes` of input each; by default a sixteenth of the inputs, within 1 to 64 MiB), so any
+    number of `workers` produces the same files.
     Re-running skips shards already finished. Returns `out_dir`.
     """
     from pangu_pi.corpus import default_corpus_files, expand_inputs
 
     if workers < 1:
         raise DataError(f"workers must be at least 1, got {workers}")
-    if shard_bytes < 1:
+    if shard_bytes is not None and shard_bytes < 1:
         raise DataError(f"shard size must be positive, got {shard_bytes} bytes")
     files = expand_inputs(inputs) if inputs else default_corpus_files()
+    if shard_bytes is None:
+        shard_bytes = auto_shard_bytes(sum(f.stat().st_size for f in files))
     tokenizer_json, vocab_size, eos_id, digest = tokenizer_facts(Path(tokenizer_dir))
     units = plan_units(files, shard_bytes, text_field=text_field, tokenizer_hash=digest)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    from filelock import FileLock
 
     # ranks of one job may all call this on the same folder: one works, the others then find it finished
     with FileLock(str(out) + ".lock"):

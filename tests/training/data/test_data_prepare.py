@@ -77,6 +77,17 @@ def test_jsonl_split_at_byte_offsets_loses_and_repeats_no_line(tmp_path, shard_b
     assert got == [json.loads(_jsonl_line(i))["text"] for i in range(40)]
 
 
+def test_gzipped_jsonl_is_read_whole(tmp_path):
+    import gzip
+
+    path = tmp_path / "d.jsonl.gz"
+    with gzip.open(path, "wt") as f:
+        f.write("".join(_jsonl_line(i) for i in range(40)))
+    parts = split_file(path, 100)
+    assert len(parts) == 1 and parts[0].kind == "jsonl"
+    assert list(read_part(parts[0], "text")) == [json.loads(_jsonl_line(i))["text"] for i in range(40)]
+
+
 def test_jsonl_with_a_named_field(tokenizer_dir, tmp_path):
     records = [{"id": i, "body": f"def f{i}(x):\n    return x * {i}\n", "text": "not this"} for i in range(60)]
     records.insert(7, {"id": -1, "body": "   "})  # blank: no document
@@ -212,3 +223,11 @@ def test_parts_are_planned_from_inputs_alone(tmp_path):
     parts = split_file(tmp_path / "a.jsonl", 200)
     assert [(p.start, p.end) for p in parts] == [(0, 200), (200, 400), (400, 500)]
     assert all(isinstance(p, Part) and p.kind == "jsonl" for p in parts)
+
+
+def test_the_default_shard_size_follows_the_input_size_alone():
+    from training.data.prepare import MAX_SHARD_BYTES, MIN_SHARD_BYTES, auto_shard_bytes
+
+    assert auto_shard_bytes(11_000_000) == MIN_SHARD_BYTES  # the embedded corpus: about 11 shards
+    assert auto_shard_bytes(320 << 20) == 20 << 20
+    assert auto_shard_bytes(100 << 30) == MAX_SHARD_BYTES
