@@ -1,0 +1,124 @@
+"""`pangu-pi export CKPT OUT`: a training checkpoint as an HF checkpoint.
+
+ZeRO keeps the fp32 weights in per-rank partitions; DeepSpeed's zero_to_fp32 gathers them into one
+state dict, which becomes a `PanGuPiForCausalLM` saved as safetensors with its config, the tokenizer
+the data was made with, and a generation config that stops at EOS and at the chat turn end.
+`AutoModelForCausalLM.from_pretrained(OUT)` (after `import pangu_pi`) and the serving layer load it.
+
+CKPT may be a checkpoint folder (`OUT/checkpoints/step_N`), a run's `checkpoints/` folder or the run
+folder itself (the newest complete checkpoint is taken).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+from pangu_pi.cli import UserError
+
+from .checkpoint import ENGINE_TAG, resolve_checkpoint
+
+DTYPES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16",
+          "float16": "float16", "fp16": "float16"}
+
+
+def _training_precision(ckpt: Path) -> str:
+    import yaml
+
+    try:
+        config = yaml.safe_load((ckpt / "config.yaml").read_text()) or {}
+        return config.get("train", {}).get("precision", "fp32")
+    except FileNotFoundError:
+        return "fp32"
+
+
+def export_checkpoint(ckpt: str | os.PathLike, out: str | os.PathLike, *, dtype: str | None = None,
+                      force: bool = False) -> Path:
+    """Write an HF checkpoint of `ckpt` into `out` (created whole, or not at all). Returns `out`."""
+    import torch
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+    from transformers import GenerationConfig
+
+    from pangu_pi import PanGuPiConfig, PanGuPiForCausalLM
+    from pangu_pi.tokenizer import EOS, IM_END, PAD
+
+    path = resolve_checkpoint(ckpt)
+    out = Path(out)
+    if out.exists() and any(out.iterdir()) and not force:
+        raise FileExistsError(f"{out} exists and is not empty; choose another OUT or pass --force to replace it")
+    config_file = path / "model" / "config.json"
+    if not config_file.is_file():
+        raise FileNotFoundError(f"{path} has no model/config.json; it was not written by `pangu-pi pretrain`")
+    if dtype is None:
+        dtype = "bfloat16" if _training_precision(path) == "bf16" else "float32"
+    if dtype not in DTYPES:
+        raise UserError(f"--dtype {dtype!r} is unknown; choose one of float32, bfloat16, float16")
+    torch_dtype = getattr(torch, DTYPES[dtype])
+
+    config = PanGuPiConfig.from_json_file(str(config_file))
+    config.use_cache = True  # off while training; generation wants it
+    state = get_fp32_state_dict_from_zero_checkpoint(str(path), tag=ENGINE_TAG)
+    with torch.device("meta"):
+        expected = set(PanGuPiForCausalLM(config).state_dict())
+    missing, unexpected = expected - set(state), set(state) - expected
+    if missing or unexpected:
+        raise UserError(
+            f"{path} does not match its model config: missing {sorted(missing)[:5]}, unexpected "
+            f"{sorted(unexpected)[:5]}; the checkpoint is damaged or from another model"
+        )
+    state = {k: v.to(torch_dtype) for k, v in state.items()}
+    model = PanGuPiForCausalLM.from_pretrained(None, config=config, state_dict=state, dtype=torch_dtype)
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staged = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))
+    try:
+        model.save_pretrained(staged, safe_serialization=True)
+        tok_src = path / "tokenizer"
+        if tok_src.is_dir():
+            for f in tok_src.iterdir():
+                if f.is_file() and not f.name.endswith(".lock"):
+                    shutil.copy2(f, staged / f.name)
+            from tokenizers import Tokenizer
+
+            tok = Tokenizer.from_file(str(tok_src / "tokenizer.json"))
+            eos = [i for i in (tok.token_to_id(EOS), tok.token_to_id(IM_END)) if i is not None]
+            pad = tok.token_to_id(PAD)
+        else:
+            eos = [config.eos_token_id] if isinstance(config.eos_token_id, int) else list(config.eos_token_id)
+            pad = config.pad_token_id
+        # Stop at EOS and at the end of a chat turn, so a chat model stops after its answer.
+        GenerationConfig(bos_token_id=config.bos_token_id, eos_token_id=eos, pad_token_id=pad).save_pretrained(staged)
+        _readable(staged)
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(staged, out)
+    except BaseException:
+        shutil.rmtree(staged, ignore_errors=True)
+        raise
+    return out
+
+
+def _readable(folder: Path) -> None:
+    """Give the export the permissions a plain mkdir would: mkdtemp makes it private to its owner."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(folder, 0o777 & ~umask)
+    for f in folder.iterdir():
+        if f.is_file():
+            os.chmod(f, 0o666 & ~umask)
+
+
+def main(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(prog="pangu-pi export", description=__doc__.split("\n\n")[0])
+    p.add_argument("ckpt", metavar="CKPT", help="checkpoint folder, run's checkpoints/ folder, or run folder")
+    p.add_argument("out", metavar="OUT", help="folder for the HF checkpoint")
+    p.add_argument("--dtype", help="weights' dtype: float32 | bfloat16 | float16 (default: the training precision)")
+    p.add_argument("--force", action="store_true", help="replace OUT if it exists")
+    args = p.parse_args(argv)
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    out = export_checkpoint(args.ckpt, args.out, dtype=args.dtype, force=args.force)
+    print(f"exported {resolve_checkpoint(args.ckpt)} to {out}")
+    return 0
