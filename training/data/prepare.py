@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import os
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from concurrent.futures.process import BrokenProcessPool
 from multiprocessing import get_context
 from pathlib import Path
 
@@ -110,6 +111,12 @@ def prepare_shards(
     """
     from pangu_pi.corpus import default_corpus_files, expand_inputs
 
+    import multiprocessing.process
+
+    if getattr(multiprocessing.process.current_process(), "_inheriting", False):
+        # a worker re-importing a script whose prepare call is unguarded would wait forever on the lock
+        raise DataError("prepare_shards was called while a worker process was importing the main script; "
+                        "put the call under `if __name__ == \"__main__\":`")
     if workers < 1:
         raise DataError(f"workers must be at least 1, got {workers}")
     if shard_bytes is not None and shard_bytes < 1:
@@ -184,6 +191,10 @@ def _run_units(todo: list[Unit], units: list[Unit], done: dict, spec: EncodeSpec
                 unit = pending.pop(fut)
                 try:
                     done[unit.key] = fut.result()
+                except BrokenProcessPool:
+                    raise DataError("a tokenizing worker process died (its own error is printed above; out of "
+                                    "memory, or a script calling prepare_shards without an "
+                                    "`if __name__ == \"__main__\":` guard); fix that and re-run") from None
                 except BaseException:
                     for other in pending:
                         other.cancel()

@@ -159,9 +159,11 @@ def _jsonl_docs(part: Part, text_field: str) -> Iterator[str]:
             continue
         try:
             record = json.loads(line)
-        except (json.JSONDecodeError, UnicodeDecodeError) as err:
-            raise DataError(f"{part.path} ({where} {at}) is not valid JSON: {err.msg if hasattr(err, 'msg') else err}; "
+        except json.JSONDecodeError as err:
+            raise DataError(f"{part.path} ({where} {at}) is not valid JSON: {err.msg}; "
                             f"fix the line, or remove it") from None
+        except UnicodeDecodeError:
+            raise DataError(f"{part.path} ({where} {at}) is not UTF-8 text; re-encode the file as UTF-8") from None
         if not isinstance(record, dict) or text_field not in record:
             fields = ", ".join(map(repr, record)) if isinstance(record, dict) else type(record).__name__
             raise DataError(f"{part.path} ({where} {at}) has no field {text_field!r} (it has: {fields}); "

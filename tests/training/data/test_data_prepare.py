@@ -231,3 +231,18 @@ def test_the_default_shard_size_follows_the_input_size_alone():
     assert auto_shard_bytes(11_000_000) == MIN_SHARD_BYTES  # the embedded corpus: about 11 shards
     assert auto_shard_bytes(320 << 20) == 20 << 20
     assert auto_shard_bytes(100 << 30) == MAX_SHARD_BYTES
+
+
+@pytest.mark.slow  # three interpreters start, two of them spawned workers: ~30 s on a busy 2-core machine
+def test_an_unguarded_script_with_workers_fails_fast_instead_of_hanging(tokenizer_dir, text_files, tmp_path):
+    # spawned workers re-import the main script; its unguarded call must not wait forever on the lock
+    script = tmp_path / "unguarded.py"
+    script.write_text(
+        "from training.data import prepare_shards\n"
+        f"prepare_shards({str(tokenizer_dir)!r}, {[str(f) for f in text_files]!r}, {str(tmp_path / 'ds')!r}, "
+        "workers=2, progress=False, shard_bytes=30_000)\n"
+    )
+    run = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=240, cwd=tmp_path)
+    assert run.returncode == 1
+    assert "called while a worker process was importing the main script" in run.stderr
+    assert run.stderr.strip().splitlines()[-1].startswith("training.data.shards.DataError: a tokenizing worker")
