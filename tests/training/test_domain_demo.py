@@ -1,0 +1,121 @@
+"""The generated finance/law demo set: seeded, rule-following, held-out split disjoint from training."""
+
+from __future__ import annotations
+
+import json
+import re
+from collections import Counter
+
+import pytest
+
+from training.domain_demo import FAMILIES, LIMITATION, generate, generate_main
+from training.sft_data import check_messages
+
+
+def _read_jsonl(path):
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
+
+
+def _amount(text: str) -> float:
+    """The last dollar amount in a sentence."""
+    return float(re.findall(r"\$([\d,]+(?:\.\d+)?)", text)[-1].replace(",", ""))
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    out = tmp_path_factory.mktemp("demo")
+    manifest = generate(out, seed=0, train=450, heldout=72, text_lines=200)
+    return out, manifest
+
+
+def test_same_seed_same_files_other_seed_other_files(demo, tmp_path):
+    out, _ = demo
+    generate(tmp_path / "again", seed=0, train=450, heldout=72, text_lines=200)
+    generate(tmp_path / "other", seed=1, train=450, heldout=72, text_lines=200)
+    for name in ("train.jsonl", "heldout_mc.jsonl", "domain.txt"):
+        assert (out / name).read_bytes() == (tmp_path / "again" / name).read_bytes()
+        assert (out / name).read_bytes() != (tmp_path / "other" / name).read_bytes()
+
+
+def test_heldout_is_well_formed_balanced_and_disjoint_from_training(demo):
+    out, manifest = demo
+    held = _read_jsonl(out / "heldout_mc.jsonl")
+    train = _read_jsonl(out / "train.jsonl")
+    assert len(held) == manifest["heldout"] == 72 and len(train) == manifest["train"] == 450
+    assert set(r["family"] for r in held) == set(FAMILIES) == set(r["family"] for r in train)
+    for r in held:
+        assert len(r["choices"]) == 4 and len(set(r["choices"])) == 4
+        assert 0 <= r["answer"] < 4
+    slots = Counter(r["answer"] for r in held)
+    assert set(slots.values()) == {18}  # the right answer sits in every slot equally often
+
+    train_questions = {m["content"] for r in train for m in r["messages"] if m["role"] == "user"}
+    assert not train_questions & {r["question"] for r in held}
+    domain_text = (out / "domain.txt").read_text(encoding="utf-8")
+    assert not any(r["question"] in domain_text for r in held)
+    heldout_text = (out / "domain_heldout.txt").read_text(encoding="utf-8")
+    assert all(r["question"] in heldout_text for r in held)
+
+
+def test_training_records_are_clean_chat(demo):
+    out, _ = demo
+    for record in _read_jsonl(out / "train.jsonl"):
+        messages = check_messages(record)  # raises on anything the SFT reader would reject
+        assert messages[-1]["role"] == "assistant" and messages[-2]["role"] == "user"
+
+
+def test_answers_follow_their_rules(demo):
+    out, _ = demo
+    held = _read_jsonl(out / "heldout_mc.jsonl")
+    train = [
+        {"family": r["family"], "question": r["messages"][-2]["content"], "answer": r["messages"][-1]["content"]}
+        for r in _read_jsonl(out / "train.jsonl")
+    ]
+    cases = train + [{"family": r["family"], "question": r["question"], "answer": r["choices"][r["answer"]]} for r in held]
+    checked = Counter()
+    for c in cases:
+        q, a = c["question"], c["answer"]
+        if c["family"] == "simple_interest":
+            p = _amount(re.search(r"\$[\d,]+", q).group(0))
+            rate = int(re.search(r"(\d+)%", q).group(1))
+            years = int(re.search(r"(\d+) years", q).group(1))
+            assert _amount(a) == pytest.approx(p * rate * years / 100), q
+        elif c["family"] == "percent_change":
+            old, new = (float(x.replace(",", "")) for x in re.findall(r"\$([\d,]+)", q)[:2])
+            assert float(re.search(r"= ([+-][\d.]+)%", a).group(1)) == pytest.approx(100 * (new - old) / old), q
+        elif c["family"] == "contract_validity":
+            ages = [int(x) for x in re.findall(r"aged (\d+)", q)]
+            if min(ages) < 18:
+                assert "under 18" in a, q
+            elif "threatened" in q:
+                assert "duress" in a, q
+            elif any(s in q for s in ("stolen", "smuggled", "counterfeit")):
+                assert "illegal" in a, q
+            elif "land" in q or "field" in q:
+                assert ("must be in writing" in a) == ("orally" in q), q
+            else:
+                assert a.startswith("The contract is valid"), q
+        elif c["family"] == "limitation":
+            claim = next(k for k in LIMITATION if k in q)
+            start, filed = (int(x) for x in re.findall(r"in (\d{4})", q))
+            barred = filed - start > LIMITATION[claim]
+            assert a.startswith(f"{filed - start} years passed"), q
+            assert a.endswith("time-barred.") == barred, q
+        elif c["family"] == "inheritance":
+            estate, k = _amount(q), int(re.search(r"(\d) children", q).group(1))
+            share = estate / 2 / k if "a spouse" in q else estate / k
+            assert _amount(a) == pytest.approx(share), q
+        else:
+            continue
+        checked[c["family"]] += 1
+    assert len(checked) == 5 and min(checked.values()) >= 10
+
+
+def test_cli_writes_the_set_and_refuses_too_small_counts(tmp_path, capsys):
+    assert generate_main(["--out", str(tmp_path / "d"), "--train", "90", "--heldout", "18", "--text-lines", "30"]) == 0
+    assert "90 training records, 18 held-out questions" in capsys.readouterr().out
+    manifest = json.loads((tmp_path / "d" / "manifest.json").read_text())
+    assert manifest["seed"] == 0 and sum(manifest["heldout_families"].values()) == 18
+    with pytest.raises(SystemExit):
+        generate_main(["--out", str(tmp_path / "e"), "--heldout", "3"])
+    assert "at least 9" in capsys.readouterr().err
