@@ -30,7 +30,8 @@ _DROP_RESPONSE_HEADERS = {"content-length", "connection", "keep-alive", "transfe
 class Gateway:
     """Routes by `model` to the engine serving it; `engines` maps engine name → base URL."""
 
-    def __init__(self, engines: dict[str, str], engine_key: str, default_engine: str):
+    def __init__(self, engines: dict[str, str], engine_key: str, default_engine: str, transport=None):
+        self.transport = transport  # an httpx transport; None = the network
         self.engines = dict(engines)
         self.default_engine = default_engine
         self.engine_key = engine_key
@@ -45,6 +46,7 @@ class Gateway:
                 timeout=httpx.Timeout(None, connect=10.0),
                 limits=httpx.Limits(max_connections=None, max_keepalive_connections=256),
                 headers={"Authorization": f"Bearer {self.engine_key}"},
+                transport=self.transport,
             )
         return self.client
 

