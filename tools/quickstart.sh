@@ -1,12 +1,10 @@
 #!/usr/bin/env bash
-# Set up (or reuse) .venv and run the main job on the embedded default corpus, all under one run folder.
+# Set up (or reuse) .venv, then run the main job on the embedded default corpus: tokenizer → shards →
+# pretraining in 2 DeepSpeed processes → export → OpenAI-compatible server → a chat and a streamed
+# completion → summary. Everything goes under one run folder (RUN_DIR, default runs/quickstart).
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 bash "$ROOT/tools/setup.sh"
 source "$ROOT/tools/env.sh"
-RUN="${RUN_DIR:-$ROOT/runs/quickstart}"
-mkdir -p "$RUN"
-echo "[quickstart] run folder: $RUN"
-pangu-pi tokenizer train --out "$RUN/tokenizer"
-[ -f "$RUN/init/config.json" ] || pangu-pi init --preset tiny --tokenizer "$RUN/tokenizer" --out "$RUN/init"
-pangu-pi generate "$RUN/init" --prompt "def " --max-new-tokens 24
+cd "$ROOT"
+exec python -m training.main_job --run "${RUN_DIR:-$ROOT/runs/quickstart}" "$@"
