@@ -153,6 +153,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--max-steps", type=int, default=None, help="default: the config's")
     ap.add_argument("--nproc", type=int, default=2, help="local training processes")
     ap.add_argument("--port", type=int, default=8000)
+    ap.add_argument("--input", nargs="*", help="text to train on (default: the embedded default corpus)")
+    ap.add_argument("--vocab-size", type=int, default=8192)
     ap.add_argument("--no-serve", action="store_true", help="stop after the export")
     args = ap.parse_args(argv)
     started = time.monotonic()
@@ -162,10 +164,11 @@ def main(argv: list[str] | None = None) -> int:
     run_dir.mkdir(parents=True, exist_ok=True)
 
     stage("1/5 tokenizer on the embedded default corpus (the Python standard library)")
-    run(pangu("tokenizer", "train", "--vocab-size", "8192", "--out", str(tok_dir)))
+    inputs = ["--input", *args.input] if args.input else []
+    run(pangu("tokenizer", "train", "--vocab-size", str(args.vocab_size), "--out", str(tok_dir), *inputs))
 
     stage("2/5 token shards")
-    run(pangu("data", "prepare", "--tokenizer", str(tok_dir), "--out", str(data_dir), "--workers", "2"))
+    run(pangu("data", "prepare", "--tokenizer", str(tok_dir), "--out", str(data_dir), "--workers", "2", *inputs))
 
     stage(f"3/5 pretraining the tiny PanGu-π with DeepSpeed in {args.nproc} processes")
     # Every run trains from scratch; the tokenizer and shards above are what a second run reuses.
