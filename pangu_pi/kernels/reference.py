@@ -23,11 +23,67 @@ ACTIVATIONS = {
 }
 
 
+_SQRT_HALF = 0.7071067811865476  # 1/√2
+_INV_SQRT_2PI = 0.3989422804014327  # 1/√(2π)
+_GELU_TANH_K = 0.7978845608028654  # √(2/π)
+_GELU_TANH_C = 0.044715
+
+
+def _silu_with_grad(x):
+    s = torch.sigmoid(x)
+    return x * s, s * (1 + x * (1 - s))
+
+
+def _gelu_with_grad(x):
+    cdf = 0.5 * (1 + torch.erf(x * _SQRT_HALF))
+    return x * cdf, cdf + x * _INV_SQRT_2PI * torch.exp(-0.5 * x * x)
+
+
+def _gelu_tanh_with_grad(x):
+    inner = _GELU_TANH_K * (x + _GELU_TANH_C * x * x * x)
+    t = torch.tanh(inner)
+    dinner = _GELU_TANH_K * (1 + 3 * _GELU_TANH_C * x * x)
+    return 0.5 * x * (1 + t), 0.5 * (1 + t) + 0.5 * x * (1 - t * t) * dinner
+
+
+def _relu_with_grad(x):
+    # σ'(0) = 0, as torch's relu backward has it, so every backend agrees at the kink.
+    positive = x > 0
+    return torch.where(positive, x, torch.zeros_like(x)), positive.to(x.dtype)
+
+
+def _tanh_with_grad(x):
+    t = torch.tanh(x)
+    return t, 1 - t * t
+
+
+def _sigmoid_with_grad(x):
+    s = torch.sigmoid(x)
+    return s, s * (1 - s)
+
+
+# (σ(x), σ'(x)) in closed form, for the fused backends: they recompute σ' in backward instead of
+# keeping autograd's intermediates. Tested against autograd on ACTIVATIONS in float64; the Triton
+# kernels in siaf_triton.py spell out the same formulas.
+ACTIVATION_WITH_GRAD = {
+    "silu": _silu_with_grad,
+    "gelu": _gelu_with_grad,
+    "gelu_tanh": _gelu_tanh_with_grad,
+    "relu": _relu_with_grad,
+    "tanh": _tanh_with_grad,
+    "sigmoid": _sigmoid_with_grad,
+}
+
+
 def check_siaf_args(gate, up, scale, shift, weight, activation):
     if activation not in ACTIVATIONS:
         raise ValueError(f"unknown SIAF activation {activation!r}; choose one of {sorted(ACTIVATIONS)}")
     if gate.shape != up.shape:
         raise ValueError(f"gate {tuple(gate.shape)} and up {tuple(up.shape)} must have the same shape")
+    if gate.dim() == 0:
+        raise ValueError("gate and up need a last (channel) dimension")
+    if scale.dim() not in (1, 2) or scale.shape[0] == 0:
+        raise ValueError(f"SIAF scale has shape {tuple(scale.shape)}; expected (n,) or (n, width) with n >= 1")
     width = gate.shape[-1]
     for name, p in (("scale", scale), ("shift", shift), ("weight", weight)):
         if p is None:

@@ -1,0 +1,216 @@
+"""CPU fast path for the SIAF-gated product: one `torch.compile`d pass forward, one backward.
+
+`siaf_and_mul_compiled` is an `autograd.Function` whose forward and backward are each compiled
+(inductor) functions. It saves only `gate`, `up` and the parameters and recomputes σ(z_i) and σ'(z_i)
+in backward, so the n per-term intermediates the reference keeps alive for backward never exist;
+inductor fuses the n-term sum into one pointwise loop forward and one loop (plus column reductions for
+the parameter gradients) backward.
+
+Arithmetic is done in float32 (float64 if any input is float64) and the result is returned in the
+promoted dtype of `gate` and `up`; gradients come back in each input's own dtype.
+
+Where `torch.compile` cannot run (no C++ compiler, unsupported Python, …) the first call warns once
+and every later call goes to the reference. Inside an outer `torch.compile` region the reference is
+used too: the outer compiler fuses it anyway, and nesting compiled functions buys nothing.
+"""
+
+from __future__ import annotations
+
+import functools
+import types
+import warnings
+
+import torch
+from torch.autograd.function import once_differentiable
+
+from .reference import ACTIVATION_WITH_GRAD, check_siaf_args, siaf_and_mul_reference
+
+# Set to the exception's text once compilation has failed; every later call then uses the reference.
+_compile_failure: str | None = None
+
+
+def _compute_dtype(*tensors: torch.Tensor | None) -> torch.dtype:
+    dtype = torch.float32
+    for t in tensors:
+        if t is not None:
+            dtype = torch.promote_types(dtype, t.dtype)
+    return dtype
+
+
+def _build(n, sigma, compute, out_dtype, gate_dtype, up_dtype, per_channel):
+    """Plain-torch forward and backward for one specialisation; torch.compile fuses each into a pass."""
+
+    def fwd(gate, up, scale, shift, weight):
+        g = gate.to(compute)
+        s = None
+        for i in range(n):
+            term, _ = sigma(scale[i].to(compute) * g + shift[i].to(compute))
+            if weight is not None:
+                term = weight[i].to(compute) * term
+            s = term if s is None else s + term
+        return (s * up.to(compute)).to(out_dtype)
+
+    def reduce(x):
+        # Scalar parameters take one flat sum, which inductor folds into the pointwise loop.
+        return x.sum(0) if per_channel else x.sum()
+
+    def bwd(dout, gate, up, scale, shift, weight):
+        g = gate.to(compute)
+        gu = dout.to(compute) * up.to(compute)
+        s = None
+        dgate_factor = None
+        dscale, dshift, dweight = [], [], []
+        for i in range(n):
+            a = scale[i].to(compute)
+            term, dterm = sigma(a * g + shift[i].to(compute))
+            if weight is not None:
+                c = weight[i].to(compute)
+                dweight.append(reduce(gu * term))
+                term = c * term
+                dterm = c * dterm
+            # d/dshift_i and d/dscale_i share gu·c_i·σ'(z_i); per channel they reduce over tokens only.
+            gud = gu * dterm
+            dshift.append(reduce(gud))
+            dscale.append(reduce(gud * g))
+            s = term if s is None else s + term
+            dgate_factor = a * dterm if dgate_factor is None else dgate_factor + a * dterm
+        dgate = (gu * dgate_factor).to(gate_dtype)
+        dup = (dout.to(compute) * s).to(up_dtype)
+        grads = [torch.stack(dscale), torch.stack(dshift)]
+        if weight is not None:
+            grads.append(torch.stack(dweight))
+        # Parameter gradients stay in `compute`; the caller casts these few values per parameter.
+        return (dgate, dup, *grads)
+
+    return fwd, bwd
+
+
+def _renamed(fn, name: str):
+    """`fn` with a code object of its own.
+
+    Dynamo keeps its compiled-graph cache and its recompile limit per code object, and every closure
+    made by `_build` shares one. Without a copy per specialisation, the combinations that a test suite
+    or a mixed fp32/bf16 run visits would use up that limit and silently run eagerly.
+    """
+    code = fn.__code__.replace(co_name=name, co_qualname=name)
+    return types.FunctionType(code, fn.__globals__, name, fn.__defaults__, fn.__closure__)
+
+
+@functools.lru_cache(maxsize=None)
+def _functions(n, activation, per_channel, has_weight, compute, out_dtype, gate_dtype, up_dtype):
+    """(eager fwd, eager bwd, compiled fwd, compiled bwd) for one specialisation."""
+    fwd, bwd = _build(
+        n, ACTIVATION_WITH_GRAD[activation], compute, out_dtype, gate_dtype, up_dtype, per_channel
+    )
+    key = f"{activation}_n{n}_{'channel' if per_channel else 'scalar'}_{'w' if has_weight else 'nw'}"
+    fwd, bwd = _renamed(fwd, f"siaf_fwd_{key}"), _renamed(bwd, f"siaf_bwd_{key}")
+    return fwd, bwd, torch.compile(fwd), torch.compile(bwd)
+
+
+def _functions_for(gate, up, scale, shift, weight, activation):
+    return _functions(
+        scale.shape[0],
+        activation,
+        scale.dim() == 2,
+        weight is not None,
+        _compute_dtype(gate, up, scale, shift, weight),
+        torch.promote_types(gate.dtype, up.dtype),
+        gate.dtype,
+        up.dtype,
+    )
+
+
+def _mark_token_dim_dynamic(*tensors):
+    # Token counts vary from batch to batch; the channel width is a model constant and stays static
+    # so inductor can vectorise the inner loop without a symbolic tail. Sizes 0 and 1 are always
+    # specialised by dynamo, so they get their own (small) graphs.
+    for t in tensors:
+        if t.shape[0] > 1:
+            torch._dynamo.maybe_mark_dynamic(t, 0)
+
+
+class _SiafCompiled(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, gate, up, scale, shift, weight, activation):
+        width = gate.shape[-1]
+        g2, u2 = gate.reshape(-1, width), up.reshape(-1, width)
+        fns = _functions_for(gate, up, scale, shift, weight, activation)
+        _mark_token_dim_dynamic(g2, u2)
+        out = fns[2](g2, u2, scale, shift, weight)
+        ctx.fns = fns
+        ctx.save_for_backward(gate, up, scale, shift, weight)
+        return out.view(gate.shape)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, dout):
+        gate, up, scale, shift, weight = ctx.saved_tensors
+        width = gate.shape[-1]
+        g2, u2 = gate.reshape(-1, width), up.reshape(-1, width)
+        d2 = dout.reshape(-1, width)
+        _mark_token_dim_dynamic(d2, g2, u2)
+        _, eager_bwd, _, compiled_bwd = ctx.fns
+        bwd = compiled_bwd if _compile_failure is None else eager_bwd
+        try:
+            grads = bwd(d2, g2, u2, scale, shift, weight)
+        except Exception as exc:  # noqa: BLE001 - a compile failure surfaces as many exception types
+            if bwd is eager_bwd or not _record_compile_failure(exc, eager_bwd, d2, g2, u2, scale, shift, weight):
+                raise
+            grads = eager_bwd(d2, g2, u2, scale, shift, weight)
+        dgate, dup, dscale, dshift, *dweight = grads
+        return (
+            dgate.view(gate.shape),
+            dup.view(up.shape),
+            dscale.to(scale.dtype),
+            dshift.to(shift.dtype),
+            dweight[0].to(weight.dtype) if weight is not None else None,
+            None,
+        )
+
+
+def _record_compile_failure(exc: Exception, eager_fn, *args) -> bool:
+    """True (and future calls go to the reference) if `exc` came from compiling, not from the inputs.
+
+    The same function run eagerly is the judge: if it succeeds on the same inputs, the inputs were fine
+    and the compiler is what broke.
+    """
+    global _compile_failure
+    try:
+        with torch.no_grad():
+            eager_fn(*args)
+    except Exception:  # noqa: BLE001
+        return False
+    _compile_failure = f"{type(exc).__name__}: {exc}"
+    warnings.warn(
+        f"torch.compile is unavailable for the SIAF op ({_compile_failure.splitlines()[0]}); "
+        "using the reference implementation from now on",
+        RuntimeWarning,
+        stacklevel=3,
+    )
+    return True
+
+
+def compiled_available() -> bool:
+    """False once a compilation attempt has failed in this process."""
+    return _compile_failure is None
+
+
+def siaf_and_mul_compiled(
+    gate: torch.Tensor,
+    up: torch.Tensor,
+    scale: torch.Tensor,
+    shift: torch.Tensor,
+    weight: torch.Tensor | None = None,
+    activation: str = "silu",
+) -> torch.Tensor:
+    check_siaf_args(gate, up, scale, shift, weight, activation)
+    if _compile_failure is not None or torch.compiler.is_compiling() or gate.numel() == 0:
+        return siaf_and_mul_reference(gate, up, scale, shift, weight, activation)
+    try:
+        return _SiafCompiled.apply(gate, up, scale, shift, weight, activation)
+    except Exception as exc:  # noqa: BLE001 - see _record_compile_failure
+        eager_fwd = _functions_for(gate, up, scale, shift, weight, activation)[0]
+        width = gate.shape[-1]
+        if not _record_compile_failure(exc, eager_fwd, gate.reshape(-1, width), up.reshape(-1, width), scale, shift, weight):
+            raise
+        return siaf_and_mul_reference(gate, up, scale, shift, weight, activation)
