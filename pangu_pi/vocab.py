@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import functools
 import heapq
+import itertools
 import json
 import logging
 import random
@@ -39,7 +40,13 @@ log = logging.getLogger(__name__)
 
 SPACE = "▁"  # SentencePiece's visible space
 REPORT_FILE = "extension.json"
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja", SPM_FILE)
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "chat_template.jinja",
+    SPM_FILE,
+)
 MIN_COUNT = 2  # a pair seen once is not a pattern worth a piece
 
 
@@ -112,7 +119,7 @@ def _units(tokens: list[str]) -> list[str]:
 
 def _words(units: list[str]) -> list[tuple[str, ...]]:
     words, current = [], [units[0]] if units else []
-    for left, right in zip(units, units[1:]):
+    for left, right in itertools.pairwise(units):
         if _may_join(left, right) and "<bytes>" not in (left, right):
             current.append(right)
         else:
@@ -165,7 +172,7 @@ class _PieceLearner:
             if u not in self.known and u != "<bytes>" and len(u) == 1:
                 self.chars[u] += f
                 touched.add((u,))
-        for pair in zip(word, word[1:]):
+        for pair in itertools.pairwise(word):
             if pair[0] in self.known and pair[1] in self.known:
                 self.pairs[pair] += f
                 touched.add(pair)
@@ -208,7 +215,9 @@ def _merge(word: list[str], a: str, b: str) -> list[str]:
     return out
 
 
-def learn_pieces(backend, lines: list[str], add: int, progress: bool = True) -> list[tuple[str, tuple[str, str] | None]]:
+def learn_pieces(
+    backend, lines: list[str], add: int, progress: bool = True
+) -> list[tuple[str, tuple[str, str] | None]]:
     """Up to `add` new pieces, in the order learned, each with the merge that makes it (None for a
     new character). Fewer when the text has no pair left that occurs twice."""
     vocab = set(backend.get_vocab())
@@ -287,9 +296,11 @@ class ExtensionReport:
         shown = ", ".join(p.replace(SPACE, " ").strip() or repr(p) for p in self.added[:12])
         lines = [
             f"added {len(self.added)} pieces: {self.base_size} -> {self.new_size}",
-            f"held-out domain sample ({self.heldout_lines} lines, {self.heldout_chars} chars): tokens/char "
-            f"{self.tokens_per_char_before:.4f} -> {self.tokens_per_char_after:.4f} "
-            f"({-100 * self.compression_gain:+.1f}%)",
+            (
+                f"held-out domain sample ({self.heldout_lines} lines, {self.heldout_chars} chars): tokens/char "
+                f"{self.tokens_per_char_before:.4f} -> {self.tokens_per_char_after:.4f} "
+                f"({-100 * self.compression_gain:+.1f}%)"
+            ),
             f"first new pieces: {shown}",
         ]
         if len(self.added) < self.requested:
@@ -336,7 +347,9 @@ def extend_tokenizer(
 
     base, out = Path(base_dir), Path(out_dir)
     if not (base / "tokenizer.json").exists():
-        raise FileNotFoundError(f"no tokenizer in {base} (tokenizer.json missing); pass the folder of a saved tokenizer")
+        raise FileNotFoundError(
+            f"no tokenizer in {base} (tokenizer.json missing); pass the folder of a saved tokenizer"
+        )
     if add < 1:
         raise ValueError(f"--add must be at least 1, got {add}")
     if not 0 < heldout_fraction < 1:
@@ -404,7 +417,9 @@ def extend_main(argv: list[str]) -> int:
     parser.add_argument("--input", required=True, nargs="+", help="domain text: files, folders or globs")
     parser.add_argument("--add", required=True, type=int, help="how many new pieces to learn")
     parser.add_argument("--out", required=True, help="folder for the extended tokenizer")
-    parser.add_argument("--heldout-fraction", type=float, default=0.1, help="share of lines kept out to measure compression")
+    parser.add_argument(
+        "--heldout-fraction", type=float, default=0.1, help="share of lines kept out to measure compression"
+    )
     parser.add_argument("--max-bytes", type=int, default=50_000_000, help="read at most this much domain text")
     parser.add_argument("--seed", type=int, default=0, help="seed of the held-out split")
     parser.add_argument("--overwrite", action="store_true", help="replace a tokenizer already in --out")
@@ -520,7 +535,13 @@ def resize_model(model_dir, tokenizer_dir, out_dir, progress: bool = True) -> di
     for name in (*TOKENIZER_FILES, REPORT_FILE):
         if (tokenizer_dir / name).exists():
             shutil.copy(tokenizer_dir / name, out / name)
-    return {"old_rows": old_size, "new_rows": rows, "initialised": new_size - old_size, "tied": tied, "spelled": spelled}
+    return {
+        "old_rows": old_size,
+        "new_rows": rows,
+        "initialised": new_size - old_size,
+        "tied": tied,
+        "spelled": spelled,
+    }
 
 
 def resize_main(argv: list[str]) -> int:

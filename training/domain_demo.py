@@ -29,8 +29,31 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 NAMES = [
-    "Alice", "Bruno", "Chen", "Dana", "Emeka", "Fatima", "Gustav", "Hana", "Ivan", "Jia", "Kofi", "Lena",
-    "Mateo", "Nadia", "Omar", "Priya", "Quinn", "Rosa", "Sven", "Tariq", "Uma", "Viktor", "Wen", "Yusuf", "Zara",
+    "Alice",
+    "Bruno",
+    "Chen",
+    "Dana",
+    "Emeka",
+    "Fatima",
+    "Gustav",
+    "Hana",
+    "Ivan",
+    "Jia",
+    "Kofi",
+    "Lena",
+    "Mateo",
+    "Nadia",
+    "Omar",
+    "Priya",
+    "Quinn",
+    "Rosa",
+    "Sven",
+    "Tariq",
+    "Uma",
+    "Viktor",
+    "Wen",
+    "Yusuf",
+    "Zara",
 ]
 SYSTEM_PROMPTS = [
     "You are a careful assistant for finance and law questions. Show the rule, then the answer.",
@@ -73,7 +96,7 @@ class Case:
 
 
 def money(x: float) -> str:
-    return f"${x:,.2f}" if round(x, 2) != int(round(x, 2)) else f"${int(round(x)):,}"
+    return f"${x:,.2f}" if round(x, 2) != int(round(x, 2)) else f"${round(x):,}"
 
 
 def _distinct(correct: str, candidates: list[str], rng: random.Random, k: int = 3) -> list[str]:
@@ -92,14 +115,20 @@ def _distinct(correct: str, candidates: list[str], rng: random.Random, k: int = 
 def simple_interest(rng: random.Random) -> Case:
     p, r, t = rng.randrange(100, 2100, 100), rng.randint(1, 12), rng.randint(2, 6)
     name = rng.choice(NAMES)
-    q = rng.choice([
-        f"{name} deposits {money(p)} at {r}% simple interest per year. How much interest is earned after {t} years?",
-        f"What is the simple interest on a {money(p)} loan at {r}% a year for {t} years?",
-        f"A bond pays {r}% simple interest a year on {money(p)}. What interest does it pay over {t} years?",
-    ])
+    q = rng.choice(
+        [
+            (
+                f"{name} deposits {money(p)} at {r}% simple interest per year. "
+                f"How much interest is earned after {t} years?"
+            ),
+            f"What is the simple interest on a {money(p)} loan at {r}% a year for {t} years?",
+            f"A bond pays {r}% simple interest a year on {money(p)}. What interest does it pay over {t} years?",
+        ]
+    )
 
     def say(pp, rr, tt):
-        return f"Simple interest = principal × rate × years = {money(pp)} × {rr}% × {tt} = {money(pp * rr * tt / 100)}."
+        interest = money(pp * rr * tt / 100)
+        return f"Simple interest = principal × rate × years = {money(pp)} × {rr}% × {tt} = {interest}."
 
     wrong = [
         f"Simple interest = principal × rate = {money(p)} × {r}% = {money(p * r / 100)}.",
@@ -107,24 +136,46 @@ def simple_interest(rng: random.Random) -> Case:
         say(p, r + 1, t),
         f"Simple interest = principal × rate × years = {money(p)} × {r}% × {t} = {money(p + p * r * t / 100)}.",
     ]
-    return Case("simple_interest", "finance", q, say(p, r, t), _distinct(say(p, r, t), wrong, rng), ("si", p, r, t),
-                "Simple interest is the principal times the yearly rate times the number of years.")
+    return Case(
+        "simple_interest",
+        "finance",
+        q,
+        say(p, r, t),
+        _distinct(say(p, r, t), wrong, rng),
+        ("si", p, r, t),
+        "Simple interest is the principal times the yearly rate times the number of years.",
+    )
 
 
 def compound_interest(rng: random.Random) -> Case:
     p, r, t = rng.randrange(1000, 10001, 500), rng.randint(2, 10), rng.randint(2, 4)
-    q = rng.choice([
-        f"{rng.choice(NAMES)} invests {money(p)} at {r}% a year, compounded annually. What is the balance after {t} years?",
-        f"A deposit of {money(p)} earns {r}% compound interest per year. How much is in the account after {t} years?",
-    ])
+    q = rng.choice(
+        [
+            (
+                f"{rng.choice(NAMES)} invests {money(p)} at {r}% a year, compounded annually. "
+                f"What is the balance after {t} years?"
+            ),
+            (
+                f"A deposit of {money(p)} earns {r}% compound interest per year. "
+                f"How much is in the account after {t} years?"
+            ),
+        ]
+    )
 
     def say(rr, tt, value=None):
         v = p * (1 + rr / 100) ** tt if value is None else value
         return f"Balance = principal × (1 + rate)^years = {money(p)} × (1 + {rr}%)^{tt} = {money(round(v, 2))}."
 
     wrong = [say(r, t, p * (1 + r * t / 100)), say(r, t - 1), say(r, t + 1), say(r + 1, t)]
-    return Case("compound_interest", "finance", q, say(r, t), _distinct(say(r, t), wrong, rng), ("ci", p, r, t),
-                "With annual compounding the balance is the principal times (1 + rate) to the power of the years.")
+    return Case(
+        "compound_interest",
+        "finance",
+        q,
+        say(r, t),
+        _distinct(say(r, t), wrong, rng),
+        ("ci", p, r, t),
+        "With annual compounding the balance is the principal times (1 + rate) to the power of the years.",
+    )
 
 
 def percent_change(rng: random.Random) -> Case:
@@ -132,18 +183,27 @@ def percent_change(rng: random.Random) -> Case:
     pct = rng.choice([-50, -40, -25, -20, -10, -5, 5, 10, 15, 20, 25, 40, 50, 60, 75, 100])
     b = a * (100 + pct) // 100
     thing = rng.choice(["share price", "monthly revenue", "fund's unit price", "rent", "bond price"])
-    q = rng.choice([
-        f"The {thing} moved from {money(a)} to {money(b)}. What is the percentage change?",
-        f"A {thing} was {money(a)} last year and is {money(b)} now. By what percentage did it change?",
-    ])
+    q = rng.choice(
+        [
+            f"The {thing} moved from {money(a)} to {money(b)}. What is the percentage change?",
+            f"A {thing} was {money(a)} last year and is {money(b)} now. By what percentage did it change?",
+        ]
+    )
 
     def say(x):
         return f"Percentage change = (new − old) / old = ({money(b)} − {money(a)}) / {money(a)} = {x:+g}%."
 
     ratio = round(100 * (b - a) / b, 1) if b else 0
     wrong = [say(-pct), say(ratio), say(pct * 2), say(pct / 2), say(100 + pct)]
-    return Case("percent_change", "finance", q, say(pct), _distinct(say(pct), wrong, rng), ("pc", a, pct),
-                "The percentage change is the difference between new and old value divided by the old value.")
+    return Case(
+        "percent_change",
+        "finance",
+        q,
+        say(pct),
+        _distinct(say(pct), wrong, rng),
+        ("pc", a, pct),
+        "The percentage change is the difference between new and old value divided by the old value.",
+    )
 
 
 def _brackets(rng: random.Random) -> tuple[int, int, int, int]:
@@ -154,7 +214,10 @@ def _brackets(rng: random.Random) -> tuple[int, int, int, int]:
 
 
 def _bracket_text(low, high, r1, r2) -> str:
-    return f"Tax is 0% on income up to {money(low)}, {r1}% between {money(low)} and {money(high)}, and {r2}% above {money(high)}."
+    return (
+        f"Tax is 0% on income up to {money(low)}, {r1}% between {money(low)} and {money(high)}, "
+        f"and {r2}% above {money(high)}."
+    )
 
 
 def marginal_rate(rng: random.Random) -> Case:
@@ -169,10 +232,18 @@ def marginal_rate(rng: random.Random) -> Case:
         r2: f"The marginal rate is {r2}%, since {money(income)} is above {money(high)}.",
     }
     rate = 0 if income < low else r1 if income < high else r2
-    wrong = [v for k, v in verdicts.items() if k != rate] + [f"The marginal rate is {r1 + r2}%, since both brackets apply."]
-    return Case("marginal_rate", "finance", q, verdicts[rate], _distinct(verdicts[rate], wrong, rng),
-                ("mr", low, high, r1, r2, income),
-                "The marginal rate is the rate of the bracket that the income falls in.")
+    wrong = [v for k, v in verdicts.items() if k != rate] + [
+        f"The marginal rate is {r1 + r2}%, since both brackets apply."
+    ]
+    return Case(
+        "marginal_rate",
+        "finance",
+        q,
+        verdicts[rate],
+        _distinct(verdicts[rate], wrong, rng),
+        ("mr", low, high, r1, r2, income),
+        "The marginal rate is the rate of the bracket that the income falls in.",
+    )
 
 
 def tax_owed(rng: random.Random) -> Case:
@@ -181,8 +252,10 @@ def tax_owed(rng: random.Random) -> Case:
     q = f"{_bracket_text(low, high, r1, r2)} How much tax is owed on an income of {money(income)}?"
 
     def say(a, b):
-        return (f"Tax = ({money(high)} − {money(low)}) × {r1}% + ({money(income)} − {money(high)}) × {r2}% "
-                f"= {money(a)} + {money(b)} = {money(a + b)}.")
+        return (
+            f"Tax = ({money(high)} − {money(low)}) × {r1}% + ({money(income)} − {money(high)}) × {r2}% "
+            f"= {money(a)} + {money(b)} = {money(a + b)}."
+        )
 
     first, second = (high - low) * r1 / 100, (income - high) * r2 / 100
     flat = income * r2 / 100
@@ -192,9 +265,15 @@ def tax_owed(rng: random.Random) -> Case:
         say(high * r1 / 100, second),
         say(first, (income - high) * r1 / 100),
     ]
-    return Case("tax_owed", "finance", q, say(first, second), _distinct(say(first, second), wrong, rng),
-                ("to", low, high, r1, r2, income),
-                "Progressive tax charges each bracket's rate only on the part of the income inside that bracket.")
+    return Case(
+        "tax_owed",
+        "finance",
+        q,
+        say(first, second),
+        _distinct(say(first, second), wrong, rng),
+        ("to", low, high, r1, r2, income),
+        "Progressive tax charges each bracket's rate only on the part of the income inside that bracket.",
+    )
 
 
 # --- law --------------------------------------------------------------------------------------------
@@ -204,7 +283,9 @@ CONTRACT_VERDICTS = {
     "duress": "The contract is void: it was signed under duress, so consent was not free.",
     "illegal": "The contract is void: its purpose is illegal.",
     "writing": "The contract is unenforceable: a sale of land must be in writing.",
-    "valid": "The contract is valid: both parties are adults, consent was free, the purpose is lawful and the form is right.",
+    "valid": (
+        "The contract is valid: both parties are adults, consent was free, the purpose is lawful and the form is right."
+    ),
 }
 
 
@@ -215,20 +296,32 @@ def contract_validity(rng: random.Random) -> Case:
     if defect == "minor":
         age_b = rng.randint(12, 17)
     land = defect == "writing" or rng.random() < 0.3
-    subject = rng.choice(["a plot of land", "a farm field"]) if land else rng.choice(
-        ["a used car", "a piano", "a delivery van", "office furniture", "a laptop"])
+    subject = (
+        rng.choice(["a plot of land", "a farm field"])
+        if land
+        else rng.choice(["a used car", "a piano", "a delivery van", "office furniture", "a laptop"])
+    )
     if defect == "illegal":
         subject = rng.choice(["stolen jewellery", "smuggled cigarettes", "counterfeit banknotes"])
     form = "orally" if defect == "writing" else rng.choice(["in writing", "in writing"] + ([] if land else ["orally"]))
-    consent = "after being threatened by" if defect == "duress" else rng.choice(["freely with", "after negotiating with"])
-    q = (f"{a} (aged {age_a}) agrees {form} to sell {subject} to {b} (aged {age_b}). {b} signs {consent} {a}. "
-         "Is the contract valid?")
+    consent = (
+        "after being threatened by" if defect == "duress" else rng.choice(["freely with", "after negotiating with"])
+    )
+    q = (
+        f"{a} (aged {age_a}) agrees {form} to sell {subject} to {b} (aged {age_b}). {b} signs {consent} {a}. "
+        "Is the contract valid?"
+    )
     verdicts = {k: v.format(minor=b) for k, v in CONTRACT_VERDICTS.items()}
-    return Case("contract_validity", "law", q, verdicts[defect],
-                _distinct(verdicts[defect], list(verdicts.values()), rng),
-                ("cv", defect, age_a, age_b, subject, form, consent),
-                "A contract is void if a party is under 18, if it was signed under duress or if its purpose is "
-                "illegal; a sale of land must also be in writing.")
+    return Case(
+        "contract_validity",
+        "law",
+        q,
+        verdicts[defect],
+        _distinct(verdicts[defect], list(verdicts.values()), rng),
+        ("cv", defect, age_a, age_b, subject, form, consent),
+        "A contract is void if a party is under 18, if it was signed under duress or if its purpose is "
+        "illegal; a sale of land must also be in writing.",
+    )
 
 
 def limitation(rng: random.Random) -> Case:
@@ -242,7 +335,10 @@ def limitation(rng: random.Random) -> Case:
     stated = rng.random() < 0.5
     who = rng.choice(NAMES)
     period = f" The limitation period for {claim} is {limit} years." if stated else ""
-    q = f"The events giving rise to a {claim} claim by {who} happened in {start}, and the claim was filed in {filed}.{period} Is the claim time-barred?"
+    q = (
+        f"The events giving rise to a {claim} claim by {who} happened in {start}, "
+        f"and the claim was filed in {filed}.{period} Is the claim time-barred?"
+    )
 
     def say(e, lim, barred=None):
         barred = e > lim if barred is None else barred
@@ -257,9 +353,15 @@ def limitation(rng: random.Random) -> Case:
         say(elapsed + 2, limit),
         say(max(elapsed - 2, 0), limit),
     ]
-    return Case("limitation", "law", q, say(elapsed, limit), _distinct(say(elapsed, limit), wrong, rng),
-                ("lim", claim, start, elapsed),
-                f"A claim for {claim} must be filed within {limit} years of the events.")
+    return Case(
+        "limitation",
+        "law",
+        q,
+        say(elapsed, limit),
+        _distinct(say(elapsed, limit), wrong, rng),
+        ("lim", claim, start, elapsed),
+        f"A claim for {claim} must be filed within {limit} years of the events.",
+    )
 
 
 def filing_deadline(rng: random.Random) -> Case:
@@ -272,9 +374,15 @@ def filing_deadline(rng: random.Random) -> Case:
 
     other = rng.choice([v for v in sorted(set(LIMITATION.values())) if v != limit])
     wrong = [say(other, start + other), say(limit, start + limit + 1), say(limit, start + limit - 1)]
-    return Case("filing_deadline", "law", q, say(limit, start + limit),
-                _distinct(say(limit, start + limit), wrong, rng), ("fd", claim, start),
-                f"The last year to file a {claim} claim is the year it arose plus {limit}.")
+    return Case(
+        "filing_deadline",
+        "law",
+        q,
+        say(limit, start + limit),
+        _distinct(say(limit, start + limit), wrong, rng),
+        ("fd", claim, start),
+        f"The last year to file a {claim} claim is the year it arose plus {limit}.",
+    )
 
 
 def inheritance(rng: random.Random) -> Case:
@@ -282,30 +390,57 @@ def inheritance(rng: random.Random) -> Case:
     spouse = rng.random() < 0.6
     estate = 2 * k * (k + 1) * rng.randint(1, 60) * 500  # every share below comes out in whole dollars
     family = f"a spouse and {k} children" if spouse else f"{k} children and no spouse"
-    q = rng.choice([
-        f"{rng.choice(NAMES)} dies without a will, leaving an estate of {money(estate)}, {family}. "
-        "Under the default rule, how much does each child inherit?",
-        f"An estate of {money(estate)} passes by intestate succession to {family}. What is each child's share?",
-    ])
+    q = rng.choice(
+        [
+            (
+                f"{rng.choice(NAMES)} dies without a will, leaving an estate of {money(estate)}, {family}. "
+                "Under the default rule, how much does each child inherit?"
+            ),
+            f"An estate of {money(estate)} passes by intestate succession to {family}. What is each child's share?",
+        ]
+    )
 
     def say(share, with_spouse):
-        rule = ("The spouse takes half and the children share the other half equally" if with_spouse
-                else "With no spouse, the children share the whole estate equally")
+        rule = (
+            "The spouse takes half and the children share the other half equally"
+            if with_spouse
+            else "With no spouse, the children share the whole estate equally"
+        )
         return f"{rule}: each child receives {money(share)}."
 
     right = estate / 2 / k if spouse else estate / k
-    wrong = [say(estate / k, spouse), say(estate / 2 / k, spouse), say(estate / (k + 1), spouse),
-             say(estate / 2, spouse), say(estate / 2 / (k + 1), not spouse)]
-    return Case("inheritance", "law", q, say(right, spouse), _distinct(say(right, spouse), wrong, rng),
-                ("in", estate, k, spouse),
-                "Without a will, a spouse takes half of the estate and the children share the rest equally; "
-                "with no spouse the children share all of it.")
+    wrong = [
+        say(estate / k, spouse),
+        say(estate / 2 / k, spouse),
+        say(estate / (k + 1), spouse),
+        say(estate / 2, spouse),
+        say(estate / 2 / (k + 1), not spouse),
+    ]
+    return Case(
+        "inheritance",
+        "law",
+        q,
+        say(right, spouse),
+        _distinct(say(right, spouse), wrong, rng),
+        ("in", estate, k, spouse),
+        "Without a will, a spouse takes half of the estate and the children share the rest equally; "
+        "with no spouse the children share all of it.",
+    )
 
 
 FAMILIES: dict[str, Callable[[random.Random], Case]] = {
     f.__name__: f
-    for f in (simple_interest, compound_interest, percent_change, marginal_rate, tax_owed,
-              contract_validity, limitation, filing_deadline, inheritance)
+    for f in (
+        simple_interest,
+        compound_interest,
+        percent_change,
+        marginal_rate,
+        tax_owed,
+        contract_validity,
+        limitation,
+        filing_deadline,
+        inheritance,
+    )
 }
 
 
@@ -336,7 +471,13 @@ def chat_record(case: Case, rng: random.Random) -> dict:
 def mc_record(case: Case, rng: random.Random, position: int) -> dict:
     choices = list(case.distractors)
     choices.insert(position, case.answer)
-    return {"question": case.question, "choices": choices, "answer": position, "family": case.family, "domain": case.domain}
+    return {
+        "question": case.question,
+        "choices": choices,
+        "answer": position,
+        "family": case.family,
+        "domain": case.domain,
+    }
 
 
 def prose(case: Case) -> str:
@@ -362,6 +503,7 @@ def generate(out_dir, seed: int = 0, train: int = 4000, heldout: int = 360, text
     for i, (name, fam) in enumerate(families):
         share = heldout // len(families) + (i < heldout % len(families))
         held += _draw(fam, rng, held_keys, share)
+    rng.shuffle(held)  # families interleaved, so any prefix (eval --limit) is a fair sample
     positions = [i % 4 for i in range(len(held))]  # the right answer sits in each slot equally often
     rng.shuffle(positions)
 
@@ -392,8 +534,7 @@ def generate(out_dir, seed: int = 0, train: int = 4000, heldout: int = 360, text
 
     def write_jsonl(name: str, rows: list[dict]) -> None:
         with open(out / name, "w", encoding="utf-8") as f:
-            for row in rows:
-                f.write(json.dumps(row, ensure_ascii=False) + "\n")
+            f.writelines(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
 
     write_jsonl("train.jsonl", [chat_record(c, rng) for c in train_cases])
     write_jsonl("heldout_mc.jsonl", [mc_record(c, rng, p) for c, p in zip(held, positions)])
@@ -415,7 +556,8 @@ def generate(out_dir, seed: int = 0, train: int = 4000, heldout: int = 360, text
 def generate_main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m training.domain_demo",
-        description="Generate the seeded finance/law demo set: chat training data, held-out multiple choice, domain text.",
+        description="Generate the seeded finance/law demo set: chat training data, held-out multiple choice, "
+        "domain text.",
     )
     parser.add_argument("--out", required=True, help="folder to write into")
     parser.add_argument("--seed", type=int, default=0)

@@ -12,17 +12,17 @@ import torch
 import pangu_pi
 from pangu_pi import PanGuPiConfig, PanGuPiForCausalLM
 from pangu_pi.cli import UserError
-from pangu_pi.tokenizer import load_tokenizer, train_tokenizer
+from pangu_pi.tokenizer import load_tokenizer
 from pangu_pi.vocab import extend_main, extend_tokenizer, resize_main, resize_model
 
-TERMS = ["amortization", "indemnification", "collateralized", "arbitration", "fiduciary", "债券收益率", "诉讼时效"]
+TERMS = ["amortization", "indemnification", "collateralized", "arbitration", "fiduciary"]
+TERMS += ["债券收益率", "诉讼时效"]  # Chinese terms: characters the base vocabulary lacks
 FILLER = ["the", "loan", "clause", "court", "bank", "rate", "party", "deposit", "contract", "claim"]
 
 
 @pytest.fixture(scope="session")
-def base_tokenizer(tmp_path_factory):
-    # Shared by name across test files: the second call finds it trained and returns at once.
-    return train_tokenizer(None, tmp_path_factory.getbasetemp() / "tiny-tokenizer", progress=False)
+def base_tokenizer(tokenizer_dir):
+    return tokenizer_dir
 
 
 @pytest.fixture(scope="session")
@@ -106,20 +106,37 @@ def test_second_extension_keeps_the_first(extended, tmp_path):
 
 def test_extend_cli_refuses_bad_input(base_tokenizer, domain_file, tmp_path, capsys):
     with pytest.raises(FileNotFoundError, match="does not exist"):
-        extend_main(["--base", str(base_tokenizer), "--input", str(tmp_path / "nope.txt"), "--add", "5", "--out", str(tmp_path / "o")])
+        extend_main(
+            [
+                "--base",
+                str(base_tokenizer),
+                "--input",
+                str(tmp_path / "nope.txt"),
+                "--add",
+                "5",
+                "--out",
+                str(tmp_path / "o"),
+            ]
+        )
     with pytest.raises(UserError, match="at least 1"):
-        extend_main(["--base", str(base_tokenizer), "--input", str(domain_file), "--add", "0", "--out", str(tmp_path / "o")])
+        extend_main(
+            ["--base", str(base_tokenizer), "--input", str(domain_file), "--add", "0", "--out", str(tmp_path / "o")]
+        )
     (tmp_path / "taken").mkdir()
     (tmp_path / "taken" / "tokenizer.json").write_text("{}")
     with pytest.raises(UserError, match="--overwrite"):
-        extend_main(["--base", str(base_tokenizer), "--input", str(domain_file), "--add", "5", "--out", str(tmp_path / "taken")])
+        extend_main(
+            ["--base", str(base_tokenizer), "--input", str(domain_file), "--add", "5", "--out", str(tmp_path / "taken")]
+        )
 
 
 @pytest.fixture(scope="module")
 def small_model(base_tokenizer, tmp_path_factory):
     torch.manual_seed(0)
     tok = load_tokenizer(base_tokenizer)
-    model = PanGuPiForCausalLM(PanGuPiConfig.from_preset("tiny", vocab_size=len(tok), num_hidden_layers=2))
+    model = PanGuPiForCausalLM(
+        PanGuPiConfig.from_preset("tiny", vocab_size=len(tok), num_hidden_layers=2, siaf_backend="reference")
+    )
     path = tmp_path_factory.mktemp("model") / "base"
     model.save_pretrained(path)
     tok.save_pretrained(path)
@@ -136,7 +153,7 @@ def test_resized_model_keeps_logits_and_starts_new_rows_at_the_mean(small_model,
     assert new_model.config.vocab_size == report.new_size
     assert new_model.lm_head.weight.shape[0] == report.new_size
 
-    text = "def interest(principal, rate):\n    return principal * rate\n"
+    text = "import os\nfor name in os.listdir(path):\n    print(name)\n"
     ids = torch.tensor([load_tokenizer(base_tokenizer)(text)["input_ids"]])
     assert load_tokenizer(tmp_path / "resized")(text)["input_ids"] == ids[0].tolist()  # old tokens only
     with torch.no_grad():
@@ -170,7 +187,10 @@ def test_resize_refuses_a_tokenizer_that_is_not_an_extension(small_model, extend
         resize_model(small_model, foreign, tmp_path / "out", progress=False)
 
     # Through the command line: one line naming the problem, no traceback.
-    assert pangu_pi.cli.main(["resize", str(tmp_path / "missing"), "--tokenizer", str(out), "--out", str(tmp_path / "o")]) == 2
+    assert (
+        pangu_pi.cli.main(["resize", str(tmp_path / "missing"), "--tokenizer", str(out), "--out", str(tmp_path / "o")])
+        == 2
+    )
     err = capsys.readouterr().err.strip()
     assert err.startswith("pangu-pi resize: error:") and "config.json" in err and len(err.splitlines()) == 1
 

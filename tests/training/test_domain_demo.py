@@ -42,7 +42,7 @@ def test_heldout_is_well_formed_balanced_and_disjoint_from_training(demo):
     held = _read_jsonl(out / "heldout_mc.jsonl")
     train = _read_jsonl(out / "train.jsonl")
     assert len(held) == manifest["heldout"] == 72 and len(train) == manifest["train"] == 450
-    assert set(r["family"] for r in held) == set(FAMILIES) == set(r["family"] for r in train)
+    assert {r["family"] for r in held} == set(FAMILIES) == {r["family"] for r in train}
     for r in held:
         assert len(r["choices"]) == 4 and len(set(r["choices"])) == 4
         assert 0 <= r["answer"] < 4
@@ -71,7 +71,9 @@ def test_answers_follow_their_rules(demo):
         {"family": r["family"], "question": r["messages"][-2]["content"], "answer": r["messages"][-1]["content"]}
         for r in _read_jsonl(out / "train.jsonl")
     ]
-    cases = train + [{"family": r["family"], "question": r["question"], "answer": r["choices"][r["answer"]]} for r in held]
+    cases = train + [
+        {"family": r["family"], "question": r["question"], "answer": r["choices"][r["answer"]]} for r in held
+    ]
     checked = Counter()
     for c in cases:
         q, a = c["question"], c["answer"]
