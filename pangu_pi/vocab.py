@@ -357,6 +357,8 @@ def extend_tokenizer(
     if out.resolve() == base.resolve():
         raise ValueError(f"--out {out} is the base tokenizer's folder; write the extension to a new folder")
 
+    if isinstance(inputs, str | Path):
+        inputs = [inputs]
     lines = _domain_lines(inputs, max_bytes)
     if len(lines) < 2:
         raise ValueError("the domain input holds fewer than 2 non-empty lines; give it real domain text")

@@ -299,6 +299,8 @@ class PackedSFTDataset(torch.utils.data.Dataset):
     ):
         from pangu_pi.corpus import expand_inputs
 
+        if isinstance(sources, str | Path | dict | DatasetSpec):
+            sources = [sources]
         specs = [_spec(s) for s in sources]
         if not specs:
             raise ValueError("no datasets given; list at least one JSONL file of chat records")

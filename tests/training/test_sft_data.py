@@ -162,7 +162,7 @@ def test_malformed_records_are_counted_reported_and_not_fatal(tokenizer, tmp_pat
     assert "wizard" in stats.where["unknown_role"][0]
 
     with caplog.at_level(logging.WARNING, logger="training.sft_data"):
-        data = PackedSFTDataset([path], tokenizer, seq_len=128)
+        data = PackedSFTDataset(path, tokenizer, seq_len=128)  # one path alone is one dataset
     assert data.stats["records"]["malformed"]["too_long"] == 1 and data.stats["examples"] == 5
     assert "unknown_role: 1" in caplog.text and "8 malformed" in caplog.text
     assert "8 malformed" in data.summary()
