@@ -23,10 +23,74 @@ import warnings
 import torch
 from torch.autograd.function import once_differentiable
 
-from .reference import ACTIVATION_WITH_GRAD, check_siaf_args, siaf_and_mul_reference
+from .reference import check_siaf_args, siaf_and_mul_reference
+
+# Rows summed together in the first stage of a per-channel parameter gradient (see _build).
+_ROW_BLOCK = 64
+
+# Inductor settings for both graphs. Inductor stores ("realizes") an intermediate that several ops
+# read once it reads more than 4 tensors, and on CPU whenever it contains exp/sigmoid/tanh. Here every
+# such intermediate would be a tokens × width buffer feeding a loop nest of another shape (the
+# parameter-gradient reduction): two extra full-size tensors in backward, their page faults, writes
+# and reads. Recomputing them in each loop is cheaper, so the first threshold is lifted, and the
+# activations below are spelled with exp2, which the CPU heuristic does not count as heavy.
+_INDUCTOR_OPTIONS = {"realize_reads_threshold": 64, "realize_acc_reads_threshold": 64}
 
 # Set to the exception's text once compilation has failed; every later call then uses the reference.
 _compile_failure: str | None = None
+
+_LOG2E = 1.4426950408889634
+_SQRT_HALF = 0.7071067811865476
+_INV_SQRT_2PI = 0.3989422804014327
+_GELU_TANH_K = 0.7978845608028654
+_GELU_TANH_C = 0.044715
+
+
+def _sigmoid(x):
+    return 1.0 / (1.0 + torch.exp2(x * -_LOG2E))
+
+
+# (σ(x), σ'(x)): reference.ACTIVATION_WITH_GRAD with exp, sigmoid and tanh written through exp2 (see
+# _INDUCTOR_OPTIONS). The tests hold both to torch's autograd in float64.
+def _silu(x):
+    s = _sigmoid(x)
+    return x * s, s * (1 + x * (1 - s))
+
+
+def _gelu(x):
+    cdf = 0.5 * (1 + torch.erf(x * _SQRT_HALF))
+    return x * cdf, cdf + x * _INV_SQRT_2PI * torch.exp2(x * x * (-0.5 * _LOG2E))
+
+
+def _gelu_tanh(x):
+    t = 2 * _sigmoid(2 * _GELU_TANH_K * (x + _GELU_TANH_C * x * x * x)) - 1
+    dinner = _GELU_TANH_K * (1 + 3 * _GELU_TANH_C * x * x)
+    return 0.5 * x * (1 + t), 0.5 * (1 + t) + 0.5 * x * (1 - t * t) * dinner
+
+
+def _relu(x):
+    positive = x > 0
+    return torch.where(positive, x, torch.zeros_like(x)), positive.to(x.dtype)
+
+
+def _tanh(x):
+    t = 2 * _sigmoid(2 * x) - 1
+    return t, 1 - t * t
+
+
+def _sigmoid_with_grad(x):
+    s = _sigmoid(x)
+    return s, s * (1 - s)
+
+
+ACTIVATION_WITH_GRAD_EXP2 = {
+    "silu": _silu,
+    "gelu": _gelu,
+    "gelu_tanh": _gelu_tanh,
+    "relu": _relu,
+    "tanh": _tanh,
+    "sigmoid": _sigmoid_with_grad,
+}
 
 
 def _compute_dtype(*tensors: torch.Tensor | None) -> torch.dtype:
@@ -50,35 +114,54 @@ def _build(n, sigma, compute, out_dtype, gate_dtype, up_dtype, per_channel):
             s = term if s is None else s + term
         return (s * up.to(compute)).to(out_dtype)
 
-    def reduce(x):
-        # Scalar parameters take one flat sum, which inductor folds into the pointwise loop.
-        return x.sum(0) if per_channel else x.sum()
+    def terms(g, gu, scale, shift, weight):
+        """Per term: (c_i·σ(z_i), c_i·σ'(z_i), and the summands of the three parameter gradients)."""
+        out = []
+        for i in range(n):
+            a = scale[i].to(compute)
+            term, dterm = sigma(a * g + shift[i].to(compute))
+            dweight = None
+            if weight is not None:
+                c = weight[i].to(compute)
+                dweight = gu * term
+                term, dterm = c * term, c * dterm
+            gud = gu * dterm
+            out.append((a, term, dterm, gud * g, gud, dweight))
+        return out
 
     def bwd(dout, gate, up, scale, shift, weight):
         g = gate.to(compute)
         gu = dout.to(compute) * up.to(compute)
-        s = None
-        dgate_factor = None
-        dscale, dshift, dweight = [], [], []
-        for i in range(n):
-            a = scale[i].to(compute)
-            term, dterm = sigma(a * g + shift[i].to(compute))
-            if weight is not None:
-                c = weight[i].to(compute)
-                dweight.append(reduce(gu * term))
-                term = c * term
-                dterm = c * dterm
-            # d/dshift_i and d/dscale_i share gu·c_i·σ'(z_i); per channel they reduce over tokens only.
-            gud = gu * dterm
-            dshift.append(reduce(gud))
-            dscale.append(reduce(gud * g))
+        per_term = terms(g, gu, scale, shift, weight)
+        s = dgate_factor = None
+        for a, term, dterm, *_ in per_term:
             s = term if s is None else s + term
             dgate_factor = a * dterm if dgate_factor is None else dgate_factor + a * dterm
         dgate = (gu * dgate_factor).to(gate_dtype)
         dup = (dout.to(compute) * s).to(up_dtype)
-        grads = [torch.stack(dscale), torch.stack(dshift)]
+
+        rows, width = g.shape
+        if not per_channel:
+            # One flat sum per gradient; inductor folds these into the pointwise loop above.
+            reduce = lambda x: x.sum()  # noqa: E731
+        elif rows % _ROW_BLOCK == 0:
+            # A sum over tokens per channel. Inductor's loop for a plain x.sum(0) walks every row for
+            # each 8 channels, a cache- and TLB-hostile stride; summing blocks of _ROW_BLOCK rows first
+            # keeps each inner walk within a few L1-resident lines. The blocks are views of the inputs
+            # and everything is recomputed from them in the reduction's own loop, which costs less
+            # than storing full-size intermediates for it.
+            blocks = rows // _ROW_BLOCK
+            g3, d3, u3 = (x.view(blocks, _ROW_BLOCK, width).to(compute) for x in (gate, dout, up))
+            per_term = terms(g3, d3 * u3, scale, shift, weight)
+            reduce = lambda x: x.sum(1).sum(0)  # noqa: E731
+        else:
+            # Token counts off the block size take the plain sum (a dynamo guard picks the branch, so
+            # at most two graphs; slicing off a remainder instead trips an inductor bug in dynamic
+            # reshapes, torch 2.13).
+            reduce = lambda x: x.sum(0)  # noqa: E731
+        grads = [torch.stack([reduce(t[3]) for t in per_term]), torch.stack([reduce(t[4]) for t in per_term])]
         if weight is not None:
-            grads.append(torch.stack(dweight))
+            grads.append(torch.stack([reduce(t[5]) for t in per_term]))
         # Parameter gradients stay in `compute`; the caller casts these few values per parameter.
         return (dgate, dup, *grads)
 
@@ -100,11 +183,11 @@ def _renamed(fn, name: str):
 def _functions(n, activation, per_channel, has_weight, compute, out_dtype, gate_dtype, up_dtype):
     """(eager fwd, eager bwd, compiled fwd, compiled bwd) for one specialisation."""
     fwd, bwd = _build(
-        n, ACTIVATION_WITH_GRAD[activation], compute, out_dtype, gate_dtype, up_dtype, per_channel
+        n, ACTIVATION_WITH_GRAD_EXP2[activation], compute, out_dtype, gate_dtype, up_dtype, per_channel
     )
     key = f"{activation}_n{n}_{'channel' if per_channel else 'scalar'}_{'w' if has_weight else 'nw'}"
     fwd, bwd = _renamed(fwd, f"siaf_fwd_{key}"), _renamed(bwd, f"siaf_bwd_{key}")
-    return fwd, bwd, torch.compile(fwd), torch.compile(bwd)
+    return fwd, bwd, torch.compile(fwd, options=_INDUCTOR_OPTIONS), torch.compile(bwd, options=_INDUCTOR_OPTIONS)
 
 
 def _functions_for(gate, up, scale, shift, weight, activation):

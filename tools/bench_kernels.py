@@ -1,0 +1,285 @@
+"""Benchmark the SIAF-gated product: forward+backward time and peak memory of each backend.
+
+    python tools/bench_kernels.py                       # 4096 tokens × 5632 FFN width, fp32, n = 2
+    python tools/bench_kernels.py --param-shape scalar --weight --repeats 20
+
+On CPU it times `compiled` against `reference`; on CUDA (when available) it also times `triton`
+against `reference` and against a device-to-device copy of the same number of bytes, and reports the
+achieved GB/s. The last line of stdout is one JSON object: `compiled_speedup` (reference time /
+compiled time) and `compiled_memory_ratio` (compiled peak / reference peak), plus `triton_*` keys on
+CUDA.
+
+Time: every repeat runs each backend once, in turn (interleaved, so a burst of load from other
+processes hits all of them alike), forward then `backward` of a fixed upstream gradient with the
+leaves' `.grad` cleared first, so each step allocates its gradients as a training step does. The
+figure is the median over repeats; the minimum is printed too. Compilation happens in warm-up
+repeats that are not timed.
+
+Peak memory on CPU: PyTorch's CPU allocator keeps no statistics, and Python's tracemalloc does not see
+its allocations. Tensors of this size are served by mmap and unmapped when freed (they are far above
+glibc's mmap threshold), so the process's resident set follows the live tensor bytes. Before each
+measured step the script resets the kernel's peak-RSS counter (writing 5 to /proc/self/clear_refs),
+notes the current RSS, runs forward+backward, and reads the new peak (VmHWM): the difference is the
+step's peak memory above what already existed (inputs, parameters, upstream gradient), i.e. the
+activations kept for backward, temporaries, the output and the new gradients. Linux only; elsewhere
+the peak is reported as unavailable. As a cross-check, the bytes each backend saves for backward
+(beyond its inputs) are counted through torch.autograd.graph.saved_tensors_hooks.
+
+On CUDA, peak memory is torch.cuda.max_memory_allocated above the allocation before the step, and
+times come from CUDA events.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import platform
+import re
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from pangu_pi.kernels import siaf_and_mul  # noqa: E402
+from pangu_pi.kernels.reference import spread_init  # noqa: E402
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--tokens", type=int, default=4096)
+    p.add_argument("--width", type=int, default=5632, help="FFN width (intermediate_size)")
+    p.add_argument("--terms", type=int, default=2, help="n, the number of SIAF terms")
+    p.add_argument("--activation", default="silu")
+    p.add_argument("--param-shape", choices=("channel", "scalar"), default="channel")
+    p.add_argument("--weight", action="store_true", help="learned c_i (default: c = 1, weight=None)")
+    p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32")
+    p.add_argument("--repeats", type=int, default=10)
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--cpu-only", action="store_true", help="skip the CUDA section even where CUDA is available")
+    return p.parse_args(argv)
+
+
+def make_inputs(args, device):
+    dtype = getattr(torch, args.dtype)
+    gen = torch.Generator().manual_seed(0)
+    n, width = args.terms, args.width
+    a, b, c = spread_init(n)
+    shape = (n, width) if args.param_shape == "channel" else (n,)
+
+    def param(values):
+        col = torch.tensor(values, dtype=torch.float32).view(-1, *([1] * (len(shape) - 1)))
+        return col.expand(shape).contiguous().to(device).requires_grad_()
+
+    gate = (2 * torch.randn(args.tokens, width, generator=gen)).to(device, dtype).requires_grad_()
+    up = torch.randn(args.tokens, width, generator=gen).to(device, dtype).requires_grad_()
+    dout = torch.randn(args.tokens, width, generator=gen).to(device, dtype)
+    weight = param(c) if args.weight else None
+    return [gate, up, param(a), param(b), weight], dout
+
+
+def clear_grads(inputs) -> None:
+    # Before the baseline is taken: otherwise the previous step's gradients are freed inside the
+    # measured step and the new ones fill their place unseen.
+    for t in inputs:
+        if t is not None:
+            t.grad = None
+
+
+def step(backend, inputs, dout, activation):
+    out = siaf_and_mul(*inputs, activation=activation, backend=backend)
+    out.backward(dout)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- CPU
+
+
+def _proc_status() -> dict[str, int]:
+    text = Path("/proc/self/status").read_text()
+    return {k: int(re.search(rf"^{k}:\s+(\d+) kB", text, re.M).group(1)) * 1024 for k in ("VmRSS", "VmHWM")}
+
+
+def _can_reset_peak_rss() -> bool:
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        _proc_status()
+        return True
+    except OSError:
+        return False
+
+
+def cpu_peak_bytes(backend, inputs, dout, activation) -> int:
+    clear_grads(inputs)
+    gc.collect()
+    Path("/proc/self/clear_refs").write_text("5")
+    before = _proc_status()["VmRSS"]
+    out = step(backend, inputs, dout, activation)
+    peak = _proc_status()["VmHWM"]
+    del out
+    return peak - before
+
+
+def saved_bytes(backend, inputs, activation) -> int:
+    """Bytes of distinct storages saved for backward, not counting the inputs themselves."""
+    input_storages = {t.untyped_storage().data_ptr() for t in inputs if t is not None}
+    seen: dict[int, int] = {}
+
+    def pack(t):
+        ptr = t.untyped_storage().data_ptr()
+        if ptr not in input_storages:
+            seen[ptr] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = siaf_and_mul(*inputs, activation=activation, backend=backend)
+    del out
+    return sum(seen.values())
+
+
+def time_interleaved(backends, inputs, dout, args, timer):
+    for _ in range(args.warmup):
+        for b in backends:
+            clear_grads(inputs)
+            step(b, inputs, dout, args.activation)
+    times = {b: [] for b in backends}
+    for _ in range(args.repeats):
+        for b in backends:
+            # Freeing the last step's gradients and output is not part of the op: both happen outside
+            # the timed region.
+            clear_grads(inputs)
+            seconds, out = timer(lambda: step(b, inputs, dout, args.activation))
+            times[b].append(seconds)
+            del out
+    return times
+
+
+def cpu_timer(fn):
+    t0 = time.perf_counter()
+    result = fn()
+    return time.perf_counter() - t0, result
+
+
+# --------------------------------------------------------------------------------------------- CUDA
+
+
+def cuda_timer(fn):
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    torch.cuda.synchronize()
+    start.record()
+    result = fn()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) / 1e3, result
+
+
+def cuda_peak_bytes(backend, inputs, dout, activation) -> int:
+    clear_grads(inputs)
+    gc.collect()
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_allocated()
+    out = step(backend, inputs, dout, activation)
+    torch.cuda.synchronize()
+    peak = torch.cuda.max_memory_allocated()
+    del out
+    return peak - before
+
+
+def cuda_copy_seconds(nbytes: int, repeats: int) -> float:
+    """Median time of a device-to-device copy that reads nbytes/2 and writes nbytes/2."""
+    src = torch.empty(nbytes // 2, dtype=torch.uint8, device="cuda")
+    dst = torch.empty_like(src)
+    for _ in range(3):
+        dst.copy_(src)
+    return statistics.median(cuda_timer(lambda: dst.copy_(src))[0] for _ in range(repeats))
+
+
+def run_cuda(args, result):
+    device = torch.device("cuda")
+    inputs, dout = make_inputs(args, device)
+    backends = ["reference", "triton"]
+    times = time_interleaved(backends, inputs, dout, args, cuda_timer)
+    med = {b: statistics.median(t) for b, t in times.items()}
+    peaks = {b: cuda_peak_bytes(b, inputs, dout, args.activation) for b in backends}
+    elem = inputs[0].element_size()
+    # Fused forward reads gate, up and writes out; fused backward reads dout, gate, up and writes
+    # dgate, dup: 8 tensors of tokens × width, the minimum any implementation moves.
+    nbytes = 8 * args.tokens * args.width * elem
+    copy_s = cuda_copy_seconds(nbytes, args.repeats)
+    print(f"\nCUDA ({torch.cuda.get_device_name()}), {args.dtype}")
+    for b in backends:
+        print(
+            f"  {b:<10} fwd+bwd median {med[b] * 1e3:8.3f} ms  min {min(times[b]) * 1e3:8.3f} ms  "
+            f"peak {peaks[b] / 2**20:8.1f} MiB  {nbytes / med[b] / 1e9:7.1f} GB/s"
+        )
+    print(f"  copy of the same {nbytes / 2**20:.0f} MiB: {copy_s * 1e3:.3f} ms, {nbytes / copy_s / 1e9:.1f} GB/s")
+    print(
+        f"  triton vs reference: {med['reference'] / med['triton']:.2f}× faster, "
+        f"{peaks['triton'] / peaks['reference']:.2f}× the peak; {copy_s / med['triton']:.2f}× copy speed"
+    )
+    result.update(
+        triton_speedup=med["reference"] / med["triton"],
+        triton_memory_ratio=peaks["triton"] / peaks["reference"],
+        triton_gbps=nbytes / med["triton"] / 1e9,
+        copy_gbps=nbytes / copy_s / 1e9,
+        triton_fraction_of_copy=copy_s / med["triton"],
+        triton_ms=med["triton"] * 1e3,
+        reference_cuda_ms=med["reference"] * 1e3,
+        gpu=torch.cuda.get_device_name(),
+    )
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    print(
+        f"SIAF fwd+bwd: {args.tokens} tokens × {args.width} width, {args.dtype}, n = {args.terms}, "
+        f"{args.activation}, {args.param_shape} parameters, weight {'learned' if args.weight else 'None'}; "
+        f"{args.repeats} repeats after {args.warmup} warm-up"
+    )
+    print(f"CPU: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}")
+
+    inputs, dout = make_inputs(args, torch.device("cpu"))
+    backends = ["reference", "compiled"]
+    times = time_interleaved(backends, inputs, dout, args, cpu_timer)
+    med = {b: statistics.median(t) for b, t in times.items()}
+    if _can_reset_peak_rss():
+        peaks = {b: min(cpu_peak_bytes(b, inputs, dout, args.activation) for _ in range(3)) for b in backends}
+    else:
+        peaks = None
+    saved = {b: saved_bytes(b, inputs, args.activation) for b in backends}
+    tensor_mib = inputs[0].numel() * inputs[0].element_size() / 2**20
+    print(f"\nCPU (one {args.tokens}×{args.width} tensor = {tensor_mib:.0f} MiB)")
+    for b in backends:
+        peak = f"peak {peaks[b] / 2**20:8.1f} MiB" if peaks else "peak n/a"
+        print(
+            f"  {b:<10} fwd+bwd median {med[b] * 1e3:8.1f} ms  min {min(times[b]) * 1e3:8.1f} ms  {peak}  "
+            f"saved for backward {saved[b] / 2**20:7.1f} MiB"
+        )
+    result = {
+        "compiled_speedup": med["reference"] / med["compiled"],
+        "compiled_memory_ratio": peaks["compiled"] / peaks["reference"] if peaks else None,
+        "compiled_speedup_min": min(times["reference"]) / min(times["compiled"]),
+        "compiled_ms": med["compiled"] * 1e3,
+        "reference_ms": med["reference"] * 1e3,
+        "compiled_saved_ratio": saved["compiled"] / saved["reference"],
+    }
+    ratio = f"{result['compiled_memory_ratio']:.2f}×" if peaks else "n/a"
+    print(
+        f"  compiled vs reference: {result['compiled_speedup']:.2f}× faster (median; "
+        f"{result['compiled_speedup_min']:.2f}× on minima), {ratio} the peak memory, "
+        f"{result['compiled_saved_ratio']:.2f}× the bytes saved for backward"
+    )
+    del inputs, dout
+    if torch.cuda.is_available() and not args.cpu_only:
+        run_cuda(args, result)
+    print(json.dumps(result))
+    return result
+
+
+if __name__ == "__main__":
+    main()
