@@ -1,0 +1,239 @@
+"""`pangu-pi finetune` on a tiny model: full and LoRA runs, assistant-only loss, packing isolation,
+malformed-record reporting, config errors; and continued pretraining from a base checkpoint."""
+
+from __future__ import annotations
+
+import json
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from pangu_pi.config import ConfigError
+
+PANGU_PI = str(Path(sys.executable).with_name("pangu-pi"))
+
+IM_END = "<|im_end|>"
+
+
+def _chat_records(n: int, seed: int = 0) -> list[dict]:
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(n):
+        a, b = rng.randint(2, 40), rng.randint(2, 40)
+        messages = [{"role": "user", "content": f"What is {a} plus {b}?"},
+                    {"role": "assistant", "content": f"{a} plus {b} is {a + b}."}]
+        if rng.random() < 0.3:
+            messages.insert(0, {"role": "system", "content": "Answer with the sum."})
+        rows.append({"messages": messages})
+    return rows
+
+
+MALFORMED = [
+    '{"messages": [{"role": "user", "content": "no answer here"}]}',
+    '{"messages": [{"role": "wizard", "content": "hi"}, {"role": "assistant", "content": "hello"}]}',
+    '{"messages": [{"role": "user", "content": "' + "word " * 400 + '"}, {"role": "assistant", "content": "ok"}]}',
+    '{"messages": [ not json',
+]
+
+
+@pytest.fixture(scope="session")
+def base_dir(tokenizer_dir, tmp_path_factory) -> Path:
+    from pangu_pi import PanGuPiConfig, PanGuPiForCausalLM
+    from pangu_pi.tokenizer import load_tokenizer
+
+    tokenizer = load_tokenizer(tokenizer_dir)
+    torch.manual_seed(0)
+    config = PanGuPiConfig.from_preset("tiny", vocab_size=len(tokenizer), siaf_backend="reference")
+    model = PanGuPiForCausalLM(config)
+    out = tmp_path_factory.mktemp("ft-base") / "base"
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def chat_file(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("ft-data") / "chat.jsonl"
+    lines = [json.dumps(r) for r in _chat_records(48)]
+    for i, bad in enumerate(MALFORMED):
+        lines.insert(5 + 7 * i, bad)
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def _config(base_dir, chat_file, out, **extra) -> dict:
+    config = {
+        "model": str(base_dir),
+        "out": str(out),
+        "datasets": [{"path": str(chat_file), "weight": 1.0}],
+        "seq_len": 128,
+        "max_steps": 16,
+        "batch": {"micro_batch_size": 4},
+        "optim": {"lr": 3e-3},
+        "schedule": {"warmup_steps": 2},
+        "log": {"tensorboard": False},
+    }
+    config.update(extra)
+    return config
+
+
+def _logits(model, ids):
+    with torch.no_grad():
+        return model(input_ids=torch.tensor([ids])).logits[0]
+
+
+@pytest.fixture(scope="module")
+def full_run(base_dir, chat_file, tmp_path_factory):
+    from training.finetune import finetune
+    from training.launch import free_port
+
+    mp = pytest.MonkeyPatch()
+    for key, value in dict(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1",
+                           MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port())).items():
+        mp.setenv(key, value)
+    try:
+        out = tmp_path_factory.mktemp("ft-full") / "run"
+        summary = finetune(_config(base_dir, chat_file, out), progress=False)
+    finally:
+        mp.undo()
+    return summary, out
+
+
+def test_full_finetune_lowers_the_loss_and_exports_an_hf_checkpoint(full_run, base_dir):
+    from transformers import AutoModelForCausalLM
+
+    import pangu_pi  # noqa: F401 - registers the model type
+    from training.metrics import METRICS_FILE, PLOT_FILE, read_metrics
+
+    summary, out = full_run
+    losses = [r["loss"] for r in read_metrics(out / METRICS_FILE) if "loss" in r]
+    assert len(losses) == 16
+    assert sum(losses[-3:]) / 3 < 0.7 * losses[0]
+    assert (out / PLOT_FILE).is_file()
+    tuned = AutoModelForCausalLM.from_pretrained(out / "model", dtype=torch.float32).eval()
+    base = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32).eval()
+    assert (out / "model" / "tokenizer.json").is_file() and (out / "model" / "generation_config.json").is_file()
+    ids = [5, 17, 99, 4, 250]
+    assert not torch.allclose(_logits(tuned, ids), _logits(base, ids), atol=1e-3)
+    assert json.loads((out / "finetune_summary.json").read_text())["final_loss"] == pytest.approx(losses[-1])
+
+
+def test_malformed_records_are_counted_and_reported_not_fatal(full_run, capsys):
+    summary, out = full_run
+    records = json.loads((out / "finetune_summary.json").read_text())["records"]
+    assert records["read"] == 48 + len(MALFORMED)
+    assert records["kept"] == 48
+    assert records["malformed"] == {"no_assistant_turn": 1, "unknown_role": 1, "too_long": 1, "bad_json": 1}
+    assert summary["records"] == records
+
+
+def test_only_assistant_tokens_carry_loss(base_dir, chat_file, tmp_path):
+    from training.finetune import build_finetune_config, load_data
+    from training.sft_data import IGNORE_INDEX
+
+    tokenizer, data = load_data(build_finetune_config(_config(base_dir, chat_file, tmp_path)))
+    answers = {m["content"] + IM_END for r in _chat_records(48) for m in r["messages"] if m["role"] == "assistant"}
+    spans_seen = 0
+    for row in range(len(data)):
+        labels = data[row]["labels"].tolist()
+        ids = data[row]["input_ids"].tolist()
+        assert all(l == IGNORE_INDEX or l == i for l, i in zip(labels, ids))
+        span: list[int] = []
+        for label in labels + [IGNORE_INDEX]:
+            if label != IGNORE_INDEX:
+                span.append(label)
+            elif span:
+                text = tokenizer.decode(span).strip()
+                # Every labelled run is (the tail of) an assistant answer and its end-of-turn token:
+                # never the system or user text, never the template's role headers.
+                assert any(a.endswith(text) for a in answers), text
+                assert "plus" in text or text.endswith(IM_END)
+                spans_seen += 1
+                span = []
+    assert spans_seen == 48
+
+
+def test_packing_lets_no_example_see_another(base_dir, chat_file, tmp_path):
+    from pangu_pi import PanGuPiForCausalLM
+    from training.finetune import build_finetune_config, load_data
+    from training.sft_data import collate
+
+    _, data = load_data(build_finetune_config(_config(base_dir, chat_file, tmp_path)))
+    model = PanGuPiForCausalLM.from_pretrained(base_dir, dtype=torch.float32).eval()
+    row = next(data[i] for i in range(len(data)) if int((data[i]["position_ids"] == 0).sum()) >= 3)
+    starts = (row["position_ids"] == 0).nonzero().flatten().tolist()
+    first_end = starts[1]
+    perturbed = {k: v.clone() for k, v in row.items()}
+    perturbed["input_ids"][:first_end] = (perturbed["input_ids"][:first_end] * 7 + 11) % 1000 + 10
+    with torch.no_grad():
+        outs = []
+        for r in (row, perturbed):
+            batch = collate([r])
+            batch.pop("labels")
+            outs.append(model(**batch).logits[0])
+    assert not torch.allclose(outs[0][:first_end], outs[1][:first_end], atol=1e-4)
+    torch.testing.assert_close(outs[0][first_end:], outs[1][first_end:], rtol=0, atol=1e-5)
+
+
+def test_lora_adapter_saves_in_the_served_layout_and_changes_the_output(base_dir, chat_file, tmp_path):
+    from peft import PeftModel
+
+    from pangu_pi import PanGuPiForCausalLM
+
+    # Through the command (its own process: DeepSpeed keeps one process group per process).
+    config = tmp_path / "lora.yaml"
+    config.write_text(yaml.safe_dump(_config(base_dir, chat_file, tmp_path / "lora", mode="lora", max_steps=8)))
+    proc = subprocess.run(
+        [PANGU_PI, "finetune", "--config", str(config), "--no-progress", "--set", "lora.r=4",
+         "--set", "lora.alpha=8", "--set", "lora.dropout=0", "--set", "lora.target_modules=[q_proj,v_proj,gate_proj]"],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "malformed records: 4" in proc.stdout + proc.stderr
+    summary = json.loads((tmp_path / "lora" / "finetune_summary.json").read_text())
+    adapter = Path(summary["adapter"])
+    assert (adapter / "adapter_config.json").is_file() and (adapter / "adapter_model.safetensors").is_file()
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    assert config["r"] == 4 and set(config["target_modules"]) == {"q_proj", "v_proj", "gate_proj"}
+    assert summary["final_loss"] < summary["first_loss"]
+    base = PanGuPiForCausalLM.from_pretrained(base_dir, dtype=torch.float32).eval()
+    ids = [5, 17, 99, 4, 250]
+    before = _logits(base, ids)
+    tuned = PeftModel.from_pretrained(base, str(adapter)).eval()
+    assert not torch.allclose(_logits(tuned, ids), before, atol=1e-4)
+    assert summary["trainable_parameters"] < 0.1 * sum(p.numel() for p in base.parameters())
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("optim.lrr=1e-3", "did you mean 'optim.lr'"),
+        ("lora.rank=4", "did you mean 'lora.r'"),
+        ("warmup_steps=3", "did you mean 'schedule.warmup_steps'"),
+        ("mode=qlora", "mode must be full or lora"),
+        ("lora.target_modules=[q_prj]", "did you mean 'q_proj'"),
+    ],
+)
+def test_bad_config_is_refused_with_the_fix(base_dir, chat_file, tmp_path, override, message):
+    from training.finetune import build_finetune_config
+
+    values = _config(base_dir, chat_file, tmp_path)
+    if override.startswith("lora.target"):
+        values["mode"] = "lora"
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace("[", r"\[")):
+        build_finetune_config(values, [override])
+
+
+def test_cli_reports_a_missing_model_in_one_line(chat_file, tmp_path, capsys):
+    from pangu_pi import cli
+
+    config = tmp_path / "ft.yaml"
+    config.write_text(f"model: {tmp_path / 'nowhere'}\ndatasets: [{{path: {chat_file}}}]\n")
+    assert cli.main(["finetune", "--config", str(config), "--nproc", "1"]) == 2
+    err = capsys.readouterr().err
+    assert "pangu-pi finetune: error:" in err and "pangu-pi export" in err and "Traceback" not in err
