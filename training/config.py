@@ -100,6 +100,8 @@ class LogConfig:
 class RunConfig:
     out: str | None = None  # run folder: checkpoints, metrics, logs
     seed: int = 0
+    # A preset and overrides; or `init_from: DIR`, an HF checkpoint whose weights and shape the run
+    # starts from (continued pretraining: the optimizer and LR schedule start fresh).
     model: dict = field(default_factory=lambda: {"preset": "tiny"})
     data: DataConfig = field(default_factory=DataConfig)
     batch: BatchConfig = field(default_factory=BatchConfig)
@@ -116,10 +118,43 @@ class RunConfig:
         return dataclasses.asdict(self)
 
     def model_config(self, vocab_size: int | None = None) -> PanGuPiConfig:
-        overrides = {k: v for k, v in self.model.items() if k != "preset"}
+        overrides = {k: v for k, v in self.model.items() if k not in ("preset", "init_from")}
+        if self.model.get("init_from"):
+            return _checkpoint_model_config(self.model["init_from"], overrides, vocab_size)
         if vocab_size is not None and "vocab_size" not in overrides:
             overrides["vocab_size"] = vocab_size
         return PanGuPiConfig.from_preset(self.model.get("preset", "tiny"), **overrides)
+
+
+# Keys that fix the weights' shapes: continued pretraining takes them from the base checkpoint.
+SHAPE_KEYS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+              "num_key_value_heads", "head_dim", "shortcut_count", "shortcut_width", "siaf_terms", "siaf_param_shape")
+
+
+def _checkpoint_model_config(init_from: str, overrides: dict, vocab_size: int | None) -> PanGuPiConfig:
+    """`model.init_from`: the base checkpoint's own config, with only shape-neutral overrides."""
+    path = Path(init_from)
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(
+            f"model.init_from {init_from!r} is not an HF checkpoint (no config.json); "
+            "name the folder `pangu-pi export` or `pangu-pi resize` wrote"
+        )
+    config = PanGuPiConfig.from_pretrained(str(path))
+    # A saved run config names the shape it ran with, which agrees with the checkpoint's.
+    shaped = [k for k in overrides if k in SHAPE_KEYS and overrides[k] != getattr(config, k, None)]
+    if shaped:
+        raise ConfigError(
+            f"model.{shaped[0]} cannot be changed with model.init_from: the shape comes from {init_from}; "
+            "remove it (grow the vocabulary with `pangu-pi resize` first)"
+        )
+    for key, value in overrides.items():
+        setattr(config, key, value)
+    if vocab_size is not None and vocab_size > config.vocab_size:
+        raise ConfigError(
+            f"the tokenizer has {vocab_size} tokens but model.init_from {init_from} has {config.vocab_size} "
+            "embedding rows; run `pangu-pi resize` on the checkpoint with this tokenizer first"
+        )
+    return config
 
 
 # ------------------------------------------------------------------------------------------------
@@ -135,7 +170,7 @@ def _valid_paths(cls=RunConfig, prefix: str = "") -> list[str]:
         if sub is not None:
             paths += _valid_paths(sub, path + ".")
         elif path == "model":
-            paths += ["model.preset"] + [f"model.{name}" for name in PanGuPiConfig.field_names()]
+            paths += ["model.preset", "model.init_from"] + [f"model.{name}" for name in PanGuPiConfig.field_names()]
     return paths
 
 
@@ -232,7 +267,7 @@ def _build(cls, values: Any, prefix: str = ""):
 
 
 def _model_section(values: dict) -> dict:
-    known = set(PanGuPiConfig.field_names()) | {"preset"}
+    known = set(PanGuPiConfig.field_names()) | {"preset", "init_from"}
     for key in values:
         if key not in known:
             raise _unknown_key(f"model.{key}")

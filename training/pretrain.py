@@ -250,20 +250,30 @@ def param_groups(model, weight_decay: float) -> list[dict]:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": keep, "weight_decay": 0.0}]
 
 
-def build_model(model_config, ds_config: dict):
-    """The model, built already partitioned under ZeRO-3 so no process ever holds all of it."""
+def build_model(model_config, ds_config: dict, init_from: str | None = None):
+    """The model, built already partitioned under ZeRO-3 so no process ever holds all of it; with
+    `init_from`, holding that HF checkpoint's weights (loaded into the partitions under ZeRO-3)."""
+    import torch
+
     from pangu_pi import PanGuPiForCausalLM
 
-    if ds_config["zero_optimization"]["stage"] == 3:
+    def make():
+        if init_from:
+            # fp32 whatever the checkpoint's dtype: DeepSpeed casts for bf16 and keeps fp32 masters.
+            return PanGuPiForCausalLM.from_pretrained(init_from, config=model_config, dtype=torch.float32)
+        return PanGuPiForCausalLM._from_config(model_config) if zero3 else PanGuPiForCausalLM(model_config)
+
+    zero3 = ds_config["zero_optimization"]["stage"] == 3
+    if zero3:
         from transformers.integrations import HfDeepSpeedConfig
 
         # While this object lives, transformers builds models inside deepspeed.zero.Init and
-        # initialises each partitioned weight on gathered copies.
+        # initialises (or loads) each partitioned weight on gathered copies.
         keep = HfDeepSpeedConfig(ds_config)  # noqa: F841
-        model = PanGuPiForCausalLM._from_config(model_config)
+        model = make()
         model._hf_ds_config = keep
         return model
-    return PanGuPiForCausalLM(model_config)
+    return make()
 
 
 # ------------------------------------------------------------------------------------------------
@@ -430,7 +440,7 @@ def _train(config: RunConfig, plan: RunPlan, d: Dist, progress: bool) -> dict:
     np.random.seed(config.seed)
     torch.manual_seed(config.seed)
     n_params = count_parameters(model_config)["total"]  # from the config: ZeRO-3 leaves the tensors empty
-    model = build_model(model_config, ds_config)
+    model = build_model(model_config, ds_config, init_from=config.model.get("init_from"))
     if config.train.activation_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     schedule = make_schedule(config.schedule, config.train.max_steps)

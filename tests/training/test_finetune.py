@@ -237,3 +237,71 @@ def test_cli_reports_a_missing_model_in_one_line(chat_file, tmp_path, capsys):
     assert cli.main(["finetune", "--config", str(config), "--nproc", "1"]) == 2
     err = capsys.readouterr().err
     assert "pangu-pi finetune: error:" in err and "pangu-pi export" in err and "Traceback" not in err
+
+
+# ------------------------------------------------------------------------------------------------
+# Continued pretraining: `model.init_from` starts `pangu-pi pretrain` from a base checkpoint.
+
+
+@pytest.mark.slow
+def test_init_from_continues_from_the_base_weights_under_zero3(base_dir, tokenizer_dir, tmp_path):
+    import torch.nn.functional as F
+
+    from pangu_pi import PanGuPiForCausalLM
+    from pangu_pi.corpus import default_corpus_files
+    from pangu_pi.tokenizer import load_tokenizer, tokenizer_hash
+    from training.data import PackedMixture, prepare_shards
+    from training.metrics import METRICS_FILE, read_metrics
+
+    shards = tmp_path / "shards"
+    prepare_shards(tokenizer_dir, [str(f) for f in default_corpus_files(limit_bytes=300_000)], shards, progress=False)
+    warmup, lr = 4, 1e-3
+    run = {
+        "out": str(tmp_path / "run"),
+        "model": {"init_from": str(base_dir), "siaf_backend": "reference"},
+        "data": {"datasets": [{"path": str(shards), "weight": 1.0}], "tokenizer": str(tokenizer_dir), "seq_len": 64},
+        "batch": {"micro_batch_size": 2, "global_batch_size": 4},
+        "optim": {"lr": lr},
+        "schedule": {"warmup_steps": warmup},
+        "train": {"max_steps": 2, "precision": "fp32", "zero_stage": 3},
+        "eval": {"every": 0},
+        "log": {"tensorboard": False, "plot": False},
+    }
+    config = tmp_path / "continue.yaml"
+    config.write_text(yaml.safe_dump(run))
+    proc = subprocess.run([PANGU_PI, "pretrain", "--config", str(config), "--nproc", "2", "--no-progress"],
+                          capture_output=True, text=True, timeout=400)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = [r for r in read_metrics(tmp_path / "run" / METRICS_FILE) if "loss" in r]
+
+    # The first step's loss is the base model's own loss on that step's batch (both ranks' halves):
+    # the weights came from the checkpoint, not from a fresh initialisation.
+    tokenizer = load_tokenizer(tokenizer_dir)
+    data = PackedMixture([{"path": str(shards), "weight": 1.0}], split="train", seq_len=64,
+                         eos_id=tokenizer.eos_token_id, vocab_size=len(tokenizer),
+                         tokenizer_hash=tokenizer_hash(tokenizer_dir), val_fraction=0.005, seed=0)
+    base = PanGuPiForCausalLM.from_pretrained(base_dir, dtype=torch.float32).eval()
+    losses = []
+    with torch.no_grad():
+        for rank in range(2):
+            batch = data.batch(rank * 2, 2)
+            logits = base(input_ids=batch[:, :-1]).logits
+            losses.append(F.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1)).item())
+    assert rows[0]["step"] == 1
+    assert rows[0]["loss"] == pytest.approx(sum(losses) / 2, abs=1e-4)
+    # A fresh optimizer and schedule: step 1 runs at the first warmup LR, not where a run left off.
+    assert rows[0]["lr"] == pytest.approx(lr / warmup)
+    assert rows[1]["loss"] != pytest.approx(rows[0]["loss"], abs=1e-6)
+
+
+def test_init_from_takes_the_shape_from_the_checkpoint(base_dir, tmp_path):
+    from training.config import build_config
+
+    config = build_config({"model": {"init_from": str(base_dir)}})
+    assert config.model_config().hidden_size == json.loads((base_dir / "config.json").read_text())["hidden_size"]
+    with pytest.raises(ConfigError, match="cannot be changed with model.init_from"):
+        build_config({"model": {"init_from": str(base_dir), "hidden_size": 64}})
+    with pytest.raises(ConfigError, match="pangu-pi resize"):
+        config.model_config(vocab_size=10**6)
+    with pytest.raises(FileNotFoundError, match="no config.json"):
+        build_config({"model": {"init_from": str(tmp_path / "missing")}})
