@@ -46,7 +46,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from pangu_pi.kernels import siaf_and_mul  # noqa: E402
-from pangu_pi.kernels.reference import spread_init  # noqa: E402
+from pangu_pi.kernels.reference import siaf_and_mul_reference, spread_init  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -61,6 +61,11 @@ def parse_args(argv=None):
     p.add_argument("--repeats", type=int, default=10)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--cpu-only", action="store_true", help="skip the CUDA section even where CUDA is available")
+    p.add_argument(
+        "--bare-compile",
+        action="store_true",
+        help="also time torch.compile(reference) on CPU, for comparison (another compilation, ~1 min)",
+    )
     return p.parse_args(argv)
 
 
@@ -90,8 +95,21 @@ def clear_grads(inputs) -> None:
             t.grad = None
 
 
+_bare_compiled = None
+
+
+def call(backend, inputs, activation):
+    """`siaf_and_mul` with this backend; "bare-compile" is the reference wrapped in torch.compile."""
+    global _bare_compiled
+    if backend == "bare-compile":
+        if _bare_compiled is None:
+            _bare_compiled = torch.compile(siaf_and_mul_reference)
+        return _bare_compiled(*inputs, activation)
+    return siaf_and_mul(*inputs, activation=activation, backend=backend)
+
+
 def step(backend, inputs, dout, activation):
-    out = siaf_and_mul(*inputs, activation=activation, backend=backend)
+    out = call(backend, inputs, activation)
     out.backward(dout)
     return out
 
@@ -136,7 +154,7 @@ def saved_bytes(backend, inputs, activation) -> int:
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        out = siaf_and_mul(*inputs, activation=activation, backend=backend)
+        out = call(backend, inputs, activation)
     del out
     return sum(seen.values())
 
@@ -214,7 +232,7 @@ def run_cuda(args, result):
     print(f"\nCUDA ({torch.cuda.get_device_name()}), {args.dtype}")
     for b in backends:
         print(
-            f"  {b:<10} fwd+bwd median {med[b] * 1e3:8.3f} ms  min {min(times[b]) * 1e3:8.3f} ms  "
+            f"  {b:<12} fwd+bwd median {med[b] * 1e3:8.3f} ms  min {min(times[b]) * 1e3:8.3f} ms  "
             f"peak {peaks[b] / 2**20:8.1f} MiB  {nbytes / med[b] / 1e9:7.1f} GB/s"
         )
     print(f"  copy of the same {nbytes / 2**20:.0f} MiB: {copy_s * 1e3:.3f} ms, {nbytes / copy_s / 1e9:.1f} GB/s")
@@ -234,6 +252,13 @@ def run_cuda(args, result):
     )
 
 
+def _ratio(values, num, den):
+    """values[num] / values[den], or None where not measured (or too small to register)."""
+    if not values or not values[den]:
+        return None
+    return values[num] / values[den]
+
+
 def main(argv=None) -> dict:
     args = parse_args(argv)
     print(
@@ -244,7 +269,7 @@ def main(argv=None) -> dict:
     print(f"CPU: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}")
 
     inputs, dout = make_inputs(args, torch.device("cpu"))
-    backends = ["reference", "compiled"]
+    backends = ["reference", "compiled"] + (["bare-compile"] if args.bare_compile else [])
     times = time_interleaved(backends, inputs, dout, args, cpu_timer)
     med = {b: statistics.median(t) for b, t in times.items()}
     if _can_reset_peak_rss():
@@ -257,23 +282,27 @@ def main(argv=None) -> dict:
     for b in backends:
         peak = f"peak {peaks[b] / 2**20:8.1f} MiB" if peaks else "peak n/a"
         print(
-            f"  {b:<10} fwd+bwd median {med[b] * 1e3:8.1f} ms  min {min(times[b]) * 1e3:8.1f} ms  {peak}  "
+            f"  {b:<12} fwd+bwd median {med[b] * 1e3:8.1f} ms  min {min(times[b]) * 1e3:8.1f} ms  {peak}  "
             f"saved for backward {saved[b] / 2**20:7.1f} MiB"
         )
     result = {
         "compiled_speedup": med["reference"] / med["compiled"],
-        "compiled_memory_ratio": peaks["compiled"] / peaks["reference"] if peaks else None,
+        "compiled_memory_ratio": _ratio(peaks, "compiled", "reference"),
         "compiled_speedup_min": min(times["reference"]) / min(times["compiled"]),
         "compiled_ms": med["compiled"] * 1e3,
         "reference_ms": med["reference"] * 1e3,
-        "compiled_saved_ratio": saved["compiled"] / saved["reference"],
+        "compiled_saved_ratio": _ratio(saved, "compiled", "reference"),
     }
-    ratio = f"{result['compiled_memory_ratio']:.2f}×" if peaks else "n/a"
+    fmt = lambda x: "n/a" if x is None else f"{x:.2f}×"  # noqa: E731
     print(
         f"  compiled vs reference: {result['compiled_speedup']:.2f}× faster (median; "
-        f"{result['compiled_speedup_min']:.2f}× on minima), {ratio} the peak memory, "
-        f"{result['compiled_saved_ratio']:.2f}× the bytes saved for backward"
+        f"{result['compiled_speedup_min']:.2f}× on minima), {fmt(result['compiled_memory_ratio'])} the peak "
+        f"memory, {fmt(result['compiled_saved_ratio'])} the bytes saved for backward"
     )
+    if args.bare_compile:
+        result["bare_compile_speedup"] = med["reference"] / med["bare-compile"]
+        result["bare_compile_memory_ratio"] = _ratio(peaks, "bare-compile", "reference")
+        print(f"  torch.compile(reference) vs reference: {result['bare_compile_speedup']:.2f}× faster")
     del inputs, dout
     if torch.cuda.is_available() and not args.cpu_only:
         run_cuda(args, result)
