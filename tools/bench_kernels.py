@@ -266,7 +266,8 @@ def main(argv=None) -> dict:
         f"{args.activation}, {args.param_shape} parameters, weight {'learned' if args.weight else 'None'}; "
         f"{args.repeats} repeats after {args.warmup} warm-up"
     )
-    print(f"CPU: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}")
+    cpu = platform.processor() or platform.machine()
+    print(f"CPU: {cpu}, {torch.get_num_threads()} threads, torch {torch.__version__}")
 
     inputs, dout = make_inputs(args, torch.device("cpu"))
     backends = ["reference", "compiled"] + (["bare-compile"] if args.bare_compile else [])

@@ -64,7 +64,8 @@ def _sigmoid_with_grad(x):
 
 # (σ(x), σ'(x)) in closed form, for the fused backends: they recompute σ' in backward instead of
 # keeping autograd's intermediates. Tested against autograd on ACTIVATIONS in float64; the Triton
-# kernels in siaf_triton.py spell out the same formulas.
+# kernels (siaf_triton.py) and the compiled path (siaf_compiled.py, through exp2) spell out the same
+# formulas.
 ACTIVATION_WITH_GRAD = {
     "silu": _silu_with_grad,
     "gelu": _gelu_with_grad,

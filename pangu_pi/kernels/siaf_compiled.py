@@ -1,13 +1,17 @@
-"""CPU fast path for the SIAF-gated product: one `torch.compile`d pass forward, one backward.
+"""CPU fast path for the SIAF-gated product: `torch.compile`d forward and backward.
 
 `siaf_and_mul_compiled` is an `autograd.Function` whose forward and backward are each compiled
 (inductor) functions. It saves only `gate`, `up` and the parameters and recomputes σ(z_i) and σ'(z_i)
-in backward, so the n per-term intermediates the reference keeps alive for backward never exist;
-inductor fuses the n-term sum into one pointwise loop forward and one loop (plus column reductions for
-the parameter gradients) backward.
+in backward, so the per-term intermediates the reference keeps for backward never exist, and
+backward allocates nothing full-size but `dgate` and `dup` (peak 3 tensors against the reference's 7
+at n = 2). Forward is one fused loop. Backward is one loop for scalar parameters; for per-channel
+parameters it is one loop writing `dgate`/`dup` plus one that reduces the parameter gradients over
+blocks of rows, both reading the inputs (inductor's C++ backend does not fuse a row-major loop with
+a reduction over rows). Measured figures: benchmarks/RESULTS.md, "SIAF kernels".
 
 Arithmetic is done in float32 (float64 if any input is float64) and the result is returned in the
-promoted dtype of `gate` and `up`; gradients come back in each input's own dtype.
+promoted dtype of `gate` and `up`; gradients come back in each input's own dtype. The token dimension
+is compiled as dynamic; the width stays static (a model constant), so each width compiles once.
 
 Where `torch.compile` cannot run (no C++ compiler, unsupported Python, …) the first call warns once
 and every later call goes to the reference. Inside an outer `torch.compile` region the reference is
@@ -294,6 +298,7 @@ def siaf_and_mul_compiled(
     except Exception as exc:  # noqa: BLE001 - see _record_compile_failure
         eager_fwd = _functions_for(gate, up, scale, shift, weight, activation)[0]
         width = gate.shape[-1]
-        if not _record_compile_failure(exc, eager_fwd, gate.reshape(-1, width), up.reshape(-1, width), scale, shift, weight):
+        g2, u2 = gate.reshape(-1, width), up.reshape(-1, width)
+        if not _record_compile_failure(exc, eager_fwd, g2, u2, scale, shift, weight):
             raise
         return siaf_and_mul_reference(gate, up, scale, shift, weight, activation)

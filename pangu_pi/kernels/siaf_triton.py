@@ -100,7 +100,9 @@ def _siaf_fwd_kernel(
     rows = rows.to(tl.int64)  # rows · stride passes 2**31 on large batches
     g = tl.load(gate_ptr + rows[:, None] * stride_gate + cols[None, :], mask=mask, other=0.0).to(tl.float32)
     u = tl.load(up_ptr + rows[:, None] * stride_up + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-    a, b, c = _load_params(scale_ptr, shift_ptr, weight_ptr, cols, col_mask, W, stride_pn, stride_pw, N, N_POW2, HAS_WEIGHT)
+    a, b, c = _load_params(
+        scale_ptr, shift_ptr, weight_ptr, cols, col_mask, W, stride_pn, stride_pw, N, N_POW2, HAS_WEIGHT
+    )
     # (terms, rows, cols)
     term, _ = _act_fwd_bwd(a[:, None, :] * g[None, :, :] + b[:, None, :], ACT)
     s = tl.sum(c[:, None, :] * term, axis=0)
@@ -118,7 +120,9 @@ def _siaf_bwd_kernel(
     pid_m = tl.program_id(0)
     cols = tl.program_id(1) * BLOCK_W + tl.arange(0, BLOCK_W)
     col_mask = cols < W
-    a, b, c = _load_params(scale_ptr, shift_ptr, weight_ptr, cols, col_mask, W, stride_pn, stride_pw, N, N_POW2, HAS_WEIGHT)
+    a, b, c = _load_params(
+        scale_ptr, shift_ptr, weight_ptr, cols, col_mask, W, stride_pn, stride_pw, N, N_POW2, HAS_WEIGHT
+    )
     # Per-term partial sums over this program's rows. Accumulating in registers, not in the output
     # buffer, keeps the program race-free and the summation order fixed.
     acc_scale = tl.zeros([N_POW2, BLOCK_W], dtype=tl.float32)

@@ -176,7 +176,8 @@ def test_inits_are_as_documented():
     a, b, c = identity_init(3)
     x = torch.randn(4, 5, dtype=torch.float64)
     one = torch.ones_like(x)
-    identity = siaf_and_mul_reference(x, one, torch.tensor(a).double(), torch.tensor(b).double(), torch.tensor(c).double())
+    a, b, c = (torch.tensor(v, dtype=torch.float64) for v in (a, b, c))
+    identity = siaf_and_mul_reference(x, one, a, b, c)
     torch.testing.assert_close(identity, F.silu(x))
     assert spread_init(3)[1] == [-1.0, 0.0, 1.0] and spread_init(1)[1] == [0.0]
 
@@ -269,10 +270,11 @@ def test_interpreter_grid_covers_every_reduction_path():
     assert 41 % cfg["BLOCK_M"] != 0  # a partly masked row tile
 
 
-def test_triton_frozen_parameters_get_no_gradient(rng):
+@pytest.mark.parametrize("backend", ["triton", "compiled"])
+def test_frozen_parameters_get_no_gradient(rng, backend):
     gate, up, a, b, _ = make_inputs(rng, (5, 37), 2, True, False)
     gate.requires_grad_()
-    out = siaf_and_mul(gate, up, a, b, backend="triton")
+    out = siaf_and_mul(gate, up, a, b, backend=backend)
     out.backward(torch.ones_like(out))
     ref_gate = gate.detach().double().cpu().requires_grad_()
     siaf_and_mul_reference(ref_gate, up.double().cpu(), a.double().cpu(), b.double().cpu()).sum().backward()
@@ -508,7 +510,8 @@ ZERO3_SCRIPT = textwrap.dedent(
         # Persistence threshold 0: even these small parameters are partitioned (the default keeps
         # tensors under 1e5 elements whole, which would not test anything).
         ds = {"train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": 1,
-              "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0}, "steps_per_print": 10**9, "zero_force_ds_cpu_optimizer": False,
+              "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0},
+              "steps_per_print": 10**9, "zero_force_ds_cpu_optimizer": False,
               "optimizer": {"type": "AdamW", "params": {"lr": 3e-3, "torch_adam": True}}}
         engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=ds)
         assert engine.zero_optimization_stage() == 3
