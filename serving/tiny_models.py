@@ -107,7 +107,7 @@ def build_llama_like(pangu_dir: str | Path, out_dir: str | Path, seed: int = 0) 
 def build_lora_adapter(base_dir: str | Path, out_dir: str | Path, seed: int = 0, rank: int = 8) -> Path:
     """Save a peft LoRA adapter for the checkpoint in `base_dir`, with non-zero B so it changes outputs.
 
-    The layout (adapter_config.json + adapter_model.safetensors) is the one `pangu-pi finetune --lora`
+    The layout (adapter_config.json + adapter_model.safetensors) is the one `pangu-pi finetune`
     and any peft training run produce.
     """
     from peft import LoraConfig, get_peft_model

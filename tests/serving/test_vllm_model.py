@@ -100,3 +100,11 @@ def test_hf_weight_names_map_onto_the_stacked_layers(vllm_model):
         "qkv_proj": ["q_proj", "k_proj", "v_proj"],
         "gate_up_proj": ["gate_proj", "up_proj"],
     }
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA and the CUDA build of vLLM")
+def test_fused_siaf_op_matches_the_reference_on_cuda(vllm_model):
+    op = make_op(vllm_model, siaf_learn_weight=True).cuda()
+    gate_up = torch.randn(7, 2 * 352, device="cuda")
+    torch.testing.assert_close(op.forward_cuda(gate_up), op.forward_native(gate_up), rtol=1e-5, atol=1e-5)
