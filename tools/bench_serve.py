@@ -1,0 +1,320 @@
+"""Serving benchmark: vLLM serving PanGu-π against HF `generate()` on the same checkpoint and against
+vLLM serving a LLaMA of the same shape, at several concurrencies, in one run.
+
+For each system and concurrency c, c clients each send requests back to back (closed loop) until
+c × --requests-per-client are done; every request has the same prompt length and generates exactly
+--max-tokens tokens. Measured: output tokens/s (median of --rounds turns, the systems taking turns),
+time to first token (TTFT) and inter-token latency (ITL) percentiles. vLLM is measured over HTTP
+with streaming, as a client sees it; HF `generate()` runs in-process with static batches of c (its
+best case: no HTTP, no tokenizer round trip).
+
+    python tools/bench_serve.py                      # tiny checkpoints built on the fly
+    python tools/bench_serve.py --model DIR          # an existing PanGu-π checkpoint
+
+The last line printed is JSON, with `vs_hf_tokens_per_s_c8` and `vs_llama_tokens_per_s_c8`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+from tqdm.auto import tqdm
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+LAUNCH = "import sys; from pangu_pi.cli import main; sys.exit(main(sys.argv[1:]))"
+
+
+def parse_args() -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", type=Path, help="PanGu-π checkpoint (default: build a tiny one)")
+    p.add_argument("--workdir", type=Path, help="scratch folder for checkpoints and caches (default: a temp dir)")
+    p.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
+    p.add_argument("--requests-per-client", type=int, default=2, help="requests per client at each level (min 4 in all)")
+    p.add_argument("--prompt-tokens", type=int, default=64)
+    p.add_argument("--max-tokens", type=int, default=64)
+    p.add_argument("--dtype", default="float32")
+    p.add_argument("--vllm-arg", action="append", default=None,
+                   help="extra argument for the vLLM engines (repeatable; default: --enforce-eager)")  # fmt: skip
+    p.add_argument("--rounds", type=int, default=3, help="turns per system at each concurrency (median reported)")
+    p.add_argument("--skip", nargs="*", default=[], choices=["hf", "llama"], help="systems to leave out")
+    return p.parse_args()
+
+
+# --------------------------------------------------------------------------------------- workloads
+
+
+def make_prompts(tokenizer, count: int, length: int) -> list[list[int]]:
+    """`count` distinct prompts of exactly `length` tokens, cut from the default corpus."""
+    from pangu_pi.corpus import default_corpus_files
+
+    ids: list[int] = []
+    for path in default_corpus_files(limit_bytes=400_000):
+        ids += tokenizer(path.read_text(errors="replace")).input_ids
+        if len(ids) >= count * length:
+            break
+    return [ids[i * length : (i + 1) * length] for i in range(count)]
+
+
+def combine(name: str, c: int, rounds: list[dict]) -> dict:
+    """One row per system and concurrency: the median round's throughput, latencies pooled over rounds."""
+    pct = lambda xs, q: float(np.percentile(xs, q) * 1000) if xs else float("nan")  # noqa: E731
+    ttft = [x for r in rounds for x in r["ttft"]]
+    itl = [x for r in rounds for x in r["itl"]]
+    rates = [r["tokens"] / r["wall"] for r in rounds]
+    return {
+        "system": name,
+        "concurrency": c,
+        "tokens_per_s": float(np.median(rates)),
+        "tokens_per_s_rounds": [round(x, 1) for x in rates],
+        "ttft_p50_ms": pct(ttft, 50),
+        "ttft_p99_ms": pct(ttft, 99),
+        "itl_p50_ms": pct(itl, 50),
+        "itl_p99_ms": pct(itl, 99),
+        "output_tokens": sum(r["tokens"] for r in rounds),
+    }
+
+
+# ---------------------------------------------------------------------------------------- vLLM side
+
+
+class Server:
+    def __init__(self, model: Path, name: str, args: argparse.Namespace, env: dict, log: Path):
+        from serving.server import free_port
+
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.name = name
+        self.log = log
+        vllm_args = args.vllm_arg if args.vllm_arg is not None else ["--enforce-eager"]
+        cmd = [sys.executable, "-c", LAUNCH, "serve", str(model), "--name", name, "--port", str(self.port),
+               "--dtype", args.dtype, "--max-model-len", str(args.prompt_tokens + args.max_tokens + 8),
+               "--", "--max-num-seqs", str(max(args.concurrency)), *vllm_args]  # fmt: skip
+        self.process = subprocess.Popen(cmd, env=env, stdout=open(log, "wb"), stderr=subprocess.STDOUT, start_new_session=True)
+
+    def wait(self, timeout: float = 900) -> None:
+        import httpx
+
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise SystemExit(f"{self.name} server exited:\n{self.log.read_text()[-3000:]}")
+            try:
+                if httpx.get(f"{self.url}/health", timeout=2).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(1)
+        raise SystemExit(f"{self.name} server not ready after {timeout} s")
+
+    def stop(self) -> None:
+        self.process.send_signal(signal.SIGTERM)
+        try:
+            self.process.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.process.pid, signal.SIGKILL)
+            self.process.wait()
+
+
+async def _stream_one(client, url: str, name: str, prompt: list[int], max_tokens: int):
+    body = {"model": name, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True,
+            "stream": True, "stream_options": {"include_usage": True}}  # fmt: skip
+    start = time.perf_counter()
+    stamps, tokens = [], 0
+    async with client.stream("POST", f"{url}/v1/completions", json=body) as response:
+        response.raise_for_status()
+        async for line in response.aiter_lines():
+            if not line.startswith("data:") or line[5:].strip() == "[DONE]":
+                continue
+            event = json.loads(line[5:])
+            if event.get("choices"):
+                stamps.append(time.perf_counter())  # one event per decoding step of this request
+            if event.get("usage"):
+                tokens = event["usage"]["completion_tokens"]
+    return start, stamps, tokens
+
+
+async def run_vllm_round(server: Server, prompts: list[list[int]], c: int, total: int, max_tokens: int) -> dict:
+    import httpx
+
+    queue = list(range(total))
+    ttft, itl, tokens = [], [], 0
+
+    async def client_loop(client):
+        nonlocal tokens
+        while queue:
+            i = queue.pop()
+            start, stamps, n = await _stream_one(client, server.url, server.name, prompts[i % len(prompts)], max_tokens)
+            if n != max_tokens:
+                raise SystemExit(f"{server.name}: a request produced {n} tokens, expected {max_tokens}")
+            tokens += n
+            ttft.append(stamps[0] - start)
+            itl.extend(np.diff(stamps).tolist())
+
+    limits = httpx.Limits(max_connections=c + 4)
+    async with httpx.AsyncClient(timeout=None, limits=limits) as client:
+        await _stream_one(client, server.url, server.name, prompts[0], 8)  # warm-up
+        t0 = time.perf_counter()
+        await asyncio.gather(*(client_loop(client) for _ in range(c)))
+        wall = time.perf_counter() - t0
+    return {"tokens": tokens, "wall": wall, "ttft": ttft, "itl": itl}
+
+
+# ------------------------------------------------------------------------------------------ HF side
+
+
+class _StepClock:
+    """A generate() streamer that only records when each decoding step's tokens arrive."""
+
+    def __init__(self):
+        self.stamps: list[float] = []
+        self.calls = 0
+
+    def put(self, value) -> None:
+        self.calls += 1
+        if self.calls > 1:  # the first call hands over the prompt
+            self.stamps.append(time.perf_counter())
+
+    def end(self) -> None:
+        pass
+
+
+def run_hf_round(model, prompts: list[list[int]], c: int, total: int, max_tokens: int) -> dict:
+    import torch
+
+    ttft, itl, tokens = [], [], 0
+    order = list(range(total))
+    t0 = time.perf_counter()
+    with torch.inference_mode():
+        for first in range(0, total, c):
+            batch = torch.tensor([prompts[i % len(prompts)] for i in order[first : first + c]])
+            clock = _StepClock()
+            start = time.perf_counter()
+            out = model.generate(
+                input_ids=batch,
+                attention_mask=torch.ones_like(batch),
+                max_new_tokens=max_tokens,
+                min_new_tokens=max_tokens,
+                do_sample=False,
+                eos_token_id=None,
+                pad_token_id=0,
+                streamer=clock,
+            )
+            generated = out.shape[1] - batch.shape[1]
+            tokens += generated * batch.shape[0]
+            for _ in range(batch.shape[0]):  # static batch: every request sees the same step times
+                ttft.append(clock.stamps[0] - start)
+                itl.extend(np.diff(clock.stamps).tolist())
+    return {"tokens": tokens, "wall": time.perf_counter() - t0, "ttft": ttft, "itl": itl}
+
+
+# --------------------------------------------------------------------------------------------- main
+
+
+def main() -> int:
+    args = parse_args()
+    workdir = args.workdir or Path(tempfile.mkdtemp(prefix="bench_serve_"))
+    workdir.mkdir(parents=True, exist_ok=True)
+    for var, sub in (("TMPDIR", "tmp"), ("VLLM_CACHE_ROOT", "vllm"), ("TORCHINDUCTOR_CACHE_DIR", "inductor"),
+                     ("HF_HOME", "hf"), ("TRITON_CACHE_DIR", "triton"), ("TORCH_EXTENSIONS_DIR", "ext")):  # fmt: skip
+        os.environ.setdefault(var, str(workdir / sub))
+        Path(os.environ[var]).mkdir(parents=True, exist_ok=True)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+
+    from pangu_pi.tokenizer import load_tokenizer, train_tokenizer
+    from serving.tiny_models import build_llama_like, build_pangu
+
+    pangu_dir = args.model
+    if pangu_dir is None:
+        pangu_dir = workdir / "pangu"
+        if not (pangu_dir / "config.json").exists():
+            build_pangu(pangu_dir, train_tokenizer(None, workdir / "tokenizer", progress=False))
+    llama_dir = workdir / "llama-same-shape"
+    if "llama" not in args.skip and not (llama_dir / "config.json").exists():
+        build_llama_like(pangu_dir, llama_dir)
+
+    tokenizer = load_tokenizer(pangu_dir)
+    totals = {c: max(4, c * args.requests_per_client) for c in args.concurrency}
+    prompts = make_prompts(tokenizer, max(totals.values()), args.prompt_tokens)
+
+    # All systems stay up and take turns, round after round: on a machine whose load changes (other
+    # jobs, thermal limits), measuring one system after the other would compare the load, not them.
+    # An idle vLLM server costs ~1% of a core, so keeping the other one up does not disturb a turn.
+    systems: dict[str, object] = {}
+    servers = []
+    try:
+        for name, path in [("pangu-pi", pangu_dir)] + ([] if "llama" in args.skip else [("llama", llama_dir)]):
+            print(f"starting vLLM for {name} ({path})", flush=True)
+            servers.append(Server(path, name, args, dict(os.environ), workdir / f"{name}.log"))
+        for server in servers:
+            server.wait()
+            systems[server.name] = server
+        if "hf" not in args.skip:
+            import torch
+
+            from pangu_pi import PanGuPiForCausalLM
+
+            model = PanGuPiForCausalLM.from_pretrained(str(pangu_dir), dtype=getattr(torch, args.dtype)).eval()
+            run_hf_round(model, prompts, 1, 1, 8)  # warm-up
+            systems["hf-generate"] = model
+        results = []
+        levels = [(c, r) for c in args.concurrency for r in range(args.rounds)]
+        samples: dict[tuple[str, int], list[dict]] = {}
+        for c, r in tqdm(levels, desc="benchmark rounds", unit="round"):
+            names = list(systems)
+            names = names[r % len(names) :] + names[: r % len(names)]  # rotate who goes first
+            for name in names:
+                target = systems[name]
+                if name == "hf-generate":
+                    sample = run_hf_round(target, prompts, c, totals[c], args.max_tokens)
+                else:
+                    sample = asyncio.run(run_vllm_round(target, prompts, c, totals[c], args.max_tokens))
+                samples.setdefault((name, c), []).append(sample)
+        for (name, c), rounds in samples.items():
+            results.append(combine(name, c, rounds))
+    finally:
+        for server in servers:
+            server.stop()
+    order = {"pangu-pi": 0, "llama": 1, "hf-generate": 2}
+    results.sort(key=lambda r: (order[r["system"]], r["concurrency"]))
+    return report(results, args)
+
+
+def _row(r: dict) -> str:
+    return (f"{r['system']:>12} c={r['concurrency']:<3} {r['tokens_per_s']:9.1f} tok/s  "
+            f"TTFT p50 {r['ttft_p50_ms']:8.1f} ms p99 {r['ttft_p99_ms']:8.1f} ms  "
+            f"ITL p50 {r['itl_p50_ms']:7.1f} ms p99 {r['itl_p99_ms']:7.1f} ms")  # fmt: skip
+
+
+def report(results: list[dict], args: argparse.Namespace) -> int:
+    by = {(r["system"], r["concurrency"]): r for r in results}
+    print("\nsystem        conc   tok/s   TTFT p50/p99 (ms)   ITL p50/p99 (ms)")
+    for r in results:
+        print(_row(r))
+    ratios = {}
+    print("\nratios of vLLM PanGu-π output tokens/s:")
+    for c in args.concurrency:
+        pangu = by.get(("pangu-pi", c))
+        for other, key in (("hf-generate", "vs_hf"), ("llama", "vs_llama")):
+            if pangu and (o := by.get((other, c))):
+                ratio = pangu["tokens_per_s"] / o["tokens_per_s"]
+                ratios[f"{key}_tokens_per_s_c{c}"] = ratio
+                print(f"  c={c:<3} vs {other:<12} {ratio:6.2f}x")
+    print(json.dumps({**ratios, "prompt_tokens": args.prompt_tokens, "max_tokens": args.max_tokens, "results": results}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
