@@ -288,7 +288,10 @@ class PanGuPiModel(PanGuPiPreTrainedModel):
             raise ValueError("pass exactly one of input_ids or inputs_embeds")
         if inputs_embeds is None:
             inputs_embeds = self.embed_tokens(input_ids)
-        use_cache = self.config.use_cache if use_cache is None else use_cache
+        # Training never reads the cache; leaving it off also lets transformers see packed sequences
+        # in position_ids and keep their examples from attending to each other.
+        if use_cache is None:
+            use_cache = self.config.use_cache and not self.training
         if self.gradient_checkpointing and self.training:
             use_cache = False
         if use_cache and past_key_values is None:
