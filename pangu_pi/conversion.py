@@ -69,6 +69,31 @@ def pangu_config_from_llama(llama_config, siaf_terms: int = 2, shortcut_count: i
     return PanGuPiConfig(**fields)
 
 
+def llama_config_like(config: PanGuPiConfig):
+    """The transformers LLaMA config with `config`'s shapes: PanGu-π without SIAF and shortcuts.
+
+    The baseline that parity tests, benchmarks and diagnostics compare against.
+    """
+    from transformers import LlamaConfig
+
+    return LlamaConfig(
+        vocab_size=config.vocab_size,
+        hidden_size=config.hidden_size,
+        intermediate_size=config.intermediate_size,
+        num_hidden_layers=config.num_hidden_layers,
+        num_attention_heads=config.num_attention_heads,
+        num_key_value_heads=config.num_key_value_heads,
+        head_dim=config.head_dim,
+        max_position_embeddings=config.max_position_embeddings,
+        rms_norm_eps=config.rms_norm_eps,
+        rope_theta=config.rope_theta,
+        tie_word_embeddings=config.tie_word_embeddings,
+        bos_token_id=config.bos_token_id,
+        eos_token_id=config.eos_token_id,
+        pad_token_id=config.pad_token_id,
+    )
+
+
 def convert_llama_model(llama_model, **config_overrides) -> PanGuPiForCausalLM:
     """A PanGu-π model holding `llama_model`'s weights, equal to it in function."""
     config = pangu_config_from_llama(llama_model.config, **config_overrides)

@@ -76,28 +76,14 @@ def build_pangu(out_dir: str | Path, tokenizer_dir: str | Path, seed: int = 0, *
 
 def build_llama_like(pangu_dir: str | Path, out_dir: str | Path, seed: int = 0) -> Path:
     """Save a transformers LLaMA with the sizes of the PanGu-π in `pangu_dir` (no SIAF, no shortcut)."""
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaForCausalLM
 
     from pangu_pi import PanGuPiConfig
+    from pangu_pi.conversion import llama_config_like
     from pangu_pi.tokenizer import load_tokenizer
 
     src = PanGuPiConfig.from_pretrained(str(pangu_dir))
-    config = LlamaConfig(
-        vocab_size=src.vocab_size,
-        hidden_size=src.hidden_size,
-        intermediate_size=src.intermediate_size,
-        num_hidden_layers=src.num_hidden_layers,
-        num_attention_heads=src.num_attention_heads,
-        num_key_value_heads=src.num_key_value_heads,
-        head_dim=src.head_dim,
-        max_position_embeddings=src.max_position_embeddings,
-        rms_norm_eps=src.rms_norm_eps,
-        rope_theta=src.rope_theta,
-        tie_word_embeddings=src.tie_word_embeddings,
-        bos_token_id=src.bos_token_id,
-        eos_token_id=src.eos_token_id,
-        pad_token_id=src.pad_token_id,
-    )
+    config = llama_config_like(src)
     torch.manual_seed(seed)
     model = LlamaForCausalLM(config).eval()
     _sharpen(model, torch.Generator().manual_seed(seed + 1), scale=0.5)

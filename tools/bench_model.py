@@ -13,22 +13,14 @@ import statistics
 import time
 
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import LlamaForCausalLM
 
 from pangu_pi import PanGuPiConfig, PanGuPiForCausalLM
+from pangu_pi.conversion import llama_config_like
 
 
 def llama_like(config: PanGuPiConfig) -> LlamaForCausalLM:
-    llama = LlamaConfig(
-        vocab_size=config.vocab_size,
-        hidden_size=config.hidden_size,
-        intermediate_size=config.intermediate_size,
-        num_hidden_layers=config.num_hidden_layers,
-        num_attention_heads=config.num_attention_heads,
-        num_key_value_heads=config.num_key_value_heads,
-        max_position_embeddings=config.max_position_embeddings,
-        tie_word_embeddings=config.tie_word_embeddings,
-    )
+    llama = llama_config_like(config)
     llama._attn_implementation = "sdpa"
     return LlamaForCausalLM(llama)
 

@@ -2,9 +2,10 @@
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+from transformers import AutoModelForCausalLM, LlamaForCausalLM
 
 from pangu_pi import PanGuPiConfig, PanGuPiForCausalLM
+from pangu_pi.conversion import llama_config_like
 from pangu_pi.modeling import PanGuPiShortcut
 
 TINY = dict(siaf_backend="reference")
@@ -25,18 +26,7 @@ def perturb_new_parts(model: PanGuPiForCausalLM, seed=1) -> None:
 
 
 def llama_twin(config: PanGuPiConfig) -> LlamaForCausalLM:
-    llama_config = LlamaConfig(
-        vocab_size=config.vocab_size,
-        hidden_size=config.hidden_size,
-        intermediate_size=config.intermediate_size,
-        num_hidden_layers=config.num_hidden_layers,
-        num_attention_heads=config.num_attention_heads,
-        num_key_value_heads=config.num_key_value_heads,
-        max_position_embeddings=config.max_position_embeddings,
-        rms_norm_eps=config.rms_norm_eps,
-        rope_theta=config.rope_theta,
-        tie_word_embeddings=False,
-    )
+    llama_config = llama_config_like(config)
     llama_config._attn_implementation = "eager"
     return LlamaForCausalLM(llama_config).eval()
 
