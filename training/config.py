@@ -320,6 +320,11 @@ def load_yaml(path: str | Path) -> dict:
     return data
 
 
+def run_folder(config_path: str | Path, out: str | None, configured: str | None) -> str:
+    """Where a run writes: `--out`, else the config's own `out`, else runs/CONFIG_NAME."""
+    return out or configured or str(Path("runs") / Path(config_path).stem)
+
+
 def build_config(values: dict | None = None, overrides: list[str] | None = None) -> RunConfig:
     """A checked RunConfig from a dict (as read from YAML) and `a.b=value` overrides, applied in order."""
     values = dict(values or {})

@@ -61,7 +61,7 @@ from pangu_pi.cli import UserError
 from pangu_pi.config import ConfigError
 
 from . import launch
-from .config import BatchConfig, OptimConfig, _coerce, _deep_merge, load_yaml, parse_override, resolve_batch
+from .config import BatchConfig, OptimConfig, _coerce, _deep_merge, load_yaml, parse_override, resolve_batch, run_folder
 
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 SUMMARY_FILE = "finetune_summary.json"
@@ -233,10 +233,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def config_from_args(args: argparse.Namespace) -> FinetuneConfig:
     config = build_finetune_config(load_yaml(args.config), list(args.set))
-    if args.out:
-        config.out = args.out
-    if not config.out:
-        config.out = str(Path("runs") / Path(args.config).stem)
+    config.out = run_folder(args.config, args.out, config.out)
     return config
 
 

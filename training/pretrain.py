@@ -34,7 +34,7 @@ from pangu_pi.cli import UserError
 from pangu_pi.config import ConfigError
 
 from . import launch
-from .config import BatchSplit, RunConfig, build_config, dump_yaml, load_yaml, resolve_batch, resolved_dict
+from .config import BatchSplit, RunConfig, build_config, dump_yaml, load_yaml, resolve_batch, resolved_dict, run_folder
 
 # Test hooks: poison the gradients of these steps (comma-separated) to exercise the non-finite guard,
 # and write the trained engine's logits on a fixed input to this path, to compare with an export.
@@ -78,10 +78,7 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
         overrides.append(f"checkpoint.resume={args.resume}")
     values = load_yaml(args.config)
     config = build_config(values, overrides)
-    if args.out:
-        config.out = args.out
-    if not config.out:
-        config.out = str(Path("runs") / Path(args.config).stem)
+    config.out = run_folder(args.config, args.out, config.out)
     return config
 
 

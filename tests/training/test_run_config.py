@@ -142,3 +142,11 @@ def test_missing_config_file_and_bad_yaml(tmp_path):
     (tmp_path / "list.yaml").write_text("- 1\n- 2\n")
     with pytest.raises(ConfigError, match="mapping"):
         load_config(tmp_path / "list.yaml")
+
+
+def test_run_folder_prefers_the_flag_then_the_config_then_the_config_name():
+    from training.config import run_folder
+
+    assert run_folder("configs/tiny.yaml", "/tmp/x", "runs/y") == "/tmp/x"
+    assert run_folder("configs/tiny.yaml", None, "runs/y") == "runs/y"
+    assert run_folder("configs/tiny.yaml", None, None) == str(Path("runs") / "tiny")
