@@ -4,10 +4,9 @@
 (inductor) functions. It saves only `gate`, `up` and the parameters and recomputes σ(z_i) and σ'(z_i)
 in backward, so the per-term intermediates the reference keeps for backward never exist, and
 backward allocates nothing full-size but `dgate` and `dup` (peak 3 tensors against the reference's 7
-at n = 2). Forward is one fused loop. Backward is one loop for scalar parameters; for per-channel
-parameters it is one loop writing `dgate`/`dup` plus one that reduces the parameter gradients over
-blocks of rows, both reading the inputs (inductor's C++ backend does not fuse a row-major loop with
-a reduction over rows). Measured figures: benchmarks/RESULTS.md, "SIAF kernels".
+at n = 2). Forward is one fused loop, and so is backward: for per-channel parameters, whose gradients
+are sums over tokens, the loop walks groups of 16 consecutive rows side by side and leaves a small
+block of partial sums (see `_build`). Measured figures: benchmarks/RESULTS.md, "SIAF kernels".
 
 Arithmetic is done in float32 (float64 if any input is float64) and the result is returned in the
 promoted dtype of `gate` and `up`; gradients come back in each input's own dtype. The token dimension
@@ -29,15 +28,19 @@ from torch.autograd.function import once_differentiable
 
 from .reference import check_siaf_args, siaf_and_mul_reference
 
-# Rows summed together in the first stage of a per-channel parameter gradient (see _build).
-_ROW_BLOCK = 64
+# Consecutive rows walked side by side in the one-pass per-channel backward (see _build). The partial
+# sums it leaves hold (terms × rows / _ROW_GROUP × width) values, a quarter of one input at n = 2.
+# Measured at 4096 × 5632 (benchmarks/RESULTS.md): groups of 16 rows beat 4, 8 and 32, and beat
+# contiguous slices of the token range, whose many far-apart memory streams the CPU prefetches badly.
+_ROW_GROUP = 16
 
 # Inductor settings for both graphs. Inductor stores ("realizes") an intermediate that several ops
 # read once it reads more than 4 tensors, and on CPU whenever it contains exp/sigmoid/tanh. Here every
-# such intermediate would be a tokens × width buffer feeding a loop nest of another shape (the
-# parameter-gradient reduction): two extra full-size tensors in backward, their page faults, writes
-# and reads. Recomputing them in each loop is cheaper, so the first threshold is lifted, and the
-# activations below are spelled with exp2, which the CPU heuristic does not count as heavy.
+# such intermediate (σ(z_i) and the like, read by dgate and by each gradient summand) would become a
+# tokens × width buffer written and read back, in the one-pass backward as much as in the two-loop one
+# for token counts off the row group: extra full-size tensors with their page faults and traffic.
+# Recomputing them is cheaper, so the first threshold is lifted, and the activations below are
+# spelled with exp2, which the CPU heuristic does not count as heavy.
 _INDUCTOR_OPTIONS = {"realize_reads_threshold": 64, "realize_acc_reads_threshold": 64}
 
 # Set to the exception's text once compilation has failed; every later call then uses the reference.
@@ -133,7 +136,8 @@ def _build(n, sigma, compute, out_dtype, gate_dtype, up_dtype, per_channel):
             out.append((a, term, dterm, gud * g, gud, dweight))
         return out
 
-    def bwd(dout, gate, up, scale, shift, weight):
+    def bwd_pointwise(dout, gate, up, scale, shift, weight):
+        """(dgate, dup, c_i·σ'(z_i)-weighted summands of every parameter gradient) for one block of rows."""
         g = gate.to(compute)
         gu = dout.to(compute) * up.to(compute)
         per_term = terms(g, gu, scale, shift, weight)
@@ -143,31 +147,40 @@ def _build(n, sigma, compute, out_dtype, gate_dtype, up_dtype, per_channel):
             dgate_factor = a * dterm if dgate_factor is None else dgate_factor + a * dterm
         dgate = (gu * dgate_factor).to(gate_dtype)
         dup = (dout.to(compute) * s).to(up_dtype)
-
-        rows, width = g.shape
-        if not per_channel:
-            # One flat sum per gradient; inductor folds these into the pointwise loop above.
-            reduce = lambda x: x.sum()  # noqa: E731
-        elif rows % _ROW_BLOCK == 0:
-            # A sum over tokens per channel. Inductor's loop for a plain x.sum(0) walks every row for
-            # each 8 channels, a cache- and TLB-hostile stride; summing blocks of _ROW_BLOCK rows first
-            # keeps each inner walk within a few L1-resident lines. The blocks are views of the inputs
-            # and everything is recomputed from them in the reduction's own loop, which costs less
-            # than storing full-size intermediates for it.
-            blocks = rows // _ROW_BLOCK
-            g3, d3, u3 = (x.view(blocks, _ROW_BLOCK, width).to(compute) for x in (gate, dout, up))
-            per_term = terms(g3, d3 * u3, scale, shift, weight)
-            reduce = lambda x: x.sum(1).sum(0)  # noqa: E731
-        else:
-            # Token counts off the block size take the plain sum (a dynamo guard picks the branch, so
-            # at most two graphs; slicing off a remainder instead trips an inductor bug in dynamic
-            # reshapes, torch 2.13).
-            reduce = lambda x: x.sum(0)  # noqa: E731
-        grads = [torch.stack([reduce(t[3]) for t in per_term]), torch.stack([reduce(t[4]) for t in per_term])]
+        summands = [t[3] for t in per_term] + [t[4] for t in per_term]
         if weight is not None:
-            grads.append(torch.stack([reduce(t[5]) for t in per_term]))
-        # Parameter gradients stay in `compute`; the caller casts these few values per parameter.
-        return (dgate, dup, *grads)
+            summands += [t[5] for t in per_term]
+        return dgate, dup, summands
+
+    def bwd(dout, gate, up, scale, shift, weight):
+        rows, width = gate.shape
+        if not per_channel:
+            # One flat sum per gradient; inductor folds these into the pointwise loop.
+            dgate, dup, summands = bwd_pointwise(dout, gate, up, scale, shift, weight)
+            return (dgate, dup, torch.stack([x.sum() for x in summands]))
+        if rows % _ROW_GROUP:
+            # Token counts off the group size: two loops, one pointwise, one reducing over rows (a dynamo
+            # guard picks the branch, so at most two graphs per specialisation).
+            dgate, dup, summands = bwd_pointwise(dout, gate, up, scale, shift, weight)
+            return (dgate, dup, torch.stack([x.sum(0) for x in summands]))
+        # A per-channel gradient is a sum over tokens, and inductor's C++ backend will not put a
+        # reduction over rows into the same loop as a row-major pointwise pass. So the rows are taken
+        # _ROW_GROUP at a time and the rows of a group are walked side by side: one pointwise loop over
+        # (rows / group, width) computes each row's dgate and dup and adds up the group's summands as it
+        # goes. Every input is read once and every σ evaluated once; what is left is a
+        # (terms, rows / group, width) block of partial sums, reduced by the caller.
+        views = [x.view(rows // _ROW_GROUP, _ROW_GROUP, width) for x in (dout, gate, up)]
+        dgates, dups, partial = [], [], None
+        for q in range(_ROW_GROUP):
+            dgate, dup, summands = bwd_pointwise(*(v[:, q] for v in views), scale, shift, weight)
+            dgates.append(dgate)
+            dups.append(dup)
+            partial = summands if partial is None else [p + x for p, x in zip(partial, summands)]
+        return (
+            torch.stack(dgates, 1).view(rows, width),
+            torch.stack(dups, 1).view(rows, width),
+            torch.stack(partial),
+        )
 
     return fwd, bwd
 
@@ -244,13 +257,17 @@ class _SiafCompiled(torch.autograd.Function):
             if bwd is eager_bwd or not _record_compile_failure(exc, eager_bwd, d2, g2, u2, scale, shift, weight):
                 raise
             grads = eager_bwd(d2, g2, u2, scale, shift, weight)
-        dgate, dup, dscale, dshift, *dweight = grads
+        dgate, dup, sums = grads
+        if sums.dim() == 3:  # partial sums over row groups (see _build)
+            sums = sums.sum(1)
+        n = scale.shape[0]
+        dscale, dshift, dweight = sums[:n], sums[n : 2 * n], sums[2 * n :]
         return (
             dgate.view(gate.shape),
             dup.view(up.shape),
             dscale.to(scale.dtype),
             dshift.to(shift.dtype),
-            dweight[0].to(weight.dtype) if weight is not None else None,
+            dweight.to(weight.dtype) if weight is not None else None,
             None,
         )
 

@@ -307,7 +307,7 @@ def test_triton_refuses_what_it_cannot_run(monkeypatch):
 # product: every activation once, n = 1..4, both layouts with and without weight, odd widths.
 
 COMPILED_CASES = [
-    ("silu", 2, True, False, (2, 64, 37)),  # the model's default; 128 tokens take the blocked reduction
+    ("silu", 2, True, False, (2, 64, 37)),  # the model's default; 128 tokens take the one-pass grouped backward
     ("gelu", 1, False, True, (41, 37)),
     ("gelu_tanh", 3, True, True, (2, 3, 130)),
     ("relu", 4, False, False, (3, 5, 37)),
@@ -330,7 +330,8 @@ def test_compiled_bf16_matches_reference(rng):
 
 def test_compiled_handles_new_token_counts_without_recompiling(rng):
     # The token dimension is dynamic. Backward has one graph for token counts that are a multiple of
-    # the reduction's row block and one for the rest; after those two, no size recompiles.
+    # the row-group size (the one-pass backward) and one for the rest; after those two, no size
+    # recompiles. 128, 192 and 640 take the first, 17, 6 and 3 the second.
     from torch._dynamo.utils import counters
 
     fn = backend_fn("compiled", "silu")
