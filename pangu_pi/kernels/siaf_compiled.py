@@ -137,7 +137,7 @@ def _build(n, sigma, compute, out_dtype, gate_dtype, up_dtype, per_channel):
         return out
 
     def bwd_pointwise(dout, gate, up, scale, shift, weight):
-        """(dgate, dup, c_i·σ'(z_i)-weighted summands of every parameter gradient) for one block of rows."""
+        """(dgate, dup, the per-element summands of dscale, dshift and dweight) for one block of rows."""
         g = gate.to(compute)
         gu = dout.to(compute) * up.to(compute)
         per_term = terms(g, gu, scale, shift, weight)
@@ -154,21 +154,19 @@ def _build(n, sigma, compute, out_dtype, gate_dtype, up_dtype, per_channel):
 
     def bwd(dout, gate, up, scale, shift, weight):
         rows, width = gate.shape
-        if not per_channel:
-            # One flat sum per gradient; inductor folds these into the pointwise loop.
+        if not per_channel or rows % _ROW_GROUP:
+            # Scalar parameters: one flat sum per gradient, which inductor folds into the pointwise loop.
+            # Per-channel with a token count off the row group: a second loop reducing over rows (a
+            # dynamo guard picks the branch, so at most two graphs per specialisation).
             dgate, dup, summands = bwd_pointwise(dout, gate, up, scale, shift, weight)
-            return (dgate, dup, torch.stack([x.sum() for x in summands]))
-        if rows % _ROW_GROUP:
-            # Token counts off the group size: two loops, one pointwise, one reducing over rows (a dynamo
-            # guard picks the branch, so at most two graphs per specialisation).
-            dgate, dup, summands = bwd_pointwise(dout, gate, up, scale, shift, weight)
-            return (dgate, dup, torch.stack([x.sum(0) for x in summands]))
+            reduce = torch.sum if not per_channel else (lambda x: x.sum(0))  # noqa: E731
+            return (dgate, dup, torch.stack([reduce(x) for x in summands]))
         # A per-channel gradient is a sum over tokens, and inductor's C++ backend will not put a
         # reduction over rows into the same loop as a row-major pointwise pass. So the rows are taken
         # _ROW_GROUP at a time and the rows of a group are walked side by side: one pointwise loop over
         # (rows / group, width) computes each row's dgate and dup and adds up the group's summands as it
         # goes. Every input is read once and every σ evaluated once; what is left is a
-        # (terms, rows / group, width) block of partial sums, reduced by the caller.
+        # (terms, rows / group, width) block of partial sums, reduced in a small second loop.
         views = [x.view(rows // _ROW_GROUP, _ROW_GROUP, width) for x in (dout, gate, up)]
         dgates, dups, partial = [], [], None
         for q in range(_ROW_GROUP):
@@ -179,7 +177,7 @@ def _build(n, sigma, compute, out_dtype, gate_dtype, up_dtype, per_channel):
         return (
             torch.stack(dgates, 1).view(rows, width),
             torch.stack(dups, 1).view(rows, width),
-            torch.stack(partial),
+            torch.stack(partial).sum(1),
         )
 
     return fwd, bwd
@@ -257,9 +255,8 @@ class _SiafCompiled(torch.autograd.Function):
             if bwd is eager_bwd or not _record_compile_failure(exc, eager_bwd, d2, g2, u2, scale, shift, weight):
                 raise
             grads = eager_bwd(d2, g2, u2, scale, shift, weight)
+        # Parameter gradients come back stacked, [dscale; dshift; dweight], in the compute dtype.
         dgate, dup, sums = grads
-        if sums.dim() == 3:  # partial sums over row groups (see _build)
-            sums = sums.sum(1)
         n = scale.shape[0]
         dscale, dshift, dweight = sums[:n], sums[n : 2 * n], sums[2 * n :]
         return (
