@@ -34,6 +34,7 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import os
 import platform
 import re
 import statistics
@@ -61,6 +62,12 @@ def parse_args(argv=None):
     p.add_argument("--repeats", type=int, default=10)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--cpu-only", action="store_true", help="skip the CUDA section even where CUDA is available")
+    p.add_argument("--gpu-only", action="store_true", help="skip the CPU section (compiled vs reference)")
+    p.add_argument(
+        "--triton-on-cpu",
+        action="store_true",
+        help="without CUDA, run the Triton section on CPU under TRITON_INTERPRET=1 (a smoke test, small shapes)",
+    )
     p.add_argument(
         "--bare-compile",
         action="store_true",
@@ -208,28 +215,36 @@ def cuda_peak_bytes(backend, inputs, dout, activation) -> int:
     return peak - before
 
 
-def cuda_copy_seconds(nbytes: int, repeats: int) -> float:
-    """Median time of a device-to-device copy that reads nbytes/2 and writes nbytes/2."""
-    src = torch.empty(nbytes // 2, dtype=torch.uint8, device="cuda")
+def copy_seconds(nbytes: int, repeats: int, device: torch.device, timer) -> float:
+    """Median time of a same-device copy that reads nbytes/2 and writes nbytes/2."""
+    src = torch.empty(nbytes // 2, dtype=torch.uint8, device=device)
     dst = torch.empty_like(src)
     for _ in range(3):
         dst.copy_(src)
-    return statistics.median(cuda_timer(lambda: dst.copy_(src))[0] for _ in range(repeats))
+    return statistics.median(timer(lambda: dst.copy_(src))[0] for _ in range(repeats))
 
 
-def run_cuda(args, result):
-    device = torch.device("cuda")
+def run_device(args, result, device: torch.device):
+    """Triton against the reference and a plain copy of the same bytes, on `device`.
+
+    On CUDA this is the real measurement. On CPU (`--triton-on-cpu`, Triton's interpreter) it only
+    exercises this code path with small shapes: interpreter times say nothing about a GPU.
+    """
+    cuda = device.type == "cuda"
+    timer = cuda_timer if cuda else cpu_timer
     inputs, dout = make_inputs(args, device)
     backends = ["reference", "triton"]
-    times = time_interleaved(backends, inputs, dout, args, cuda_timer)
+    times = time_interleaved(backends, inputs, dout, args, timer)
     med = {b: statistics.median(t) for b, t in times.items()}
-    peaks = {b: cuda_peak_bytes(b, inputs, dout, args.activation) for b in backends}
+    peak_fn = cuda_peak_bytes if cuda else (cpu_peak_bytes if _can_reset_peak_rss() else None)
+    peaks = {b: peak_fn(b, inputs, dout, args.activation) if peak_fn else 0 for b in backends}
     elem = inputs[0].element_size()
     # Fused forward reads gate, up and writes out; fused backward reads dout, gate, up and writes
     # dgate, dup: 8 tensors of tokens × width, the minimum any implementation moves.
     nbytes = 8 * args.tokens * args.width * elem
-    copy_s = cuda_copy_seconds(nbytes, args.repeats)
-    print(f"\nCUDA ({torch.cuda.get_device_name()}), {args.dtype}")
+    copy_s = copy_seconds(nbytes, args.repeats, device, timer)
+    name = torch.cuda.get_device_name() if cuda else "CPU, Triton interpreter"
+    print(f"\n{device.type.upper()} ({name}), {args.dtype}")
     for b in backends:
         print(
             f"  {b:<12} fwd+bwd median {med[b] * 1e3:8.3f} ms  min {min(times[b]) * 1e3:8.3f} ms  "
@@ -238,17 +253,17 @@ def run_cuda(args, result):
     print(f"  copy of the same {nbytes / 2**20:.0f} MiB: {copy_s * 1e3:.3f} ms, {nbytes / copy_s / 1e9:.1f} GB/s")
     print(
         f"  triton vs reference: {med['reference'] / med['triton']:.2f}× faster, "
-        f"{peaks['triton'] / peaks['reference']:.2f}× the peak; {copy_s / med['triton']:.2f}× copy speed"
+        f"{_ratio(peaks, 'triton', 'reference') or 0:.2f}× the peak; {copy_s / med['triton']:.2f}× copy speed"
     )
     result.update(
         triton_speedup=med["reference"] / med["triton"],
-        triton_memory_ratio=peaks["triton"] / peaks["reference"],
+        triton_memory_ratio=_ratio(peaks, "triton", "reference"),
         triton_gbps=nbytes / med["triton"] / 1e9,
         copy_gbps=nbytes / copy_s / 1e9,
         triton_fraction_of_copy=copy_s / med["triton"],
         triton_ms=med["triton"] * 1e3,
         reference_cuda_ms=med["reference"] * 1e3,
-        gpu=torch.cuda.get_device_name(),
+        gpu=name,
     )
 
 
@@ -259,16 +274,8 @@ def _ratio(values, num, den):
     return values[num] / values[den]
 
 
-def main(argv=None) -> dict:
-    args = parse_args(argv)
-    print(
-        f"SIAF fwd+bwd: {args.tokens} tokens × {args.width} width, {args.dtype}, n = {args.terms}, "
-        f"{args.activation}, {args.param_shape} parameters, weight {'learned' if args.weight else 'None'}; "
-        f"{args.repeats} repeats after {args.warmup} warm-up"
-    )
-    cpu = platform.processor() or platform.machine()
-    print(f"CPU: {cpu}, {torch.get_num_threads()} threads, torch {torch.__version__}")
-
+def run_cpu(args, result):
+    """`compiled` against `reference` on CPU: time, peak memory, bytes saved for backward."""
     inputs, dout = make_inputs(args, torch.device("cpu"))
     backends = ["reference", "compiled"] + (["bare-compile"] if args.bare_compile else [])
     times = time_interleaved(backends, inputs, dout, args, cpu_timer)
@@ -286,14 +293,14 @@ def main(argv=None) -> dict:
             f"  {b:<12} fwd+bwd median {med[b] * 1e3:8.1f} ms  min {min(times[b]) * 1e3:8.1f} ms  {peak}  "
             f"saved for backward {saved[b] / 2**20:7.1f} MiB"
         )
-    result = {
-        "compiled_speedup": med["reference"] / med["compiled"],
-        "compiled_memory_ratio": _ratio(peaks, "compiled", "reference"),
-        "compiled_speedup_min": min(times["reference"]) / min(times["compiled"]),
-        "compiled_ms": med["compiled"] * 1e3,
-        "reference_ms": med["reference"] * 1e3,
-        "compiled_saved_ratio": _ratio(saved, "compiled", "reference"),
-    }
+    result.update(
+        compiled_speedup=med["reference"] / med["compiled"],
+        compiled_memory_ratio=_ratio(peaks, "compiled", "reference"),
+        compiled_speedup_min=min(times["reference"]) / min(times["compiled"]),
+        compiled_ms=med["compiled"] * 1e3,
+        reference_ms=med["reference"] * 1e3,
+        compiled_saved_ratio=_ratio(saved, "compiled", "reference"),
+    )
     fmt = lambda x: "n/a" if x is None else f"{x:.2f}×"  # noqa: E731
     print(
         f"  compiled vs reference: {result['compiled_speedup']:.2f}× faster (median; "
@@ -304,9 +311,26 @@ def main(argv=None) -> dict:
         result["bare_compile_speedup"] = med["reference"] / med["bare-compile"]
         result["bare_compile_memory_ratio"] = _ratio(peaks, "bare-compile", "reference")
         print(f"  torch.compile(reference) vs reference: {result['bare_compile_speedup']:.2f}× faster")
-    del inputs, dout
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    print(
+        f"SIAF fwd+bwd: {args.tokens} tokens × {args.width} width, {args.dtype}, n = {args.terms}, "
+        f"{args.activation}, {args.param_shape} parameters, weight {'learned' if args.weight else 'None'}; "
+        f"{args.repeats} repeats after {args.warmup} warm-up"
+    )
+    cpu = platform.processor() or platform.machine()
+    print(f"CPU: {cpu}, {torch.get_num_threads()} threads, torch {torch.__version__}")
+    result: dict = {}
+    if not args.gpu_only:
+        run_cpu(args, result)
     if torch.cuda.is_available() and not args.cpu_only:
-        run_cuda(args, result)
+        run_device(args, result, torch.device("cuda"))
+    elif args.triton_on_cpu:
+        if os.environ.get("TRITON_INTERPRET") != "1":
+            raise SystemExit("--triton-on-cpu needs TRITON_INTERPRET=1 in the environment (set before Python starts)")
+        run_device(args, result, torch.device("cpu"))
     print(json.dumps(result))
     return result
 
