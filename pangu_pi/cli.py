@@ -28,8 +28,8 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
 }
 
 
-class UserError(Exception):
-    """An error the user can fix; the CLI prints its message alone."""
+# Re-exported: library code raises it from pangu_pi.errors; older imports name it here.
+from .errors import UserError  # noqa: E402,F401
 
 
 def usage() -> str:

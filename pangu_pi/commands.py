@@ -6,20 +6,31 @@ import argparse
 import json
 from pathlib import Path
 
-from .cli import UserError
+from .errors import UserError
 
 
 def parse_overrides(pairs: list[str]) -> dict:
-    """`key=value` strings into a dict; values are read as JSON where they parse (numbers, bools)."""
-    out = {}
-    for pair in pairs:
-        if "=" not in pair:
-            raise UserError(f"override {pair!r} is not key=value")
-        key, value = pair.split("=", 1)
-        try:
-            out[key] = json.loads(value)
-        except json.JSONDecodeError:
-            out[key] = value
+    """Model-config overrides from `--set KEY=VALUE` items, read as every command reads `--set`
+    (pangu_pi.overrides: VALUE is YAML). KEY is a model field, bare (`hidden_size=64`) or as it is
+    written in a run config (`model.hidden_size=64`); an unknown field names the nearest one."""
+    import difflib
+
+    from .config import PanGuPiConfig
+    from .overrides import apply_overrides
+
+    tree = apply_overrides({}, list(pairs))
+    model = tree.pop("model", None)
+    out = dict(tree)
+    if isinstance(model, dict):
+        out.update(model)
+    elif model is not None:
+        raise UserError(f"--set model={model!r}: name a field, e.g. --set model.hidden_size=64")
+    fields = PanGuPiConfig.field_names()
+    for key, value in out.items():
+        if key not in fields or isinstance(value, dict):
+            close = difflib.get_close_matches(str(key), fields, n=1)
+            raise UserError(f"unknown config key {'model.' + str(key)!r}"
+                            + (f"; did you mean {'model.' + close[0]!r}?" if close else "; see `pangu-pi info --preset tiny`"))
     return out
 
 
@@ -35,21 +46,15 @@ def count_parameters(config) -> int:
 
 
 def info_main(argv: list[str]) -> int:
-    import difflib
-
     from .config import PanGuPiConfig
 
     ap = argparse.ArgumentParser(prog="pangu-pi info", description="Print a preset's config and parameter count.")
     ap.add_argument("--preset", required=True, help="tiny | pangu-pi-1b | pangu-pi-7b")
-    ap.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="override config fields")
+    ap.add_argument("--set", nargs="+", action="extend", default=[], metavar="KEY=VALUE",
+                    help="override a model field, e.g. model.hidden_size=64 (as in run configs)")
     ap.add_argument("--json", action="store_true", help="print one JSON object")
     args = ap.parse_args(argv)
     overrides = parse_overrides(args.set)
-    fields = PanGuPiConfig.field_names()
-    for key in overrides:
-        if key not in fields:
-            close = difflib.get_close_matches(key, fields, n=1)
-            raise UserError(f"unknown config field {key!r}" + (f"; did you mean {close[0]!r}?" if close else ""))
     config = PanGuPiConfig.from_preset(args.preset, **overrides)
     params = count_parameters(config)
     if args.json:
@@ -61,12 +66,22 @@ def info_main(argv: list[str]) -> int:
 
 
 def tokenizer_main(argv: list[str]) -> int:
-    if not argv or argv[0] not in ("train", "extend"):
-        raise UserError("usage: pangu-pi tokenizer train|extend ...")
+    if not argv or argv[0] not in ("train", "extend", "template"):
+        raise UserError("usage: pangu-pi tokenizer train|extend|template ...")
+    if argv[0] == "template":
+        return template_main(argv[1:])
     if argv[0] == "extend":
+        from .tokenizer import write_chat_template
         from .vocab import extend_main
 
-        return extend_main(argv[1:])
+        code = extend_main(argv[1:])
+        # The extension copies the base's files; it gets the current chat template whatever the base had.
+        out = argparse.ArgumentParser(add_help=False)
+        out.add_argument("--out")
+        folder = out.parse_known_args(argv[1:])[0].out
+        if code == 0 and folder:
+            write_chat_template(folder)
+        return code
     from .tokenizer import load_tokenizer, train_tokenizer
 
     ap = argparse.ArgumentParser(prog="pangu-pi tokenizer train", description="Train a SentencePiece BPE tokenizer.")
@@ -82,6 +97,38 @@ def tokenizer_main(argv: list[str]) -> int:
     tok = load_tokenizer(out)
     print(f"tokenizer with {len(tok)} pieces written to {out}")
     return 0
+
+
+def template_main(argv: list[str]) -> int:
+    """`pangu-pi tokenizer template DIR...`: install the current chat template (tools included)."""
+    from .tokenizer import folder_chat_template, template_status, write_chat_template
+
+    ap = argparse.ArgumentParser(
+        prog="pangu-pi tokenizer template",
+        description="Install the current chat template (ChatML with Hermes-style tool calls) in tokenizer or "
+        "checkpoint folders. A custom template is kept as chat_template.previous.jinja.",
+    )
+    ap.add_argument("dirs", nargs="+", metavar="DIR", help="tokenizer folder or checkpoint folder holding one")
+    ap.add_argument("--check", action="store_true", help="change nothing; exit 1 if a folder's template is not current")
+    args = ap.parse_args(argv)
+    stale = 0
+    for folder in args.dirs:
+        path = Path(folder)
+        if not (path / "tokenizer.json").is_file() and not (path / "tokenizer_config.json").is_file():
+            raise UserError(f"{folder} holds no tokenizer (no tokenizer.json); pass a tokenizer or checkpoint folder")
+        if args.check:
+            status = template_status(folder_chat_template(path))
+            stale += status != "current"
+            print(f"{folder}: {status} chat template")
+            continue
+        before = write_chat_template(path)
+        print(f"{folder}: " + {
+            "current": "chat template already current",
+            "previous": "chat template updated (tools, tool calls and tool results now render)",
+            "missing": "chat template written (there was none)",
+            "custom": "custom chat template replaced; the old one is in chat_template.previous.jinja",
+        }[before])  # fmt: skip
+    return 1 if stale else 0
 
 
 def generate_main(argv: list[str]) -> int:
@@ -128,7 +175,8 @@ def init_main(argv: list[str]) -> int:
     ap = argparse.ArgumentParser(prog="pangu-pi init", description="Create a randomly initialised checkpoint.")
     ap.add_argument("--preset", default="tiny")
     ap.add_argument("--tokenizer", required=True, help="tokenizer folder; sets vocab_size")
-    ap.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE")
+    ap.add_argument("--set", nargs="+", action="extend", default=[], metavar="KEY=VALUE",
+                    help="override a model field, e.g. model.hidden_size=64 (as in run configs)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", required=True)
     args = ap.parse_args(argv)

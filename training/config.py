@@ -1,9 +1,19 @@
-"""The pretraining run config: a tree of dataclasses with defaults, read from YAML, changed with
-`--set a.b=value`, and checked before any compute is spent.
+"""The run config of every training recipe: a tree of dataclasses with defaults, read from YAML,
+changed with `--set a.b=value`, and checked before any compute is spent.
 
-A run config file names only what differs from the defaults below. Unknown keys are refused with
-the nearest valid key, because a misspelt key silently keeping its default costs a whole run.
+Pretraining, continued pretraining (`model.init_from`) and fine-tuning (`finetune.mode: full | lora`)
+share one schema and one loader (`load_config` / `build_config`): a key means the same thing in
+every recipe. Each recipe starts from its own defaults (`RECIPE_DEFAULTS`: fine-tuning takes a lower
+learning rate, no weight decay, fp32, a short warmup), and a config file names only what differs.
+Unknown keys are refused with the nearest valid key, because a misspelt key silently keeping its
+default costs a whole run. Keys of the older fine-tuning layout (`model: DIR`, top-level `seq_len`,
+`datasets`, `precision`, `mode`, `lora`, ...) still load, with one note saying where each moved.
 The resolved config (defaults filled in, batch split derived) is saved with every checkpoint.
+
+The reader is this module's own (about 100 lines over the dataclasses) rather than a validation
+library: it gives the messages users rely on (nearest key, right key in the wrong section, the key
+and what it accepts) directly, and `RunConfig` stays a plain dataclass that DeepSpeed-free tools
+(`training.memory`, the benchmarks) import cheaply.
 """
 
 from __future__ import annotations
@@ -11,6 +21,8 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
+import os
+import sys
 import types
 import typing
 from dataclasses import dataclass, field
@@ -20,14 +32,24 @@ from typing import Any
 import yaml
 
 from pangu_pi.config import ConfigError, PanGuPiConfig
+from pangu_pi.overrides import deep_merge as _deep_merge
+from pangu_pi.overrides import parse_override
+
+RECIPES = ("pretrain", "finetune")
+# The projections vLLM serves LoRA adapters on (and peft's names for them in this model).
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+FINETUNE_MODES = ("full", "lora")
 
 
 @dataclass
 class DataConfig:
-    # Each {path: prepared shard dir, weight: sampling weight}. Empty = the embedded default corpus,
-    # tokenized by the run itself into the run folder (or `cache_dir`) and reused by later runs.
+    # Each {path: ..., weight: sampling weight}. Pretraining: prepared shard dirs; empty = the embedded
+    # default corpus, tokenized by the run itself into the run folder (or `cache_dir`) and reused by
+    # later runs. Fine-tuning: chat JSONL files, folders or globs (a bare path string is weight 1).
     datasets: list = field(default_factory=list)
-    tokenizer: str | None = None  # tokenizer dir the shards were made with; required with datasets
+    # Pretraining: the tokenizer dir the shards were made with (required with datasets).
+    # Fine-tuning: null = the tokenizer saved with model.init_from.
+    tokenizer: str | None = None
     seq_len: int = 512  # tokens per sample; at most model.max_position_embeddings
     val_fraction: float = 0.005
     # Only for the default corpus: how much of it to use (None = all of it), the tokenizer's size,
@@ -66,7 +88,7 @@ class ScheduleConfig:
 
 @dataclass
 class TrainConfig:
-    max_steps: int = 1000  # optimizer steps
+    max_steps: int | None = 1000  # optimizer steps; fine-tuning: null = finetune.epochs passes over the data
     precision: str = "bf16"  # bf16 | fp32
     zero_stage: int = 2
     offload_optimizer: bool = False  # ZeRO optimizer state in host memory
@@ -94,6 +116,27 @@ class LogConfig:
     plot: bool = True
     # Peak FLOP/s of one device for MFU; None = looked up from the GPU's name (unknown devices show no MFU).
     peak_flops_per_device: float | None = None
+    # A Weights & Biases project to log the metrics to (rank 0); null = off. WANDB_MODE=offline
+    # writes the run under OUT/wandb with no network, for `wandb sync` later.
+    wandb: str | None = None
+
+
+@dataclass
+class LoraConfig:
+    r: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.05
+    target_modules: list = field(default_factory=lambda: list(LORA_TARGETS))
+
+
+@dataclass
+class FinetuneConfig:
+    """What only fine-tuning has; the preference recipe's keys will sit beside these."""
+
+    mode: str = "full"  # full: every weight, an HF checkpoint in OUT/model | lora: an adapter in OUT/adapter
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    examples: int | None = None  # examples drawn into the mixture per epoch; null = as many as there are
+    epochs: float = 1.0  # passes over the packed rows when train.max_steps is null
 
 
 @dataclass
@@ -111,11 +154,17 @@ class RunConfig:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     log: LogConfig = field(default_factory=LogConfig)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
     # Passed through to the DeepSpeed config over what we derive (bucket sizes, communication tuning).
     deepspeed: dict = field(default_factory=dict)
+    recipe: str = "pretrain"  # set by the loader from the command (pangu-pi pretrain / finetune)
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        out = dataclasses.asdict(self)
+        out.pop("recipe")
+        if self.recipe == "pretrain":
+            out.pop("finetune")  # a pretraining config has nothing to say there
+        return out
 
     def model_config(self, vocab_size: int | None = None) -> PanGuPiConfig:
         overrides = {k: v for k, v in self.model.items() if k not in ("preset", "init_from")}
@@ -164,6 +213,8 @@ def _checkpoint_model_config(init_from: str, overrides: dict, vocab_size: int | 
 def _valid_paths(cls=RunConfig, prefix: str = "") -> list[str]:
     paths = []
     for f in dataclasses.fields(cls):
+        if cls is RunConfig and f.name == "recipe":
+            continue
         path = prefix + f.name
         paths.append(path)
         sub = _dataclass_type(f.type)
@@ -256,7 +307,7 @@ def _build(cls, values: Any, prefix: str = ""):
         values = {}
     if not isinstance(values, dict):
         raise ConfigError(f"config section {prefix.rstrip('.') or 'top level'!r} must be a mapping, got {values!r}")
-    names = {f.name: f for f in dataclasses.fields(cls)}
+    names = {f.name: f for f in dataclasses.fields(cls) if not (cls is RunConfig and f.name == "recipe")}
     hints = typing.get_type_hints(cls)
     kwargs = {}
     for key, value in values.items():
@@ -272,37 +323,6 @@ def _model_section(values: dict) -> dict:
         if key not in known:
             raise _unknown_key(f"model.{key}")
     return {"preset": "tiny", **values}
-
-
-def _deep_merge(base: dict, extra: dict) -> dict:
-    out = dict(base)
-    for key, value in extra.items():
-        if isinstance(value, dict) and isinstance(out.get(key), dict):
-            out[key] = _deep_merge(out[key], value)
-        else:
-            out[key] = value
-    return out
-
-
-def parse_override(item: str) -> dict:
-    """`a.b.c=value` → {"a": {"b": {"c": value}}}, with value read as YAML (numbers, lists, null)."""
-    if "=" not in item:
-        raise ConfigError(f"--set {item!r} is not KEY=VALUE; write e.g. --set optim.lr=1e-4")
-    key, raw = item.split("=", 1)
-    key = key.strip()
-    if not key or any(not part for part in key.split(".")):
-        raise ConfigError(f"--set {item!r} has an empty key; write e.g. --set optim.lr=1e-4")
-    try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
-    except yaml.YAMLError:
-        value = raw
-    tree: dict = {}
-    node = tree
-    parts = key.split(".")
-    for part in parts[:-1]:
-        node = node.setdefault(part, {})
-    node[parts[-1]] = value
-    return tree
 
 
 def load_yaml(path: str | Path) -> dict:
@@ -325,29 +345,133 @@ def run_folder(config_path: str | Path, out: str | None, configured: str | None)
     return out or configured or str(Path("runs") / Path(config_path).stem)
 
 
-def build_config(values: dict | None = None, overrides: list[str] | None = None) -> RunConfig:
-    """A checked RunConfig from a dict (as read from YAML) and `a.b=value` overrides, applied in order."""
+# What each recipe starts from, under the user's file. Fine-tuning moves a trained model a little:
+# a lower peak LR and no pull towards zero; fp32 (a short run, and LoRA's small updates), no eval.
+RECIPE_DEFAULTS: dict[str, dict] = {
+    "pretrain": {},
+    "finetune": {
+        "optim": {"lr": 2e-5, "weight_decay": 0.0},
+        "schedule": {"warmup_steps": 10},
+        "train": {"precision": "fp32", "max_steps": None},
+        "eval": {"every": 0},
+    },
+}
+
+# The older fine-tuning layout, key by key: where each top-level key (or section) went.
+OLD_FINETUNE_KEYS = {
+    "tokenizer": "data.tokenizer",
+    "datasets": "data.datasets",
+    "seq_len": "data.seq_len",
+    "examples": "finetune.examples",
+    "epochs": "finetune.epochs",
+    "max_steps": "train.max_steps",
+    "precision": "train.precision",
+    "zero_stage": "train.zero_stage",
+    "mode": "finetune.mode",
+    "lora": "finetune.lora",
+}
+# Keys that moved in every layout.
+MOVED_KEYS = {"log.every": "train.log_every"}
+
+
+def _pop_path(values: dict, path: str) -> tuple[bool, Any]:
+    node = values
+    parts = path.split(".")
+    for part in parts[:-1]:
+        node = node.get(part)
+        if not isinstance(node, dict):
+            return False, None
+    if parts[-1] not in node:
+        return False, None
+    return True, node.pop(parts[-1])
+
+
+def _put_path(values: dict, path: str, value: Any) -> None:
+    node = values
+    parts = path.split(".")
+    for part in parts[:-1]:
+        if not isinstance(node.get(part), dict):
+            node[part] = {}
+        node = node[part]
+    node[parts[-1]] = value
+
+
+def migrate_old_layout(values: dict) -> tuple[dict, list[str]]:
+    """Move keys of the older layouts to where they live now; returns (values, ["old → new", ...])."""
+    values = {k: (dict(v) if isinstance(v, dict) else v) for k, v in values.items()}
+    moves = []
+    if isinstance(values.get("model"), str):
+        values["model"] = {"init_from": values["model"]}
+        moves.append("model → model.init_from")
+    for old, new in {**OLD_FINETUNE_KEYS, **MOVED_KEYS}.items():
+        found, value = _pop_path(values, old)
+        if found:
+            if isinstance(value, dict) and isinstance(values.get(new.split(".")[0]), dict):
+                found_new, existing = _pop_path(values, new)
+                if found_new and isinstance(existing, dict):
+                    value = _deep_merge(existing, value)
+            _put_path(values, new, value)
+            moves.append(f"{old} → {new}")
+    if isinstance(values.get("log"), dict) and not values["log"]:
+        values.pop("log")
+    return values, moves
+
+
+def infer_recipe(values: dict) -> str:
+    """The recipe a config file is written for, when no command says: fine-tuning if it has a
+    `finetune` section or keys of the older fine-tuning layout."""
+    if "finetune" in values or isinstance(values.get("model"), str) or set(values) & set(OLD_FINETUNE_KEYS):
+        return "finetune"
+    return "pretrain"
+
+
+def _note(text: str) -> None:
+    # Every rank reads the config; one note is enough.
+    if os.environ.get("RANK", "0") == "0":
+        print(f"pangu-pi: note: {text}", file=sys.stderr, flush=True)
+
+
+def build_config(values: dict | None = None, overrides: list[str] | None = None, *,
+                 recipe: str | None = None, check_paths: bool = True) -> RunConfig:
+    """A checked RunConfig from a dict (as read from YAML) and `a.b=value` overrides, applied in
+    order, for `recipe` (pretrain | finetune; None = inferred from the keys). `check_paths=False`
+    checks keys and values only, not the folders they name (for a config written for another machine)."""
     values = dict(values or {})
     for item in overrides or []:
         values = _deep_merge(values, parse_override(item))
+    if recipe is None:
+        recipe = infer_recipe(values)
+    if recipe not in RECIPES:
+        raise ValueError(f"unknown recipe {recipe!r}")
+    values, moves = migrate_old_layout(values)
+    if moves:
+        _note("this config uses the older fine-tuning layout; it loads, but write the keys where they live now: "
+              + ", ".join(moves) + " (docs/training.md)")
+    if recipe == "pretrain" and "finetune" in values:
+        raise ConfigError("this is a fine-tuning config (it has a `finetune` section or fine-tuning keys); "
+                          "run it with `pangu-pi finetune`, or remove the section to pretrain")
+    values = _deep_merge(RECIPE_DEFAULTS[recipe], values)
     model = values.pop("model", None) or {}
     if not isinstance(model, dict):
         raise ConfigError("config section 'model' must be a mapping such as {preset: tiny}")
     config = _build(RunConfig, values)
     config.model = _model_section(model)
-    check(config)
+    config.recipe = recipe
+    check(config, check_paths=check_paths)
     return config
 
 
-def load_config(path: str | Path | None, overrides: list[str] | None = None) -> RunConfig:
-    return build_config(load_yaml(path) if path else {}, overrides)
+def load_config(path: str | Path | None, overrides: list[str] | None = None, *,
+                recipe: str | None = None, check_paths: bool = True) -> RunConfig:
+    """The one loader of every recipe's run config: YAML file + `--set` overrides, checked."""
+    return build_config(load_yaml(path) if path else {}, overrides, recipe=recipe, check_paths=check_paths)
 
 
 # ------------------------------------------------------------------------------------------------
 # Checks that need no process count; the batch split is checked by `resolve_batch` once it is known.
 
 
-def check(config: RunConfig) -> None:
+def check(config: RunConfig, check_paths: bool = True) -> None:
     def need(ok: bool, message: str) -> None:
         if not ok:
             raise ConfigError(message)
@@ -356,20 +480,27 @@ def check(config: RunConfig) -> None:
     need(d.seq_len >= 2, f"data.seq_len must be at least 2, got {d.seq_len}")
     need(0 < d.val_fraction < 1, f"data.val_fraction must be in (0, 1), got {d.val_fraction}")
     need(d.workers >= 1, f"data.workers must be at least 1, got {d.workers}")
+    finetuning = config.recipe == "finetune"
     for i, entry in enumerate(d.datasets):
+        if finetuning and isinstance(entry, str):
+            continue  # a chat file, folder or glob, weight 1
         need(
             isinstance(entry, dict) and "path" in entry and set(entry) <= {"path", "weight"},
-            f"data.datasets[{i}] must be {{path: DIR, weight: NUMBER}}, got {entry!r}",
+            f"data.datasets[{i}] must be {{path: {'FILE' if finetuning else 'DIR'}, weight: NUMBER}}, got {entry!r}",
         )
         weight = entry.get("weight", 1.0)
         need(
             isinstance(weight, (int, float)) and not isinstance(weight, bool) and weight > 0 and math.isfinite(weight),
             f"data.datasets[{i}].weight must be a positive number, got {weight!r}",
         )
-    need(
-        not d.datasets or d.tokenizer,
-        "data.datasets is set but data.tokenizer is not; name the tokenizer dir the shards were prepared with",
-    )
+    if finetuning:
+        check_finetune(config)
+    else:
+        need(
+            not d.datasets or d.tokenizer,
+            "data.datasets is set but data.tokenizer is not; name the tokenizer dir the shards were prepared with",
+        )
+        need(t.max_steps is not None, "train.max_steps must be set for pretraining (optimizer steps to train to)")
     need(o.lr > 0, f"optim.lr must be positive, got {o.lr}")
     need(
         len(o.betas) == 2 and all(isinstance(b, (int, float)) and 0 <= b < 1 for b in o.betas),
@@ -381,7 +512,7 @@ def check(config: RunConfig) -> None:
     need(s.warmup_steps >= 0, f"schedule.warmup_steps must be >= 0, got {s.warmup_steps}")
     need(0 <= s.min_lr_ratio <= 1, f"schedule.min_lr_ratio must be in [0, 1], got {s.min_lr_ratio}")
     need(0 < s.decay_fraction <= 1, f"schedule.decay_fraction must be in (0, 1], got {s.decay_fraction}")
-    need(t.max_steps >= 1, f"train.max_steps must be at least 1, got {t.max_steps}")
+    need(t.max_steps is None or t.max_steps >= 1, f"train.max_steps must be at least 1, got {t.max_steps}")
     need(t.precision in ("bf16", "fp32"), f"train.precision must be bf16 or fp32, got {t.precision!r}")
     need(t.zero_stage in (1, 2, 3), f"train.zero_stage must be 1, 2 or 3, got {t.zero_stage}")
     need(t.max_bad_steps >= 1, f"train.max_bad_steps must be at least 1, got {t.max_bad_steps}")
@@ -399,6 +530,8 @@ def check(config: RunConfig) -> None:
     need(config.eval.samples >= 1, f"eval.samples must be at least 1, got {config.eval.samples}")
     for key in ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps"):
         need(key not in config.deepspeed, f"deepspeed.{key} would fight the batch section; set batch.* instead")
+    if not check_paths and config.model.get("init_from"):
+        return  # the shape comes from a checkpoint this check does not read
     # Building the model config here refuses a bad model section before any process starts.
     model = config.model_config()
     need(
@@ -406,6 +539,33 @@ def check(config: RunConfig) -> None:
         f"data.seq_len ({d.seq_len}) exceeds the model's max_position_embeddings "
         f"({model.max_position_embeddings}); lower seq_len or set model.max_position_embeddings",
     )
+
+
+def check_finetune(config: RunConfig) -> None:
+    def need(ok: bool, message: str) -> None:
+        if not ok:
+            raise ConfigError(message)
+
+    f, lora = config.finetune, config.finetune.lora
+    need(bool(config.model.get("init_from")),
+         "set model.init_from to the HF checkpoint folder to fine-tune (e.g. the output of `pangu-pi export`)")
+    need(bool(config.data.datasets), "set data.datasets to a list of {path: chat.jsonl, weight: 1.0}")
+    need(config.data.seq_len >= 8, f"data.seq_len must be at least 8, got {config.data.seq_len}")
+    need(f.mode in FINETUNE_MODES, f"finetune.mode must be full or lora, got {f.mode!r}")
+    need(f.examples is None or f.examples >= 1, f"finetune.examples must be at least 1 or null, got {f.examples}")
+    need(f.epochs > 0, f"finetune.epochs must be positive, got {f.epochs}")
+    if f.mode == "lora":
+        need(config.train.zero_stage in (1, 2),
+             "LoRA trains a few million weights at most: use train.zero_stage 1 or 2, not 3")
+        need(lora.r >= 1, f"finetune.lora.r must be at least 1, got {lora.r}")
+        need(0 <= lora.dropout < 1, f"finetune.lora.dropout must be in [0, 1), got {lora.dropout}")
+        need(bool(lora.target_modules), "finetune.lora.target_modules is empty; name some of " + ", ".join(LORA_TARGETS))
+        for name in lora.target_modules:
+            close = difflib.get_close_matches(str(name), LORA_TARGETS, n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            need(name in LORA_TARGETS,
+                 f"finetune.lora.target_modules: {name!r} is not a projection vLLM serves LoRA on{hint} "
+                 f"(choose among {', '.join(LORA_TARGETS)})")
 
 
 @dataclass(frozen=True)

@@ -168,8 +168,8 @@ def demo(run_dir: Path, *, base_steps: int, continue_steps: int, sft_steps: int,
     sft = run_dir / "sft"
     if not _done(sft / "model"):
         run(["finetune", "--config", "configs/yunshan_finetune_tiny.yaml", "--nproc", "2", "--out", str(sft),
-             "--no-progress", "--set", f"model={continued_hf}", "--set", f"max_steps={sft_steps}",
-             "--set", f"datasets=[{{path: {demo_dir / 'train.jsonl'}, weight: 0.9}}, {{path: {chat}, weight: 0.1}}]"],
+             "--no-progress", "--set", f"model.init_from={continued_hf}", "--max-steps", str(sft_steps),
+             "--set", f"data.datasets=[{{path: {demo_dir / 'train.jsonl'}, weight: 0.9}}, {{path: {chat}, weight: 0.1}}]"],
             log)
     end("instruct")
 

@@ -111,6 +111,75 @@ def test_shipped_recipes_load(name):
     assert config.optim.betas == [0.9, 0.95]
 
 
+@pytest.mark.parametrize("path", sorted(CONFIGS.glob("*.yaml")), ids=lambda p: p.name)
+def test_every_shipped_config_validates(path, capsys):
+    # The folders they name live on the training cluster; keys and values are checked here.
+    config = load_config(path, check_paths=False)
+    assert config.recipe == ("finetune" if "finetune" in path.name else "pretrain")
+    assert "older fine-tuning layout" not in capsys.readouterr().err  # shipped files use the current layout
+
+
+def _chat_config(tmp_path: Path) -> dict:
+    from pangu_pi import PanGuPiConfig
+
+    base = tmp_path / "base"
+    PanGuPiConfig.from_preset("tiny", vocab_size=600).save_pretrained(base)
+    return {"model": {"init_from": str(base)}, "data": {"datasets": [str(tmp_path / "chat.jsonl")], "seq_len": 64},
+            "finetune": {"mode": "lora", "lora": {"r": 4}}}
+
+
+@pytest.mark.parametrize(
+    ("recipe", "override", "suggestion"),
+    [
+        ("pretrain", "optim.lrr=1e-3", "optim.lr"),
+        ("finetune", "optim.lrr=1e-3", "optim.lr"),
+        ("pretrain", "checkpoint.save_evry=5", "checkpoint.save_every"),
+        ("finetune", "checkpoint.save_evry=5", "checkpoint.save_every"),
+        ("finetune", "finetune.lora.rank=4", "finetune.lora.r"),
+        ("finetune", "finetune.mdoe=full", "finetune.mode"),
+        ("finetune", "data.seqlen=64", "data.seq_len"),
+    ],
+)
+def test_one_loader_for_every_recipe_names_the_nearest_key(tmp_path, recipe, override, suggestion):
+    values = _chat_config(tmp_path) if recipe == "finetune" else {}
+    with pytest.raises(ConfigError, match=f"unknown config key .*; did you mean {suggestion!r}"):
+        build_config(values, [override], recipe=recipe)
+
+
+def test_finetune_config_shares_the_sections_and_takes_its_own_defaults(tmp_path):
+    config = build_config(_chat_config(tmp_path), ["train.max_steps=7", "batch.micro_batch_size=2"], recipe="finetune")
+    assert config.recipe == "finetune" and config.finetune.mode == "lora" and config.finetune.lora.r == 4
+    assert config.train.max_steps == 7 and config.batch.micro_batch_size == 2
+    assert config.optim.lr == pytest.approx(2e-5) and config.optim.weight_decay == 0.0  # fine-tuning defaults
+    assert config.train.precision == "fp32" and config.eval.every == 0
+    assert config.model_config().vocab_size == 600  # the shape comes from model.init_from
+    # The resolved config reloads as the same recipe, without being told.
+    dump_yaml(resolved_dict(config), tmp_path / "resolved.yaml")
+    again = load_config(tmp_path / "resolved.yaml")
+    assert again.recipe == "finetune" and resolved_dict(again) == resolved_dict(config)
+    with pytest.raises(ConfigError, match="finetune.mode must be full or lora"):
+        build_config(_chat_config(tmp_path), ["finetune.mode=qlora"], recipe="finetune")
+    with pytest.raises(ConfigError, match="train.zero_stage 1 or 2"):
+        build_config(_chat_config(tmp_path), ["train.zero_stage=3"], recipe="finetune")
+    with pytest.raises(ConfigError, match="pangu-pi finetune"):
+        build_config(_chat_config(tmp_path), recipe="pretrain")
+
+
+def test_old_finetune_layout_loads_with_a_note_of_what_moved(tmp_path, capsys):
+    new = _chat_config(tmp_path)
+    old = {"model": new["model"]["init_from"], "datasets": new["data"]["datasets"], "seq_len": 64, "mode": "lora",
+           "lora": {"r": 4}, "precision": "fp32", "max_steps": 5, "log": {"every": 2}}
+    config = build_config(old, ["zero_stage=1"])
+    assert config.recipe == "finetune"
+    err = capsys.readouterr().err
+    for move in ("model → model.init_from", "seq_len → data.seq_len", "mode → finetune.mode", "lora → finetune.lora",
+                 "precision → train.precision", "zero_stage → train.zero_stage", "log.every → train.log_every"):
+        assert move in err
+    assert config.model["init_from"] == new["model"]["init_from"] and config.data.seq_len == 64
+    assert config.finetune.lora.r == 4 and config.train.zero_stage == 1 and config.train.log_every == 2
+    assert config.train.max_steps == 5
+
+
 @pytest.mark.parametrize("name", ["pangu-pi-1b.yaml", "pangu-pi-7b.yaml"])
 def test_paper_recipes(name):
     config = load_config(CONFIGS / name)
