@@ -21,13 +21,68 @@ UNK, BOS, EOS, PAD = "<unk>", "<s>", "</s>", "<pad>"
 IM_START, IM_END = "<|im_start|>", "<|im_end|>"
 SPM_FILE = "spm.model"  # the SentencePiece model, kept so the vocabulary can be extended later
 
-# ChatML: the roles' turns are delimited by two special tokens that no text can spell.
-CHAT_TEMPLATE = (
+# The template of earlier releases: ChatML with `role` and `content` only. A folder holding it is
+# upgraded to CHAT_TEMPLATE when loaded (`load_tokenizer`) or by `pangu-pi tokenizer template`;
+# both render every such conversation to the same text.
+CHAT_TEMPLATE_V1 = (
     "{% for message in messages %}"
     "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
     "{% endfor %}"
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
 )
+PREVIOUS_CHAT_TEMPLATES = (CHAT_TEMPLATE_V1,)
+
+# ChatML (turns delimited by two special tokens no text can spell) with Hermes-style tool calling,
+# the format vLLM's stock `hermes` tool parser reads (docs/serving.md, "Tool calling"):
+#   - `tools` (OpenAI function schemas) are listed in the system turn, one JSON object a line,
+#     inside <tools></tools>; a system message, if any, comes first in that turn;
+#   - an assistant's `tool_calls` follow its content, each as
+#     <tool_call>\n{"name": NAME, "arguments": {...}}\n</tool_call>;
+#   - a `tool` message is a turn of role `tool`: <tool_response id="CALL_ID">\nRESULT\n</tool_response>.
+# Tools are rendered from their name, description and parameters alone, so a client's nulls and
+# extra fields do not change the prompt. A conversation without tools renders as CHAT_TEMPLATE_V1.
+CHAT_TEMPLATE = r"""
+{%- for message in messages -%}
+  {%- set content = message['content'] if message['content'] is string else '' -%}
+  {%- if loop.first and tools -%}
+    {{- '<|im_start|>system\n' -}}
+    {%- if message['role'] == 'system' -%}{{- content + '\n\n' -}}{%- endif -%}
+    {{- '# Tools\nYou may call one or more of these functions:\n<tools>\n' -}}
+    {%- for tool in tools -%}
+      {%- set fn = tool['function'] if tool['function'] is defined else tool -%}
+      {{- '{"name": ' + fn['name'] | tojson -}}
+      {%- if fn['description'] -%}{{- ', "description": ' + fn['description'] | tojson -}}{%- endif -%}
+      {{- ', "parameters": ' + (fn['parameters'] if fn['parameters'] is mapping else {}) | tojson + '}\n' -}}
+    {%- endfor -%}
+    {{- '</tools>\nTo call a function, answer with its name and arguments as JSON:\n' -}}
+    {{- '<tool_call>\n{"name": "NAME", "arguments": {...}}\n</tool_call><|im_end|>\n' -}}
+  {%- endif -%}
+  {%- if loop.first and tools and message['role'] == 'system' -%}
+    {#- already rendered with the tools -#}
+  {%- elif message['role'] == 'assistant' -%}
+    {{- '<|im_start|>assistant\n' + content -}}
+    {%- for call in message['tool_calls'] or [] -%}
+      {%- set fn = call['function'] if call['function'] is defined else call -%}
+      {%- if content or not loop.first -%}{{- '\n' -}}{%- endif -%}
+      {{- '<tool_call>\n{"name": ' + fn['name'] | tojson + ', "arguments": ' -}}
+      {%- if fn['arguments'] is string -%}{{- fn['arguments'] -}}
+      {%- elif fn['arguments'] is mapping -%}{{- fn['arguments'] | tojson -}}
+      {%- else -%}{{- '{}' -}}
+      {%- endif -%}
+      {{- '}\n</tool_call>' -}}
+    {%- endfor -%}
+    {{- '<|im_end|>\n' -}}
+  {%- elif message['role'] == 'tool' -%}
+    {{- '<|im_start|>tool\n<tool_response' -}}
+    {%- if message['tool_call_id'] -%}{{- ' id=' + message['tool_call_id'] | tojson -}}{%- endif -%}
+    {{- '>\n' + content + '\n</tool_response><|im_end|>\n' -}}
+  {%- else -%}
+    {{- '<|im_start|>' + message['role'] + '\n' + content + '<|im_end|>\n' -}}
+  {%- endif -%}
+{%- endfor -%}
+{%- if add_generation_prompt -%}{{- '<|im_start|>assistant\n' -}}{%- endif -%}
+""".strip()
+CHAT_TEMPLATE_FILE = "chat_template.jinja"
 
 
 def _lines(files: Iterable[Path], max_bytes: int, progress: bool) -> Iterator[str]:
@@ -163,6 +218,9 @@ def train_tokenizer(
 
 
 def load_tokenizer(path: str | Path):
+    """The tokenizer saved in `path`; a chat template of an earlier release is replaced by
+    CHAT_TEMPLATE (same text for the chats it could render, plus tools), so whatever is saved from
+    it (fine-tuned checkpoints, `pangu-pi init`) carries the current template."""
     from transformers import AutoTokenizer
 
     path = Path(path)
@@ -170,4 +228,56 @@ def load_tokenizer(path: str | Path):
         raise FileNotFoundError(
             f"no tokenizer in {path} (tokenizer.json missing); make one with `pangu-pi tokenizer train --out {path}`"
         )
-    return AutoTokenizer.from_pretrained(str(path))
+    tok = AutoTokenizer.from_pretrained(str(path))
+    if tok.chat_template in PREVIOUS_CHAT_TEMPLATES:
+        tok.chat_template = CHAT_TEMPLATE
+    return tok
+
+
+def template_status(template: str | None) -> str:
+    """"current", "previous" (an earlier template of this project), "custom" or "missing"."""
+    if not template:
+        return "missing"
+    if template.strip() == CHAT_TEMPLATE:
+        return "current"
+    return "previous" if template in PREVIOUS_CHAT_TEMPLATES else "custom"
+
+
+def folder_chat_template(folder: str | Path) -> str | None:
+    """The chat template transformers would load from `folder`: chat_template.jinja first, then the
+    `chat_template` key of tokenizer_config.json."""
+    folder = Path(folder)
+    if (folder / CHAT_TEMPLATE_FILE).is_file():
+        return (folder / CHAT_TEMPLATE_FILE).read_text(encoding="utf-8")
+    config = folder / "tokenizer_config.json"
+    if config.is_file():
+        template = json.loads(config.read_text(encoding="utf-8")).get("chat_template")
+        return template if isinstance(template, str) else None
+    return None
+
+
+def write_chat_template(folder: str | Path, backup: bool = True) -> str:
+    """Install CHAT_TEMPLATE in a tokenizer or checkpoint folder; returns the status the folder had
+    before (see `template_status`). A custom template is kept beside it as chat_template.previous.jinja."""
+    folder = Path(folder)
+    if not (folder / "tokenizer.json").is_file() and not (folder / "tokenizer_config.json").is_file():
+        raise FileNotFoundError(
+            f"{folder} holds no tokenizer (no tokenizer.json or tokenizer_config.json); pass a tokenizer folder "
+            "or a checkpoint folder with its tokenizer saved in it"
+        )
+    before = folder_chat_template(folder)
+    status = template_status(before)
+    if status == "current":
+        return status
+    if status == "custom" and backup:
+        (folder / "chat_template.previous.jinja").write_text(before, encoding="utf-8")
+    (folder / CHAT_TEMPLATE_FILE).write_text(CHAT_TEMPLATE, encoding="utf-8")
+    # transformers reads chat_template.jinja before the config's key; drop the key anyway, so no
+    # reader (older transformers, other tools) sees a stale template.
+    config = folder / "tokenizer_config.json"
+    if config.is_file():
+        data = json.loads(config.read_text(encoding="utf-8"))
+        if "chat_template" in data:
+            del data["chat_template"]
+            config.write_text(json.dumps(data, ensure_ascii=False, indent=2) + "\n", encoding="utf-8")
+    return status
