@@ -116,4 +116,179 @@ def test_an_engine_that_does_not_answer_is_a_502():
     gateway = Gateway({"base": "http://engine-a:1"}, "inner", "base", transport=httpx.MockTransport(refuse))
     with TestClient(gateway.app(None)) as c:
         reply = c.post("/v1/completions", json={"model": "base", "prompt": "x"})
-    assert reply.status_code == 502 and "did not answer" in reply.json()["error"]["message"]
+    # Refused: the engine's process is gone, which is what 503 (not 502) says, and clients retry.
+    assert reply.status_code == 503 and reply.json()["error"]["code"] == "engine_unavailable"
+    assert "base" in reply.json()["error"]["message"]
+
+
+# ------------------------------------------------------------------------------ engines going down
+
+
+def test_a_dead_engine_gets_503_while_the_others_serve_and_health_names_it():
+    seen = []
+    gateway = Gateway(ENGINES, engine_key="inner-key", default_engine="base", transport=fake_engines(seen))
+    auth = {"Authorization": "Bearer k"}
+    with TestClient(gateway.app("k")) as c:
+        assert c.get("/health").json()["status"] == "ok"
+        gateway.mark_down("yunshan", "killed by SIGKILL")
+        reply = c.post("/v1/completions", json={"model": "yunshan", "prompt": "x"}, headers=auth)
+        assert reply.status_code == 503
+        error = reply.json()["error"]
+        assert set(error) == {"message", "type", "param", "code"} and error["code"] == "engine_unavailable"
+        assert "SIGKILL" in error["message"] and "restarting" in error["message"]
+        assert c.post("/v1/completions", json={"model": "base", "prompt": "x"}, headers=auth).status_code == 200
+        # Still listed (it comes back), and the engine that is down is not asked.
+        assert "yunshan" in [m["id"] for m in c.get("/v1/models", headers=auth).json()["data"]]
+        health = c.get("/health")
+        assert health.status_code == 503 and health.json()["down"] == ["yunshan"]
+        assert health.json()["engines"]["yunshan"]["reason"] == "killed by SIGKILL"
+        assert health.json()["engines"]["base"]["status"] == "up"
+        gateway.mark_down("yunshan", "exit code 1", gave_up=True)
+        assert "too many restarts" in c.post("/v1/completions", json={"model": "yunshan"}, headers=auth).json()["error"]["message"]
+
+
+def test_a_restarted_engine_gets_its_runtime_adapters_back():
+    loads = []
+
+    def handle(request: httpx.Request) -> httpx.Response:
+        if request.url.path == "/v1/load_lora_adapter":
+            loads.append(json.loads(request.content))
+            return httpx.Response(200, text="Success")
+        return httpx.Response(200, json={"data": [{"id": "base"}]})
+
+    gateway = Gateway({"base": "http://engine-a:1"}, "inner", "base", transport=httpx.MockTransport(handle))
+    with TestClient(gateway.app(None)) as c:
+        gateway.engines["base"].loaded["live"] = "/adapters/live"
+        gateway.mark_down("base", "killed by SIGKILL")
+        assert c.get("/health").status_code == 503
+        c.portal.call(gateway.engine_back, "base")
+        assert loads == [{"lora_name": "live", "lora_path": "/adapters/live"}]
+        health = c.get("/health").json()
+        assert health["status"] == "ok" and health["engines"]["base"]["restarts"] == 1
+
+
+def test_a_stream_cut_by_a_dying_engine_ends_with_an_error_event():
+    class Dies(httpx.AsyncByteStream):
+        async def __aiter__(self):
+            yield b'data: {"piece": 0}\n\n'
+            raise httpx.RemoteProtocolError("peer closed connection")
+
+    def handle(request):
+        if request.url.path == "/v1/models":
+            return httpx.Response(200, json={"data": [{"id": "base"}]})
+        return httpx.Response(200, stream=Dies(), headers={"content-type": "text/event-stream"})
+
+    gateway = Gateway({"base": "http://engine-a:1"}, "inner", "base", transport=httpx.MockTransport(handle))
+    with TestClient(gateway.app(None)) as c:
+        with c.stream("POST", "/v1/completions", json={"model": "base", "stream": True}) as reply:
+            lines = [line for line in reply.iter_lines() if line.startswith("data:")]
+    assert json.loads(lines[0][5:]) == {"piece": 0}
+    assert json.loads(lines[1][5:])["error"]["code"] == "engine_unavailable" and lines[-1] == "data: [DONE]"
+
+
+# ------------------------------------------------------------------------------------------ metrics
+
+
+def test_metrics_merge_every_engine_labelled_by_engine():
+    text = {
+        "http://engine-a:1": '# HELP vllm:num_requests_running Running.\n# TYPE vllm:num_requests_running gauge\n'
+                             'vllm:num_requests_running{model_name="base"} 2.0\nprocess_cpu_seconds_total 7.5\n',
+        "http://engine-b:2": '# HELP vllm:num_requests_running Running.\n# TYPE vllm:num_requests_running gauge\n'
+                             'vllm:num_requests_running{model_name="yunshan"} 0.0\n',
+    }  # fmt: skip
+
+    def handle(request):
+        origin = f"{request.url.scheme}://{request.url.host}:{request.url.port}"
+        if request.url.path == "/metrics":
+            assert request.headers["authorization"] == "Bearer inner"
+            return httpx.Response(200, text=text[origin])
+        return httpx.Response(200, json={"data": [{"id": "base" if origin.endswith("1") else "yunshan"}]})
+
+    gateway = Gateway(ENGINES, "inner", "base", transport=httpx.MockTransport(handle))
+    with TestClient(gateway.app("k")) as c:
+        assert c.get("/metrics").status_code == 401
+        body = c.get("/metrics", headers={"Authorization": "Bearer k"}).text
+    lines = body.splitlines()
+    assert lines.count("# TYPE vllm:num_requests_running gauge") == 1
+    assert 'vllm:num_requests_running{engine="base",model_name="base"} 2.0' in lines
+    assert 'vllm:num_requests_running{engine="yunshan",model_name="yunshan"} 0.0' in lines
+    assert 'process_cpu_seconds_total{engine="base"} 7.5' in lines
+    assert 'pangu_pi_engine_up{engine="yunshan"} 1' in lines
+    # The family's samples follow its header, as Prometheus' text format requires.
+    header = lines.index("# TYPE vllm:num_requests_running gauge")
+    assert lines[header + 1].startswith("vllm:num_requests_running{") and lines[header + 2].startswith("vllm:num_requests_running{")
+
+
+# ----------------------------------------------------------------------------- adapters at run time
+
+
+def test_adapters_are_checked_then_loaded_on_the_named_engine_and_routed_there(tmp_path):
+    import torch
+    from safetensors.torch import save_file
+
+    def model(path, hidden):
+        path.mkdir()
+        save_file({"model.layers.0.self_attn.q_proj.weight": torch.zeros(hidden, hidden)}, str(path / "model.safetensors"))
+        return path
+
+    def lora(path, hidden, rank=8):
+        path.mkdir()
+        (path / "adapter_config.json").write_text(json.dumps({"r": rank}))
+        prefix = "base_model.model.model.layers.0.self_attn.q_proj"
+        save_file({f"{prefix}.lora_A.weight": torch.zeros(rank, hidden), f"{prefix}.lora_B.weight": torch.zeros(hidden, rank)},
+                  str(path / "adapter_model.safetensors"))  # fmt: skip
+        return path
+
+    served = {"http://engine-a:1": ["base"], "http://engine-b:2": ["yunshan"]}
+    asked = []
+
+    def handle(request):
+        origin = f"{request.url.scheme}://{request.url.host}:{request.url.port}"
+        if request.url.path == "/v1/models":
+            return httpx.Response(200, json={"data": [{"id": served[origin][0]}, *({"id": a, "parent": served[origin][0]} for a in served[origin][1:])]})
+        body = json.loads(request.content)
+        asked.append((origin, request.url.path, body))
+        if request.url.path == "/v1/load_lora_adapter":
+            served[origin].append(body["lora_name"])
+            return httpx.Response(200, text=f"Success: LoRA adapter '{body['lora_name']}' added successfully.")
+        if request.url.path == "/v1/unload_lora_adapter":
+            served[origin].remove(body["lora_name"])
+            return httpx.Response(200, text="Success")
+        return json_reply(200, {"engine": origin})
+
+    gateway = Gateway(ENGINES, "inner", "base", transport=httpx.MockTransport(handle),
+                      model_dirs={"base": model(tmp_path / "m", 16), "yunshan": model(tmp_path / "y", 32)},
+                      max_lora_rank={"base": 16, "yunshan": 16})  # fmt: skip
+    auth = {"Authorization": "Bearer k"}
+    with TestClient(gateway.app("k")) as c:
+        load = lambda **body: c.post("/v1/load_lora_adapter", json=body, headers=auth)  # noqa: E731
+        assert c.post("/v1/load_lora_adapter", json={"lora_name": "x", "lora_path": "/nowhere"}).status_code == 401
+
+        def refused(reply, mentions, param="lora_path"):
+            assert reply.status_code == 400, reply.text
+            assert mentions in reply.json()["error"]["message"] and reply.json()["error"]["param"] == param
+
+        refused(load(lora_name="a", lora_path=str(tmp_path / "nowhere")), "does not exist")
+        refused(load(lora_name="a", lora_path=str(tmp_path)), "no adapter_config.json")
+        refused(load(lora_name="a", lora_path=str(lora(tmp_path / "wide", 32))), "another shape")
+        refused(load(lora_name="a", lora_path=str(lora(tmp_path / "big", 16, rank=64))), "--max-lora-rank 64")
+        refused(load(lora_name="a", lora_path=str(tmp_path / "wide"), variant="nope"), "yunshan", param="variant")
+        refused(load(lora_name="yunshan", lora_path=str(tmp_path / "wide")), "already served", param="lora_name")
+        refused(load(lora_path=str(tmp_path / "wide")), "lora_name", param="lora_name")
+        assert asked == [], "nothing invalid reaches an engine"
+
+        assert load(lora_name="narrow", lora_path=str(lora(tmp_path / "narrow", 16))).status_code == 200
+        assert load(lora_name="wide", lora_path=str(tmp_path / "wide"), variant="yunshan").status_code == 200
+        assert asked[-1] == ("http://engine-b:2", "/v1/load_lora_adapter", {"lora_name": "wide", "lora_path": str(tmp_path / "wide")})
+        ids = [m["id"] for m in c.get("/v1/models", headers=auth).json()["data"]]
+        assert ids == ["base", "narrow", "yunshan", "wide"]
+        for name, engine in (("narrow", "http://engine-a:1"), ("wide", "http://engine-b:2")):
+            assert c.post("/v1/completions", json={"model": name, "prompt": "x"}, headers=auth).json() == {"engine": engine}
+        assert gateway.engines["yunshan"].loaded == {"wide": str((tmp_path / "wide").resolve())}
+
+        assert c.post("/v1/unload_lora_adapter", json={"lora_name": "wide"}, headers=auth).status_code == 200
+        assert asked[-1][:2] == ("http://engine-b:2", "/v1/unload_lora_adapter")
+        missing = c.post("/v1/unload_lora_adapter", json={"lora_name": "wide"}, headers=auth)
+        assert missing.status_code == 404 and "narrow" in missing.json()["error"]["message"]
+        assert c.post("/v1/completions", json={"model": "wide", "prompt": "x"}, headers=auth).status_code == 404
+        assert gateway.engines["yunshan"].loaded == {}

@@ -8,16 +8,16 @@ from starlette.responses import JSONResponse
 from starlette.routing import Route
 from starlette.testclient import TestClient
 
-from serving.request_guard import API_KEY_ENV, RequestGuard
+from serving.request_guard import API_KEY_ENV, CHAT_ROLES, Limits, RequestGuard
 
 
 async def echo(request):
     return JSONResponse({"body": (await request.body()).decode(), "path": request.url.path})
 
 
-def app(api_key):
+def app(api_key, limits=None):
     routes = [Route(p, echo, methods=["GET", "POST", "OPTIONS"]) for p in ("/health", "/metrics", "/v1/completions", "/v1/audio")]
-    return TestClient(RequestGuard(Starlette(routes=routes), api_key=api_key))
+    return TestClient(RequestGuard(Starlette(routes=routes), api_key=api_key, limits=limits))
 
 
 def assert_error(reply, status, type_, code=None):
@@ -72,3 +72,54 @@ def test_a_good_body_reaches_the_app_intact():
 def test_uploads_are_not_parsed_as_json():
     reply = app(None).post("/v1/audio", files={"file": ("a.wav", b"RIFF....", "audio/wav")})
     assert reply.status_code == 200
+
+
+@pytest.mark.parametrize(
+    "body, param, flag",
+    [
+        ({"n": 17}, "n", "--max-n"),
+        ({"stop": [str(i) for i in range(17)]}, "stop", "--max-stop"),
+        ({"tools": [{"type": "function", "function": {"name": f"f{i}"}} for i in range(129)]}, "tools", "--max-tools"),
+        ({"unknown": "x" * (2 * 1024 * 1024)}, None, "--max-body-bytes"),
+    ],
+)
+def test_each_limit_is_a_400_naming_it_and_its_flag(body, param, flag):
+    client = app(None, Limits())
+    reply = client.post("/v1/completions", json={"model": "m", **body})
+    assert_error(reply, 400, "invalid_request_error", "limit_exceeded")
+    assert reply.json()["error"]["param"] == param and flag in reply.json()["error"]["message"]
+    # At the limit itself, the request passes.
+    at_limit = {"n": 16, "stop": ["a"] * 16, "tools": [{}] * 128, "unknown": "x" * 1000}
+    key = next(iter(body))
+    assert client.post("/v1/completions", json={"model": "m", key: at_limit[key]}).status_code == 200
+
+
+def test_raised_limits_let_the_request_through():
+    client = app(None, Limits(max_n=20000, max_body_bytes=8 << 20, max_stop=100, max_tools=1000))
+    assert client.post("/v1/completions", json={"n": 10000, "stop": ["x"] * 50, "pad": "y" * (5 << 20)}).status_code == 200
+
+
+def test_a_body_over_the_limit_is_refused_without_a_content_length_too():
+    def chunks():
+        for _ in range(40):
+            yield b" " * 100_000
+
+    reply = app(None, Limits(max_body_bytes=1_000_000)).post("/v1/completions", content=chunks(), headers={"Content-Type": "application/json"})
+    assert reply.status_code == 400 and "--max-body-bytes" in reply.json()["error"]["message"]
+
+
+def test_unknown_chat_roles_are_400_naming_the_allowed_ones():
+    client = app(None, Limits())
+    messages = [{"role": "user", "content": "hi"}, {"role": "wizard", "content": "abracadabra"}]
+    reply = client.post("/v1/completions", json={"messages": messages})
+    assert_error(reply, 400, "invalid_request_error", "invalid_role")
+    assert '"wizard"' in reply.json()["error"]["message"] and "messages[1]" in reply.json()["error"]["message"]
+    assert all(role in reply.json()["error"]["message"] for role in CHAT_ROLES)
+    every_role = [{"role": r, "content": "x"} for r in CHAT_ROLES]
+    assert client.post("/v1/completions", json={"messages": every_role}).status_code == 200
+
+
+def test_without_limits_only_roles_are_checked():
+    # The engines' own guard, behind the gateway that has checked the limits already.
+    assert app(None).post("/v1/completions", json={"n": 10**6, "stop": ["x"] * 99, "pad": "y" * (3 << 20)}).status_code == 200
+    assert app(None).post("/v1/completions", json={"messages": [{"role": "wizard"}]}).status_code == 400

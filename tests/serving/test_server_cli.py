@@ -41,12 +41,13 @@ def test_a_missing_checkpoint_is_one_line_on_the_command_line(tmp_path):
     assert "Traceback" not in result.stderr
 
 
-def test_single_engine_binds_where_asked_with_its_adapters(tmp_path):
+def test_a_single_engine_sits_behind_the_gateway_too(tmp_path):
+    # The gateway is what answers (503) while an engine restarts, so even one engine has it.
     base = checkpoint(tmp_path / "pangu-1b")
     lora = adapter(tmp_path / "law", 8)
     engines, gateway = plan([str(base), "--lora", f"law={lora}", "--port", "9001"])
-    assert not gateway and len(engines) == 1
-    assert (engines[0].name, engines[0].host, engines[0].port) == ("pangu-1b", "127.0.0.1", 9001)
+    assert gateway and len(engines) == 1
+    assert (engines[0].name, engines[0].host) == ("pangu-1b", "127.0.0.1") and engines[0].port != 9001
     assert engines[0].loras == {"law": lora}
 
 
@@ -95,7 +96,7 @@ def test_engine_command_line(tmp_path):
     assert cmd[1:3] == ["-m", "vllm.entrypoints.openai.api_server"]
     flag = lambda name: cmd[cmd.index(name) + 1]  # noqa: E731
     assert flag("--max-lora-rank") == "16"  # vLLM's next allowed rank above the largest adapter's 12
-    assert flag("--max-loras") == "2" and flag("--max-model-len") == "1024" and flag("--tensor-parallel-size") == "2"
+    assert flag("--max-loras") == "4" and flag("--max-model-len") == "1024" and flag("--tensor-parallel-size") == "2"
     assert flag("--middleware") == "serving.request_guard.RequestGuard"
     assert cmd[cmd.index("--lora-modules") + 1 : cmd.index("--lora-modules") + 3] == [f"a={tmp_path / 'a'}", f"b={tmp_path / 'b'}"]
     assert cmd[-1] == "--enforce-eager"
@@ -108,6 +109,7 @@ def test_engine_environment(monkeypatch):
     monkeypatch.setattr(server.os, "sched_getaffinity", lambda pid: {0, 1, 2, 3, 4})
     env = server.engine_env("cpu", None)
     assert API_KEY_ENV not in env and env["VLLM_TARGET_DEVICE"] == "cpu"
+    assert env["VLLM_ALLOW_RUNTIME_LORA_UPDATING"] == "True"  # /v1/load_lora_adapter exists on the engine
     assert server.engine_env("cuda", "k")[API_KEY_ENV] == "k"
     assert server.engine_env("cpu", "k", tensor_parallel_size=2)["VLLM_CPU_OMP_THREADS_BIND"] == "0,1|2,3"
     assert "VLLM_CPU_OMP_THREADS_BIND" not in server.engine_env("cuda", "k", tensor_parallel_size=2)
@@ -125,3 +127,68 @@ def test_chat_client_says_when_nothing_listens():
                             text=True, timeout=120)  # fmt: skip
     assert result.returncode == 2
     assert "cannot reach" in result.stderr and "pangu-pi serve" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_lora_is_on_for_run_time_adapters_unless_turned_off(tmp_path):
+    base = checkpoint(tmp_path / "base")
+
+    def command(*extra):
+        args = server.parse_args([str(base), *extra])
+        return server.engine_command(server.plan_engines(args)[0][0], args)
+
+    plain = command()
+    assert plain[plain.index("--max-lora-rank") + 1] == "16" and "--lora-modules" not in plain
+    assert command("--max-lora-rank", "40")[command("--max-lora-rank", "40").index("--max-lora-rank") + 1] == "64"
+    assert "--enable-lora" not in command("--no-runtime-lora")
+    with pytest.raises(UserError, match="--max-lora-rank"):
+        command("--max-lora-rank", "4096")
+
+
+def test_limit_flags_default_and_must_be_positive(tmp_path):
+    base = checkpoint(tmp_path / "base")
+    args = server.parse_args([str(base)])
+    assert server._check_limits(args) == server.Limits(16, 2 * 1024 * 1024, 16, 128)
+    raised = server.parse_args([str(base), "--max-n", "64", "--max-body-bytes", "9000000", "--max-stop", "40", "--max-tools", "500"])
+    assert server._check_limits(raised) == server.Limits(64, 9_000_000, 40, 500)
+    with pytest.raises(UserError, match="--max-n"):
+        server._check_limits(server.parse_args([str(base), "--max-n", "0"]))
+
+
+def test_kv_cache_is_chosen_to_fit_free_memory_unless_set(tmp_path, monkeypatch):
+    base = checkpoint(tmp_path / "base")
+    (base / "config.json").write_text(json.dumps({"num_hidden_layers": 24, "num_attention_heads": 16, "hidden_size": 2048,
+                                                  "max_position_embeddings": 2048, "dtype": "float32"}))  # fmt: skip
+    (base / "model.safetensors").write_bytes(b"\0" * 1000)
+    monkeypatch.delenv(server.KV_CACHE_ENV, raising=False)
+    args = server.parse_args([str(base), "--dtype", "float32"])
+    engines, _ = server.plan_engines(args)
+    gib = 1 << 30
+    monkeypatch.setattr(server, "node_memory", lambda: (64 * gib, 40 * gib))
+    chosen, line = server.choose_kv_cache(engines, args, "cpu")
+    # (40 GiB - 3 processes × 0.5 GiB) / 2, for a model whose 256 full contexts would need 192 GiB.
+    assert chosen == 19 and "19 GiB" in line and "VLLM_CPU_KVCACHE_SPACE" in line
+    small = server.parse_args([str(base), "--dtype", "float32", "--max-model-len", "128", "--", "--max-num-seqs", "8"])
+    assert server.choose_kv_cache(engines, small, "cpu")[0] == 1  # 8 × 128 tokens need far less than a GiB
+    monkeypatch.setattr(server, "node_memory", lambda: (8 * gib, 1 * gib))
+    chosen, line = server.choose_kv_cache(engines, args, "cpu")
+    assert chosen == 1 and "memory is short" in line
+    assert server.choose_kv_cache(engines, args, "cuda") == (None, "")
+    assert server.choose_kv_cache(engines, server.parse_args([str(base), "--", "--gpu-memory-utilization", "0.5"]), "cpu")[0] is None
+    monkeypatch.setenv(server.KV_CACHE_ENV, "3")
+    assert server.choose_kv_cache(engines, args, "cpu") == (None, "")
+
+
+def test_root_cause_is_the_error_that_says_why_not_the_last_line():
+    log = """(APIServer pid=1) WARNING 12-01 21:42:18 [system_utils.py:255] can cause `OSError: [Errno 24] Too many open files`.
+(Worker pid=3) ERROR 12-01 21:43:02 [multiproc_executor.py:1063] Traceback (most recent call last):
+(Worker pid=3) ERROR 12-01 21:43:02 [multiproc_executor.py:1063]     raise ValueError(
+(Worker pid=3) ERROR 12-01 21:43:02 [multiproc_executor.py:1063] ValueError: Available memory on node 0 (5.68/8.09 GiB) is less than requested memory for kv (100.0 GiB).
+(EngineCore pid=2) ERROR 12-01 21:43:02 [core.py:1510] RuntimeError: Worker failed with error 'Available memory on node 0', please check the stack trace above for the root cause
+Traceback (most recent call last):
+RuntimeError: Engine core initialization failed. See root cause above. Failed core proc(s): {}
+"""
+    assert server.root_cause(log.splitlines()) == (
+        "ValueError: Available memory on node 0 (5.68/8.09 GiB) is less than requested memory for kv (100.0 GiB)."
+    )
+    assert server.root_cause(["RuntimeError: Engine core initialization failed. See root cause above."]).startswith("RuntimeError")
+    assert server.root_cause(["nothing to see"]) is None
