@@ -11,6 +11,9 @@ Layout under `OUT/checkpoints/`:
         model/config.json   the model config (what `pangu-pi export` builds the model from)
         tokenizer/          the tokenizer the data was made with
         COMPLETE            written last, after every file above is on disk
+        universal/          made on demand when the run resumes on another process count: the
+                            engine state as DeepSpeed's universal checkpoint (`ds_to_universal`),
+                            one file per parameter and optimizer moment, loadable by any count
     step_N.tmp/             a save in progress; a crash leaves it behind and resume deletes it
     latest                  the name of the newest complete checkpoint, replaced atomically
 
@@ -18,6 +21,14 @@ A save writes everything into `step_N.tmp/`, fsyncs it, writes `COMPLETE`, renam
 `step_N/` and only then points `latest` at it. Resume takes the newest folder that has `COMPLETE`,
 so a process killed at any instant leaves the previous checkpoint as the one to resume from.
 The checkpoint folder must be on a filesystem every node sees (rank 0 renames what all ranks wrote).
+
+Resuming on M processes a checkpoint that N wrote: rank 0 converts the engine state once with
+DeepSpeed's `ds_to_universal` (into `universal.tmp/`, renamed to `universal/` when done, so an
+interrupted conversion is redone), and every rank loads it with DeepSpeed's universal loader
+(`"checkpoint": {"load_universal": true}`): weights, AdamW moments and step counts, re-partitioned
+for M. The LR scheduler comes from the same files. The data position is global (samples consumed by
+all ranks together), so the stream continues at the exact sample; the global batch must be the same,
+which `check_resume_batch` makes sure of before any process starts.
 """
 
 from __future__ import annotations
@@ -27,7 +38,8 @@ import os
 import random
 import re
 import shutil
-import signal
+import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -41,9 +53,8 @@ TMP_SUFFIX = ".tmp"
 ENGINE_TAG = "engine"  # DeepSpeed's tag (its sub-folder) inside each checkpoint folder
 _STEP_DIR = re.compile(r"^step_(\d+)$")
 
-# Test hook: SIGKILL the whole process group halfway through writing the checkpoint of this step,
-# to prove that such a crash leaves the previous checkpoint usable.
-KILL_DURING_SAVE_ENV = "PANGU_PI_TEST_KILL_DURING_SAVE"
+UNIVERSAL = "universal"
+from .faults import KILL_DURING_SAVE_ENV  # noqa: E402,F401 - the hook itself lives in training/faults.py
 
 
 def checkpoint_root(out_dir: str | Path) -> Path:
@@ -187,11 +198,6 @@ def _broadcast(value: Any) -> Any:
     return value
 
 
-def _kill_if_asked(step: int) -> None:
-    if os.environ.get(KILL_DURING_SAVE_ENV) == str(step):
-        os.killpg(os.getpgid(0), signal.SIGKILL)
-
-
 def save_checkpoint(
     engine,
     root: str | Path,
@@ -203,6 +209,7 @@ def save_checkpoint(
     trainer_state: dict[str, Any],
     files: dict[str, Path | str | bytes] | None = None,
     keep_last: int | None = None,
+    faults=None,
 ) -> Path:
     """Write checkpoint `step_N` atomically; every rank calls this together. Returns the final folder.
 
@@ -230,7 +237,8 @@ def save_checkpoint(
     _barrier()
 
     if rank == 0:
-        _kill_if_asked(step)
+        if faults is not None:
+            faults.kill_during_save(step)
         for name, content in (files or {}).items():
             dest = tmp / name
             dest.parent.mkdir(parents=True, exist_ok=True)
@@ -255,22 +263,108 @@ def save_checkpoint(
     return final
 
 
-def load_checkpoint(engine, path: str | Path, *, rank: int, world_size: int) -> tuple[dict, dict]:
-    """Restore engine state and this rank's RNG; returns (rank_state, trainer_state)."""
+def read_state(path: str | Path) -> dict:
+    """A checkpoint's trainer/state.json: step, samples and tokens consumed, process count."""
+    return json.loads((Path(path) / "trainer" / "state.json").read_text())
+
+
+def saved_batch(path: str | Path) -> dict | None:
+    """The batch section a checkpoint was trained with (from its resolved config.yaml)."""
+    import yaml
+
+    config = Path(path) / "config.yaml"
+    if not config.is_file():
+        return None
+    return (yaml.safe_load(config.read_text()) or {}).get("batch")
+
+
+def check_resume_batch(path: str | Path, global_batch: int, world_size: int) -> None:
+    """Refuse, before any process starts, a resume whose global batch differs from the checkpoint's:
+    the data position and the LR schedule are counted in its samples and steps."""
+    from pangu_pi.errors import UserError
+
+    saved = saved_batch(path)
+    if not saved or not saved.get("global_batch_size"):
+        return
+    g = int(saved["global_batch_size"])
+    if g == global_batch:
+        return
+    n = read_state(path).get("world_size", "?")
+    if g % world_size:
+        counts = [k for k in range(1, g + 1) if g % k == 0]
+        raise UserError(
+            f"{Path(path).name} was trained with a global batch of {g} sequences, which {world_size} processes "
+            f"cannot split evenly; resume on {', '.join(map(str, counts))} processes"
+        )
+    per = g // world_size
+    pairs = [(m, per // m) for m in range(1, per + 1) if per % m == 0]
+    ways = ", ".join(f"micro_batch_size={m} grad_accum={a}" for m, a in pairs[-3:][::-1])
+    raise UserError(
+        f"{Path(path).name} was trained with a global batch of {g} sequences on {n} processes, this run would "
+        f"take {global_batch}; keep it with --set batch.global_batch_size={g} (on {world_size} processes: {ways})"
+    )
+
+
+def universal_folder(path: str | Path) -> Path:
+    """The checkpoint's engine state as a DeepSpeed universal checkpoint, converted once (rank 0 only)."""
     path = Path(path)
-    trainer_state = json.loads((path / "trainer" / "state.json").read_text())
-    if trainer_state["world_size"] != world_size:
-        from pangu_pi.cli import UserError
+    done = path / UNIVERSAL
+    if (done / ENGINE_TAG).is_dir():
+        return done
+    tmp = path / (UNIVERSAL + TMP_SUFFIX)
+    shutil.rmtree(tmp, ignore_errors=True)
+    # Its own process: the converter starts worker pools, which do not belong inside a rank that
+    # holds a process group. --inject_missing_state: an engine without pipeline or tensor
+    # parallelism records no universal-checkpoint info, and needs none.
+    cmd = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", str(path / ENGINE_TAG),
+           "--output_folder", str(tmp / ENGINE_TAG), "--inject_missing_state", "--num_extract_workers", "2",
+           "--num_merge_workers", "1"]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        from pangu_pi.errors import UserError
+
+        tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["(no output)"]
+        raise UserError(f"converting {path} to a universal checkpoint failed: {tail[0]}")
+    fsync_tree(tmp)
+    os.replace(tmp, done)
+    _fsync_dir(path)
+    return done
+
+
+def load_checkpoint(engine, path: str | Path, *, rank: int, world_size: int,
+                    universal: bool = False) -> tuple[dict, dict]:
+    """Restore engine state and this rank's RNG; returns (rank_state, trainer_state).
+
+    A checkpoint from another process count loads only through its universal form (`universal=True`,
+    with the engine built with `"checkpoint": {"load_universal": true}`)."""
+    path = Path(path)
+    trainer_state = read_state(path)
+    saved_world = trainer_state["world_size"]
+    if saved_world != world_size and not universal:
+        from pangu_pi.errors import UserError
 
         raise UserError(
-            f"checkpoint {path} was written by {trainer_state['world_size']} processes and this run has "
-            f"{world_size}; resume with the same process count, or export it (`pangu-pi export`) and start anew"
+            f"checkpoint {path} was written by {saved_world} processes and this run has {world_size}; "
+            "the engine must load its universal form (the trainer does this on resume)"
         )
+    source = path / UNIVERSAL if universal else path
     load_path, _ = engine.load_checkpoint(
-        str(path), tag=ENGINE_TAG, load_optimizer_states=True, load_lr_scheduler_states=True
+        str(source), tag=ENGINE_TAG, load_optimizer_states=True, load_lr_scheduler_states=True
     )
     if load_path is None:
-        raise FileNotFoundError(f"DeepSpeed found no engine state in {path / ENGINE_TAG}; the checkpoint is damaged")
-    rank_state = torch.load(path / "trainer" / f"rank_{rank}.pt", weights_only=False)
-    set_rng_state(rank_state["rng"])
+        raise FileNotFoundError(f"DeepSpeed found no engine state in {source / ENGINE_TAG}; the checkpoint is damaged")
+    own = path / "trainer" / f"rank_{rank}.pt"
+    if saved_world == world_size:
+        rank_state = torch.load(own, weights_only=False)
+        set_rng_state(rank_state["rng"])
+    else:
+        # Every rank's data position is the same global sample count; rank 0's file carries it.
+        rank_state = torch.load(path / "trainer" / "rank_0.pt", weights_only=False)
+        if own.is_file():
+            set_rng_state(torch.load(own, weights_only=False)["rng"])
+        else:  # a rank the old run did not have: a fresh stream of its own
+            seed = 1_000_003 * int(trainer_state["step"]) + rank
+            random.seed(seed)
+            np.random.seed(seed % 2**32)
+            torch.manual_seed(seed)
     return rank_state, trainer_state

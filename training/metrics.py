@@ -1,5 +1,6 @@
-"""What a pretraining run reports: `metrics.jsonl`, a progress bar, TensorBoard scalars and a PNG of
-the loss curves. Only rank 0 writes any of them.
+"""What a training run reports: `metrics.jsonl`, a progress bar, TensorBoard scalars, a PNG of the
+loss curves and, when `log.wandb` names a project, the same scalars in Weights & Biases. Only rank 0
+writes any of them.
 
 `metrics.jsonl` has one line per optimizer step (`step`, `loss`, `lr`, `grad_norm`, `tokens_per_s`,
 `skipped`, the time split and, where the peak is known, `mfu`) and one line per validation
@@ -135,6 +136,9 @@ class RunLogger:
         max_steps: int,
         tensorboard: bool = True,
         progress: bool = True,
+        desc: str = "pretrain",
+        wandb_project: str | None = None,
+        run_config: dict | None = None,
     ):
         self.enabled = enabled
         self.out_dir = Path(out_dir)
@@ -142,6 +146,7 @@ class RunLogger:
         self._file = None
         self._tb = None
         self._bar = None
+        self._wandb = None
         if not enabled:
             return
         self.out_dir.mkdir(parents=True, exist_ok=True)
@@ -155,7 +160,9 @@ class RunLogger:
         if progress:
             from tqdm.auto import tqdm
 
-            self._bar = tqdm(total=max_steps, initial=start_step, unit="step", desc="pretrain", dynamic_ncols=True)
+            self._bar = tqdm(total=max_steps, initial=start_step, unit="step", desc=desc, dynamic_ncols=True)
+        if wandb_project:
+            self._wandb = _wandb_run(wandb_project, self.out_dir, run_config or {})
 
     def _write(self, row: dict[str, Any]) -> None:
         self._file.write(json.dumps(row) + "\n")
@@ -171,6 +178,10 @@ class RunLogger:
                     value = row.get(key)
                     if value is not None and math.isfinite(value):
                         self._tb.add_scalar(f"train/{key}", value, row["step"])
+            if self._wandb is not None:
+                values = {f"train/{k}": row[k] for k in ("loss", "lr", "grad_norm", "tokens_per_s", "mfu")
+                          if row.get(k) is not None and math.isfinite(row[k])}
+                self._wandb.log({**values, "train/skipped": int(bool(row.get("skipped")))}, step=row["step"])
         if self._bar is not None:
             postfix = {"loss": f"{row['loss']:.4f}", "tok/s": f"{row['tokens_per_s']:.0f}"}
             if row.get("mfu") is not None:
@@ -188,6 +199,8 @@ class RunLogger:
         if self._tb is not None:
             self._tb.add_scalar("val/loss", loss, step)
             self._tb.add_scalar("val/ppl", ppl, step)
+        if self._wandb is not None:
+            self._wandb.log({"val/loss": loss, "val/ppl": ppl}, step=step)
         if self._bar is not None:
             self._bar.write(f"step {step}: validation loss {loss:.4f}, perplexity {ppl:.2f}")
 
@@ -204,9 +217,24 @@ class RunLogger:
             plot_losses(self.metrics_path, png_path)
 
     def close(self) -> None:
+        if self._wandb is not None:
+            self._wandb.finish()
+            self._wandb = None
         if self._bar is not None:
             self._bar.close()
         if self._tb is not None:
             self._tb.close()
         if self._file is not None:
             self._file.close()
+
+
+def _wandb_run(project: str, out_dir: Path, run_config: dict):
+    """A W&B run for this run folder; a resumed run continues the same W&B run (its id is kept in
+    OUT/wandb_id). WANDB_MODE=offline writes it under OUT/wandb with no network, for `wandb sync`."""
+    import wandb
+
+    id_file = out_dir / "wandb_id"
+    run_id = id_file.read_text().strip() if id_file.is_file() else wandb.util.generate_id()
+    id_file.write_text(run_id + "\n")
+    return wandb.init(project=project, dir=str(out_dir), id=run_id, resume="allow", name=out_dir.name,
+                      config=run_config, settings=wandb.Settings(console="off", silent=True))

@@ -1,0 +1,71 @@
+"""Test-only fault hooks, all in one place, read once from the environment.
+
+    PANGU_PI_TEST_KILL_DURING_SAVE=N          SIGKILL the whole process group halfway through writing
+                                              the step-N checkpoint (the previous one must stay usable)
+    PANGU_PI_TEST_NONFINITE_GRAD_STEPS=3,5    NaN gradients at these optimizer steps (the loss stays
+                                              finite), to exercise the non-finite guard
+    PANGU_PI_TEST_DUMP_LOGITS=PATH            at the end, the engine's logits on a fixed input, saved to
+                                              PATH, to compare with an export
+
+`active()` is None when none is set, so an ordinary run pays one `is None` test per hook site.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+from dataclasses import dataclass, field
+from pathlib import Path
+
+KILL_DURING_SAVE_ENV = "PANGU_PI_TEST_KILL_DURING_SAVE"
+NONFINITE_STEPS_ENV = "PANGU_PI_TEST_NONFINITE_GRAD_STEPS"
+DUMP_LOGITS_ENV = "PANGU_PI_TEST_DUMP_LOGITS"
+
+
+@dataclass
+class Faults:
+    kill_during_save_step: int | None = None
+    poisoned_steps: set[int] = field(default_factory=set)
+    dump_logits_path: Path | None = None
+
+    def kill_during_save(self, step: int) -> None:
+        if self.kill_during_save_step == step:
+            os.killpg(os.getpgid(0), signal.SIGKILL)
+
+    def poison(self, step: int, loss):
+        """Identity forward, NaN gradient: a test of the guard that the loss alone would not trip."""
+        if step not in self.poisoned_steps:
+            return loss
+        import torch
+
+        class _NaNGrad(torch.autograd.Function):
+            @staticmethod
+            def forward(ctx, x):
+                return x.view_as(x)
+
+            @staticmethod
+            def backward(ctx, g):
+                return g * float("nan")
+
+        return _NaNGrad.apply(loss)
+
+    def dump_logits(self, engine, vocab: int, rank: int, device) -> None:
+        if self.dump_logits_path is None:
+            return
+        import torch
+
+        ids = (torch.arange(1, 25, dtype=torch.long) * 37 % vocab).unsqueeze(0).to(device)
+        engine.eval()
+        with torch.no_grad():
+            logits = engine(input_ids=ids).logits.float().cpu()
+        if rank == 0:
+            torch.save({"input_ids": ids.cpu(), "logits": logits}, self.dump_logits_path)
+
+
+def active() -> Faults | None:
+    kill = os.environ.get(KILL_DURING_SAVE_ENV, "").strip()
+    poisoned = {int(s) for s in os.environ.get(NONFINITE_STEPS_ENV, "").split(",") if s.strip()}
+    dump = os.environ.get(DUMP_LOGITS_ENV, "").strip()
+    if not (kill or poisoned or dump):
+        return None
+    return Faults(int(kill) if kill else None, poisoned, Path(dump) if dump else None)
