@@ -179,6 +179,8 @@ def init_main(argv: list[str]) -> int:
                     help="override a model field, e.g. model.hidden_size=64 (as in run configs)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", required=True)
+    ap.add_argument("--no-remote-code", action="store_true",
+                    help="leave out configuration_pangu_pi.py / modeling_pangu_pi.py (loading then needs pangu-pi)")
     args = ap.parse_args(argv)
     tok = load_tokenizer(args.tokenizer)
     config = PanGuPiConfig.from_preset(
@@ -189,8 +191,8 @@ def init_main(argv: list[str]) -> int:
     model = PanGuPiForCausalLM(config)
     model.generation_config.eos_token_id = [tok.eos_token_id, tok.convert_tokens_to_ids("<|im_end|>")]
     model.generation_config.pad_token_id = tok.pad_token_id
-    model.save_pretrained(args.out)
-    tok.save_pretrained(args.out)
+    tok.save_pretrained(args.out)  # first, so the model card describes it
+    model.save_pretrained(args.out, remote_code=not args.no_remote_code)
     params = sum(p.numel() for p in model.parameters())
     print(f"{args.preset} model, {params:,} parameters, written to {args.out}")
     return 0

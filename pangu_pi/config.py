@@ -17,6 +17,9 @@ from .kernels import ACTIVATIONS
 
 SHORTCUT_ACTIVATIONS = ("gelu", "gelu_tanh", "silu", "relu", "tanh", "sigmoid")
 ATTENTION_BACKENDS = ("eager", "sdpa", "flash_attention_2")
+# RoPE variants: the ones transformers implements for LLaMA (its ROPE_INIT_FUNCTIONS) that vLLM's
+# get_rope builds too. The formulas live in those libraries; the model only names the variant.
+ROPE_TYPES = ("default", "linear", "dynamic", "yarn", "longrope", "llama3")
 
 
 class ConfigError(ValueError):
@@ -37,7 +40,9 @@ class PanGuPiConfig(PretrainedConfig):
     head_dim: int | None = None  # None = hidden_size // num_attention_heads
     max_position_embeddings: int = 4096
     rope_theta: float = 10000.0
-    rope_parameters: dict | None = None  # kept in step with rope_theta; only the default RoPE is supported
+    # transformers' RoPE description: {"rope_type": one of ROPE_TYPES, "rope_theta", "factor", ...}.
+    # `rope_theta` is kept in step with it; the legacy `rope_scaling` key is read into it.
+    rope_parameters: dict | None = None
     rms_norm_eps: float = 1e-6
     initializer_range: float = 0.02
     tie_word_embeddings: bool = False
@@ -74,12 +79,16 @@ class PanGuPiConfig(PretrainedConfig):
             self.num_key_value_heads = self.num_attention_heads
         if self.head_dim is None and self.num_attention_heads and self.hidden_size % self.num_attention_heads == 0:
             self.head_dim = self.hidden_size // self.num_attention_heads
-        kwargs.pop("rope_scaling", None)
-        if self.rope_parameters and "rope_theta" in self.rope_parameters:
-            self.rope_theta = float(self.rope_parameters["rope_theta"])
-        self.rope_parameters = {"rope_type": "default", "rope_theta": self.rope_theta}
-        if kwargs.get("attn_implementation") is None:
-            kwargs["attn_implementation"] = "sdpa"
+        rope = dict(kwargs.pop("rope_scaling", None) or self.rope_parameters or {})
+        if "type" in rope:  # the pre-standard spelling of rope_type
+            rope.setdefault("rope_type", rope.pop("type"))
+        rope.setdefault("rope_type", "default")
+        if "rope_theta" in rope:
+            self.rope_theta = float(rope["rope_theta"])
+        rope["rope_theta"] = self.rope_theta
+        self.rope_parameters = rope
+        # The attention implementation is left unset here, for transformers to resolve as it does for
+        # its own models (SDPA where it is available, eager when output_attentions is asked for).
         super().__post_init__(**kwargs)
         self.check()
 
@@ -126,6 +135,25 @@ class PanGuPiConfig(PretrainedConfig):
             self.shortcut_activation in SHORTCUT_ACTIVATIONS,
             f"shortcut_activation {self.shortcut_activation!r} is unknown; choose one of {list(SHORTCUT_ACTIVATIONS)}",
         )
+        self.check_rope()
+
+    def check_rope(self) -> None:
+        """Refuse a RoPE variant neither transformers nor vLLM builds, or one missing its parameters."""
+        rope_type = self.rope_parameters.get("rope_type", "default")
+        if rope_type not in ROPE_TYPES:
+            close = difflib.get_close_matches(str(rope_type), ROPE_TYPES, n=1)
+            hint = f"did you mean {close[0]!r}? " if close else ""
+            raise ConfigError(
+                f"rope_parameters.rope_type {rope_type!r} is not supported; {hint}choose one of {', '.join(ROPE_TYPES)}"
+            )
+        try:
+            self.validate_rope()  # transformers' own check of the keys each variant needs
+        except (KeyError, ValueError, TypeError) as err:
+            message = err.args[0] if err.args else str(err)
+            raise ConfigError(f"rope_parameters for {rope_type!r}: {message}") from None
+        factor = self.rope_parameters.get("factor")
+        if rope_type != "default" and rope_type != "longrope" and not (isinstance(factor, (int, float)) and factor >= 1):
+            raise ConfigError(f"rope_parameters.factor must be a number >= 1 for {rope_type!r} RoPE, got {factor!r}")
 
     @property
     def shortcut_width(self) -> int:

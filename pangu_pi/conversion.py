@@ -35,8 +35,13 @@ def pangu_config_from_llama(llama_config, siaf_terms: int = 2, shortcut_count: i
         if getattr(llama_config, flag, False):
             raise UserError(f"the source sets {flag}=True; PanGu-π projections have no biases, so it cannot convert")
     rope = dict(getattr(llama_config, "rope_parameters", None) or {})
-    if rope.get("rope_type", "default") != "default":
-        raise UserError(f"the source uses RoPE scaling {rope.get('rope_type')!r}; only the default RoPE converts")
+    rope_type = rope.get("rope_type", rope.get("type", "default"))
+    from .config import ROPE_TYPES
+
+    if rope_type not in ROPE_TYPES:
+        raise UserError(
+            f"the source uses RoPE {rope_type!r}, which PanGu-π does not build; supported: {', '.join(ROPE_TYPES)}"
+        )
     act = llama_config.hidden_act
     from .kernels import ACTIVATIONS
 
@@ -52,6 +57,8 @@ def pangu_config_from_llama(llama_config, siaf_terms: int = 2, shortcut_count: i
         head_dim=getattr(llama_config, "head_dim", None),
         max_position_embeddings=llama_config.max_position_embeddings,
         rope_theta=float(rope.get("rope_theta", getattr(llama_config, "rope_theta", 10000.0))),
+        # The source's RoPE variant and its scaling, unchanged, so long-context LLaMAs keep their positions.
+        rope_parameters={**rope, "rope_type": rope_type},
         rms_norm_eps=llama_config.rms_norm_eps,
         tie_word_embeddings=bool(llama_config.tie_word_embeddings),
         bos_token_id=llama_config.bos_token_id,
@@ -86,7 +93,7 @@ def llama_config_like(config: PanGuPiConfig):
         head_dim=config.head_dim,
         max_position_embeddings=config.max_position_embeddings,
         rms_norm_eps=config.rms_norm_eps,
-        rope_theta=config.rope_theta,
+        rope_parameters=dict(config.rope_parameters),
         tie_word_embeddings=config.tie_word_embeddings,
         bos_token_id=config.bos_token_id,
         eos_token_id=config.eos_token_id,
@@ -114,7 +121,8 @@ def convert_llama_model(llama_model, **config_overrides) -> PanGuPiForCausalLM:
     return model
 
 
-def convert_llama(src: str | Path, out: str | Path, dtype: str | None = None, **config_overrides) -> Path:
+def convert_llama(src: str | Path, out: str | Path, dtype: str | None = None, *, remote_code: bool = True,
+                  **config_overrides) -> Path:
     from transformers import AutoConfig, LlamaForCausalLM
 
     src, out = Path(src), Path(out)
@@ -126,10 +134,13 @@ def convert_llama(src: str | Path, out: str | Path, dtype: str | None = None, **
     torch_dtype = getattr(torch, dtype) if dtype else None
     llama = LlamaForCausalLM.from_pretrained(src, dtype=torch_dtype or "auto")
     model = convert_llama_model(llama, **config_overrides)
-    model.save_pretrained(out)
-    for name in TOKENIZER_FILES:
+    out.mkdir(parents=True, exist_ok=True)
+    for name in TOKENIZER_FILES:  # before the weights, so the model card describes the tokenizer
         if (src / name).exists():
             shutil.copy(src / name, out / name)
+    model.save_pretrained(out, remote_code=remote_code,
+                          model_card={"kind": "conversion from LLaMA (new parts start as identities)",
+                                      "base_model": str(src)})
     return out
 
 
@@ -143,7 +154,10 @@ def convert_main(argv: list[str]) -> int:
     ap.add_argument("--siaf-terms", type=int, default=2, help="n, the SIAF's number of terms (paper: 2)")
     ap.add_argument("--shortcuts", type=int, default=1, help="T, augmented shortcuts per block")
     ap.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="default: the source's")
+    ap.add_argument("--no-remote-code", action="store_true",
+                    help="leave out configuration_pangu_pi.py / modeling_pangu_pi.py (loading then needs pangu-pi)")
     args = ap.parse_args(argv)
-    out = convert_llama(args.src, args.out, args.dtype, siaf_terms=args.siaf_terms, shortcut_count=args.shortcuts)
+    out = convert_llama(args.src, args.out, args.dtype, remote_code=not args.no_remote_code,
+                        siaf_terms=args.siaf_terms, shortcut_count=args.shortcuts)
     print(f"PanGu-π checkpoint written to {out}")
     return 0

@@ -14,6 +14,7 @@ Nothing here knows about parallelism: DeepSpeed and vLLM apply theirs from outsi
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 
 import torch
@@ -25,11 +26,16 @@ from transformers.generation import GenerationMixin
 from transformers.masking_utils import create_causal_mask
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
+from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS, dynamic_rope_update
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, PreTrainedModel
+from transformers.utils import can_return_tuple, logging
+from transformers.utils.output_capturing import capture_outputs
 
 from .config import PanGuPiConfig
 from .kernels import siaf_and_mul
-from .kernels.reference import identity_init, spread_init
+from .kernels.reference import identity_init, siaf_and_mul_reference, spread_init
+
+logger = logging.get_logger(__name__)
 
 SHORTCUT_ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
     "gelu": F.gelu,
@@ -56,14 +62,22 @@ class PanGuPiRMSNorm(nn.Module):
 
 
 class PanGuPiRotaryEmbedding(nn.Module):
-    """Rotary position embedding (half-split layout, as LLaMA, so LLaMA weights keep their meaning)."""
+    """Rotary position embedding (half-split layout, as LLaMA, so LLaMA weights keep their meaning).
 
-    rope_type = "default"
+    Scaled variants (`rope_parameters["rope_type"]` linear, dynamic, yarn, longrope, llama3) take their
+    frequencies and attention factor from transformers' own `ROPE_INIT_FUNCTIONS`, and the
+    sequence-length dependent ones (dynamic, longrope) are updated by its `dynamic_rope_update`.
+    """
 
     def __init__(self, config: PanGuPiConfig):
         super().__init__()
         self.config = config
-        inv_freq, _ = self.compute_default_rope_parameters(config)
+        # Read by dynamic_rope_update: the window the model was trained for.
+        self.max_seq_len_cached = config.max_position_embeddings
+        self.original_max_seq_len = config.max_position_embeddings
+        self.rope_type = config.rope_parameters.get("rope_type", "default")
+        init_fn = self.compute_default_rope_parameters if self.rope_type == "default" else ROPE_INIT_FUNCTIONS[self.rope_type]
+        inv_freq, self.attention_scaling = init_fn(config)
         # Not persistent: recomputed from the config, so checkpoints carry no RoPE tables.
         self.register_buffer("inv_freq", inv_freq, persistent=False)
         self.register_buffer("original_inv_freq", inv_freq.clone(), persistent=False)
@@ -71,13 +85,16 @@ class PanGuPiRotaryEmbedding(nn.Module):
     @staticmethod
     def compute_default_rope_parameters(config: PanGuPiConfig, *args, **kwargs) -> tuple[torch.Tensor, float]:
         dim = config.head_dim
-        return 1.0 / (config.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.float) / dim)), 1.0
+        theta = config.rope_parameters.get("rope_theta", config.rope_theta)
+        return 1.0 / (theta ** (torch.arange(0, dim, 2, dtype=torch.float) / dim)), 1.0
 
     @torch.no_grad()
+    @dynamic_rope_update
     def forward(self, x: torch.Tensor, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        freqs = position_ids[..., None].float() * self.inv_freq.float()  # (B, T, D/2)
+        freqs = position_ids[..., None].float() * self.inv_freq.to(x.device).float()  # (B, T, D/2)
         angles = torch.cat((freqs, freqs), dim=-1)  # (B, T, D)
-        return angles.cos().to(x.dtype), angles.sin().to(x.dtype)
+        cos, sin = angles.cos() * self.attention_scaling, angles.sin() * self.attention_scaling
+        return cos.to(x.dtype), sin.to(x.dtype)
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -132,8 +149,17 @@ class PanGuPiAttention(nn.Module):
         q, k = apply_rotary(q, k, *position_embeddings)
         if past_key_values is not None:
             k, v = past_key_values.update(k, v, self.layer_idx)
-        attend = ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation, eager_attention)
-        out, _ = attend(
+        implementation = self.config._attn_implementation or "eager"
+        if kwargs.get("output_attentions") and implementation != "eager":
+            # SDPA and flash attention never form the weights; the caller asked for them, so this
+            # call computes attention written out instead of returning nothing.
+            logger.warning_once(
+                f"attention weights were asked for but the {implementation!r} attention does not return them; "
+                "computing these calls with eager attention (load with attn_implementation='eager' to avoid the switch)"
+            )
+            implementation = "eager"
+        attend = ALL_ATTENTION_FUNCTIONS.get_interface(implementation, eager_attention)
+        out, weights = attend(
             self,
             q,
             k,
@@ -143,7 +169,7 @@ class PanGuPiAttention(nn.Module):
             dropout=self.config.attention_dropout if self.training else 0.0,
             **kwargs,
         )
-        return self.o_proj(out.reshape(B, T, -1))
+        return self.o_proj(out.reshape(B, T, -1)), weights
 
 
 class PanGuPiShortcut(nn.Module):
@@ -194,6 +220,10 @@ class PanGuPiSIAF(nn.Module):
                 init.copy_(param, column.view(-1, *([1] * (param.dim() - 1))).expand_as(param))
 
     def forward(self, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+        if torch.compiler.is_compiling():
+            # Inside a graph being compiled (torch.compile of generation), the plain op is what the
+            # compiler fuses; the kernels' own compiled or Triton functions would only break the graph.
+            return siaf_and_mul_reference(gate, up, self.scale, self.shift, self.coef, self.activation)
         return siaf_and_mul(
             gate, up, self.scale, self.shift, self.coef, activation=self.activation, backend=self.backend
         )
@@ -234,7 +264,8 @@ class PanGuPiDecoderLayer(GradientCheckpointingLayer):
         #                                          └───────────────────+── y
         x = hidden_states
         normed = self.input_layernorm(x)
-        h = x + self.self_attn(normed, position_embeddings, attention_mask, past_key_values, **kwargs)
+        attn, _ = self.self_attn(normed, position_embeddings, attention_mask, past_key_values, **kwargs)
+        h = x + attn
         for shortcut in self.augmented_shortcuts:
             # The shortcut reads the normalised stream, as in AugViT, so its scale does not drift with depth.
             h = h + shortcut(normed)
@@ -251,7 +282,43 @@ class PanGuPiPreTrainedModel(PreTrainedModel):
     _supports_flash_attn = True
     _supports_sdpa = True
     _supports_attention_backend = True
-    _can_compile_fullgraph = False
+    _can_compile_fullgraph = True
+    # What transformers' output capturing records per layer when output_hidden_states /
+    # output_attentions are asked for, in the call or in the config.
+    _can_record_outputs = {"hidden_states": PanGuPiDecoderLayer, "attentions": PanGuPiAttention}
+
+    def save_pretrained(
+        self,
+        save_directory,
+        is_main_process: bool = True,
+        *args,
+        remote_code: bool | None = None,
+        model_card: bool | dict = True,
+        **kwargs,
+    ):
+        """transformers' save, then what makes the folder a checkpoint anyone can use.
+
+        - `remote_code`: also write `configuration_pangu_pi.py`, `modeling_pangu_pi.py` and `auto_map`
+          (pangu_pi/remote_code.py), so transformers alone loads the folder with trust_remote_code=True.
+          None means yes unless the environment sets PANGU_PI_REMOTE_CODE=0.
+        - `model_card`: write README.md (pangu_pi/model_card.py); a dict adds facts the caller knows
+          about the run that made the weights (see `model_card.write_model_card`).
+        Every pangu-pi writer (init, convert-llama, export, finetune, resize) saves through here.
+        """
+        super().save_pretrained(save_directory, is_main_process, *args, **kwargs)
+        if not is_main_process:
+            return
+        from . import model_card as card
+        from . import remote_code as code
+
+        if remote_code is None:
+            remote_code = os.environ.get(code.ENV_SWITCH, "1").strip().lower() not in ("0", "false", "no", "off")
+        if remote_code:
+            code.write_remote_code(save_directory)
+        else:
+            code.remove_remote_code(save_directory)
+        if model_card:
+            card.write_model_card(save_directory, self, run=model_card if isinstance(model_card, dict) else None)
 
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:
@@ -273,6 +340,7 @@ class PanGuPiModel(PanGuPiPreTrainedModel):
         self.gradient_checkpointing = False
         self.post_init()
 
+    @capture_outputs
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -281,7 +349,6 @@ class PanGuPiModel(PanGuPiPreTrainedModel):
         past_key_values: Cache | None = None,
         inputs_embeds: torch.Tensor | None = None,
         use_cache: bool | None = None,
-        output_hidden_states: bool | None = None,
         **kwargs,
     ) -> BaseModelOutputWithPast:
         if (input_ids is None) == (inputs_embeds is None):
@@ -309,7 +376,8 @@ class PanGuPiModel(PanGuPiPreTrainedModel):
         )
         hidden = inputs_embeds
         position_embeddings = self.rotary_emb(hidden, position_ids)
-        all_hidden = [hidden] if output_hidden_states else None
+        # Per-layer hidden states and attention weights are recorded by `capture_outputs` (hooks on
+        # the decoder layers and attention modules), as in transformers' own models.
         for layer in self.layers:
             hidden = layer(
                 hidden,
@@ -318,15 +386,10 @@ class PanGuPiModel(PanGuPiPreTrainedModel):
                 past_key_values=past_key_values if use_cache else None,
                 **kwargs,
             )
-            if all_hidden is not None:
-                all_hidden.append(hidden)
         hidden = self.norm(hidden)
-        if all_hidden is not None:
-            all_hidden[-1] = hidden  # as transformers: the last entry is the normed output
         return BaseModelOutputWithPast(
             last_hidden_state=hidden,
             past_key_values=past_key_values if use_cache else None,
-            hidden_states=tuple(all_hidden) if all_hidden is not None else None,
         )
 
 
@@ -339,6 +402,7 @@ class PanGuPiForCausalLM(PanGuPiPreTrainedModel, GenerationMixin):
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.post_init()
 
+    @can_return_tuple
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -349,7 +413,6 @@ class PanGuPiForCausalLM(PanGuPiPreTrainedModel, GenerationMixin):
         labels: torch.LongTensor | None = None,
         use_cache: bool | None = None,
         logits_to_keep: int | torch.Tensor = 0,
-        output_hidden_states: bool | None = None,
         **kwargs,
     ) -> CausalLMOutputWithPast:
         out = self.model(
@@ -359,7 +422,6 @@ class PanGuPiForCausalLM(PanGuPiPreTrainedModel, GenerationMixin):
             past_key_values=past_key_values,
             inputs_embeds=inputs_embeds,
             use_cache=use_cache,
-            output_hidden_states=output_hidden_states,
             **kwargs,
         )
         hidden = out.last_hidden_state
@@ -369,5 +431,9 @@ class PanGuPiForCausalLM(PanGuPiPreTrainedModel, GenerationMixin):
         if labels is not None:
             loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
         return CausalLMOutputWithPast(
-            loss=loss, logits=logits, past_key_values=out.past_key_values, hidden_states=out.hidden_states
+            loss=loss,
+            logits=logits,
+            past_key_values=out.past_key_values,
+            hidden_states=out.hidden_states,
+            attentions=out.attentions,
         )

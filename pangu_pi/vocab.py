@@ -479,7 +479,7 @@ def _spelling_tokenizer(new_json: dict, old_size: int):
     return Tokenizer.from_str(json.dumps(data))
 
 
-def resize_model(model_dir, tokenizer_dir, out_dir, progress: bool = True) -> dict:
+def resize_model(model_dir, tokenizer_dir, out_dir, progress: bool = True, remote_code: bool = True) -> dict:
     """Grow the model in `model_dir` to the (extended) tokenizer in `tokenizer_dir` and save both to
     `out_dir`. Old rows are untouched, so logits over the old vocabulary do not change."""
     import torch
@@ -533,10 +533,11 @@ def resize_model(model_dir, tokenizer_dir, out_dir, progress: bool = True) -> di
                 head[i] = head[index].float().mean(0).to(head.dtype)
     model.config.vocab_size = rows
     out.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(out)
-    for name in (*TOKENIZER_FILES, REPORT_FILE):
+    for name in (*TOKENIZER_FILES, REPORT_FILE):  # before the weights, so the model card describes the tokenizer
         if (tokenizer_dir / name).exists():
             shutil.copy(tokenizer_dir / name, out / name)
+    model.save_pretrained(out, remote_code=remote_code,
+                          model_card={"kind": f"vocabulary resize ({old_size} -> {rows} rows)", "base_model": str(model_dir)})
     return {
         "old_rows": old_size,
         "new_rows": rows,
@@ -555,8 +556,10 @@ def resize_main(argv: list[str]) -> int:
     parser.add_argument("model", help="checkpoint folder (HF layout)")
     parser.add_argument("--tokenizer", required=True, help="folder of the extended tokenizer")
     parser.add_argument("--out", required=True, help="folder for the resized checkpoint")
+    parser.add_argument("--no-remote-code", action="store_true",
+                        help="leave out configuration_pangu_pi.py / modeling_pangu_pi.py (loading then needs pangu-pi)")
     args = parser.parse_args(argv)
-    info = resize_model(args.model, args.tokenizer, args.out)
+    info = resize_model(args.model, args.tokenizer, args.out, remote_code=not args.no_remote_code)
     print(
         f"resized {args.model}: {info['old_rows']} -> {info['new_rows']} rows "
         f"({info['initialised']} new, {'tied' if info['tied'] else 'untied'} LM head); wrote {args.out}"

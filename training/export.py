@@ -3,7 +3,8 @@
 ZeRO keeps the fp32 weights in per-rank partitions; DeepSpeed's zero_to_fp32 gathers them into one
 state dict, which becomes a `PanGuPiForCausalLM` saved as safetensors with its config, the tokenizer
 the data was made with, and a generation config that stops at EOS and at the chat turn end.
-`AutoModelForCausalLM.from_pretrained(OUT)` (after `import pangu_pi`) and the serving layer load it.
+`AutoModelForCausalLM.from_pretrained(OUT)` (after `import pangu_pi`, or with trust_remote_code=True where
+only transformers is installed) and the serving layer load it; README.md is its model card.
 
 CKPT may be a checkpoint folder (`OUT/checkpoints/step_N`), a run's `checkpoints/` folder or the run
 folder itself (the newest complete checkpoint is taken).
@@ -36,8 +37,11 @@ def _training_precision(ckpt: Path) -> str:
 
 
 def export_checkpoint(ckpt: str | os.PathLike, out: str | os.PathLike, *, dtype: str | None = None,
-                      force: bool = False) -> Path:
-    """Write an HF checkpoint of `ckpt` into `out` (created whole, or not at all). Returns `out`."""
+                      force: bool = False, remote_code: bool = True) -> Path:
+    """Write an HF checkpoint of `ckpt` into `out` (created whole, or not at all). Returns `out`.
+
+    With `remote_code` (the default) the folder carries its own code and loads in transformers alone
+    with trust_remote_code=True; its README.md model card states what the run knew at that step."""
     import torch
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
     from transformers import GenerationConfig
@@ -75,12 +79,16 @@ def export_checkpoint(ckpt: str | os.PathLike, out: str | os.PathLike, *, dtype:
     out.parent.mkdir(parents=True, exist_ok=True)
     staged = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))
     try:
-        model.save_pretrained(staged, safe_serialization=True)
+        from pangu_pi.model_card import pretraining_facts
+
         tok_src = path / "tokenizer"
-        if tok_src.is_dir():
+        if tok_src.is_dir():  # before the weights, so the model card describes the tokenizer
             for f in tok_src.iterdir():
                 if f.is_file() and not f.name.endswith(".lock"):
                     shutil.copy2(f, staged / f.name)
+        model.save_pretrained(staged, safe_serialization=True, remote_code=remote_code,
+                              model_card={**pretraining_facts(path), "name": out.name})
+        if tok_src.is_dir():
             from tokenizers import Tokenizer
 
             tok = Tokenizer.from_file(str(tok_src / "tokenizer.json"))
@@ -117,8 +125,11 @@ def main(argv: list[str]) -> int:
     p.add_argument("out", metavar="OUT", help="folder for the HF checkpoint")
     p.add_argument("--dtype", help="weights' dtype: float32 | bfloat16 | float16 (default: the training precision)")
     p.add_argument("--force", action="store_true", help="replace OUT if it exists")
+    p.add_argument("--no-remote-code", action="store_true",
+                   help="leave out configuration_pangu_pi.py / modeling_pangu_pi.py (loading then needs pangu-pi)")
     args = p.parse_args(argv)
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    out = export_checkpoint(args.ckpt, args.out, dtype=args.dtype, force=args.force)
+    out = export_checkpoint(args.ckpt, args.out, dtype=args.dtype, force=args.force,
+                            remote_code=not args.no_remote_code)
     print(f"exported {resolve_checkpoint(args.ckpt)} to {out}")
     return 0
