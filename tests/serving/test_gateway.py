@@ -1,9 +1,16 @@
 """Variants with their own tokenizer or weights: one engine each behind the routing gateway, all from
-one `pangu-pi serve` invocation; and its shutdown, which must leave no process behind."""
+one `pangu-pi serve` invocation started as in a fresh shell (none of tools/env.sh's variables); an
+engine killed and brought back; and the shutdown, which must leave no process behind."""
 
 from __future__ import annotations
 
 import json
+import os
+import re
+import signal
+import sys
+import time
+from pathlib import Path
 
 import httpx
 import pytest
@@ -15,12 +22,22 @@ KEY = "gateway-key-77"
 
 
 @pytest.fixture(scope="module")
-def gateway(base_dir, yunshan_dir, scalar_dir, serve_env, tmp_path_factory):
+def plain_env() -> dict[str, str]:
+    """A fresh shell's environment: the venv's python on PATH, and nothing tools/env.sh sets
+    (no VLLM_CPU_KVCACHE_SPACE, VLLM_TARGET_DEVICE, DS_ACCELERATOR, TMPDIR, HF_HOME ...)."""
+    env = {"PATH": f"{Path(sys.executable).parent}:/usr/bin:/bin"}
+    if "HOME" in os.environ:
+        env["HOME"] = os.environ["HOME"]
+    return env
+
+
+@pytest.fixture(scope="module")
+def gateway(base_dir, yunshan_dir, scalar_dir, plain_env, tmp_path_factory):
     log = tmp_path_factory.mktemp("logs") / "gateway.log"
     server = start_server(
         [str(base_dir), "--name", "pangu", "--variant", f"yunshan={yunshan_dir}", "--variant", f"scalar={scalar_dir}",
-         "--max-model-len", "128"],
-        serve_env, log, KEY,
+         "--max-model-len", "128", "--log-dir", str(log.parent / "engines")],
+        plain_env, log, KEY,
     )  # fmt: skip
     yield server
     server.stop()
@@ -120,6 +137,81 @@ def test_engines_refuse_requests_that_bypass_the_gateway(gateway):
     for port in engine_ports:
         reply = httpx.get(f"http://127.0.0.1:{port}/v1/models", headers={"Authorization": f"Bearer {KEY}"}, timeout=30)
         assert reply.status_code == 401 and reply.json()["error"]["code"] == "invalid_api_key"
+
+
+def test_started_in_a_plain_shell_with_a_kv_cache_it_chose(gateway):
+    text = gateway.log_text()
+    chosen = re.search(r"KV cache (\d+) GiB per engine worker \(VLLM_CPU_KVCACHE_SPACE=(\d+)", text)
+    assert chosen and chosen[1] == chosen[2], text[:3000]
+    logs = gateway.log.parent / "engines"
+    assert f"engine logs in {logs}" in text
+    assert {p.name for p in logs.iterdir()} >= {"pangu.log", "yunshan.log", "scalar.log"}
+    engine_log = (logs / "scalar.log").read_text()
+    assert engine_log.startswith("==== pangu-pi serve: engine scalar starting") and "non-default args" in engine_log
+
+
+def _engine_process(gateway, name: str):
+    import psutil
+
+    for child in psutil.Process(gateway.process.pid).children():
+        cmd = child.cmdline()
+        if "vllm.entrypoints.openai.api_server" in cmd and cmd[cmd.index("--served-model-name") + 1] == name:
+            return child
+    raise AssertionError(f"no engine process serves {name}")
+
+
+def test_a_killed_engine_is_a_503_at_once_and_comes_back_with_its_adapters(gateway, http, base_dir, lora_dir):
+    import psutil
+
+    greedy = {"model": "scalar", "prompt": "def handler(request):\n", "max_tokens": 12, "temperature": 0, "ignore_eos": True}
+    before = http.post("/v1/completions", json=greedy).json()["choices"][0]["text"]
+    # An adapter loaded at run time on the variant's engine, which a restart must load again.
+    loaded = http.post("/v1/load_lora_adapter", json={"lora_name": "scalar-live", "lora_path": str(lora_dir), "variant": "scalar"})
+    assert loaded.status_code == 200, loaded.text
+    adapted = {**greedy, "model": "scalar-live"}
+    adapted_before = http.post("/v1/completions", json=adapted).json()["choices"][0]["text"]
+    assert adapted_before != before
+
+    engine = _engine_process(gateway, "scalar")
+    family = [engine, *engine.children(recursive=True)]
+    assert len(family) >= 3  # API server, engine core, worker
+    engine.send_signal(signal.SIGKILL)
+    killed = time.monotonic()
+    reply = http.post("/v1/completions", json=greedy, timeout=5)
+    assert time.monotonic() - killed < 2.0
+    assert reply.status_code == 503, reply.text
+    error = reply.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"} and "scalar" in error["message"]
+    assert http.post("/v1/completions", json={**greedy, "model": "pangu"}).status_code == 200  # the others serve on
+
+    deadline = killed + 5
+    while time.monotonic() < deadline and "scalar" not in httpx.get(f"{gateway.url}/health").json().get("down", []):
+        time.sleep(0.2)
+    health = httpx.get(f"{gateway.url}/health")
+    assert health.status_code == 503 and health.json()["down"] == ["scalar"], health.text
+    assert health.json()["engines"]["yunshan"]["status"] == "up"
+
+    while time.monotonic() < killed + 120:
+        reply = http.post("/v1/completions", json=greedy)
+        if reply.status_code == 200:
+            break
+        assert reply.status_code == 503, reply.text
+        time.sleep(1.0)
+    assert reply.status_code == 200, f"not back 120 s after the kill:\n{gateway.log_text()[-3000:]}"
+    assert reply.json()["choices"][0]["text"] == before
+    assert http.post("/v1/completions", json=adapted).json()["choices"][0]["text"] == adapted_before
+    assert all(not p.is_running() or p.status() == psutil.STATUS_ZOMBIE for p in family), "leftovers of the dead engine"
+    text = gateway.log_text()
+    assert "engine 'scalar' died (killed by SIGKILL)" in text and "engine 'scalar' is back" in text
+    assert httpx.get(f"{gateway.url}/health").json()["engines"]["scalar"]["restarts"] == 1
+
+
+def test_metrics_of_every_engine_labelled_by_engine(gateway, http):
+    assert httpx.get(f"{gateway.url}/metrics").status_code == 401
+    lines = http.get("/metrics").text.splitlines()
+    running = [x for x in lines if x.startswith("vllm:num_requests_running{")]
+    assert {re.search(r'engine="(\w+)"', x)[1] for x in running} == {"pangu", "yunshan", "scalar"}
+    assert sum(x.startswith("# TYPE vllm:num_requests_running ") for x in lines) == 1
 
 
 def test_sigterm_stops_every_process(gateway):

@@ -301,3 +301,93 @@ def test_chat_client_reports_a_wrong_key_in_one_line(lora_server, serve_env):
     assert result.returncode == 2
     assert result.stderr.startswith("pangu-pi chat: error:") and "Incorrect API key" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+# ------------------------------------------------------------------------------ adapters at run time
+
+
+@pytest.fixture(scope="module")
+def other_shape_lora(tokenizer_dir, tmp_path_factory):
+    """An adapter trained for a model of another width: loading it must be refused, not tried."""
+    from serving.tiny_models import build_lora_adapter, build_pangu
+
+    root = tmp_path_factory.mktemp("other-shape")
+    narrow = build_pangu(root / "narrow", tokenizer_dir, seed=2, hidden_size=64, intermediate_size=160)
+    return build_lora_adapter(narrow, root / "lora", seed=4)
+
+
+def served_tokens(http, model: str, prompt_ids: list[int], n: int = 16) -> list[int]:
+    reply = complete(http, model=model, prompt=prompt_ids, max_tokens=n, ignore_eos=True, logprobs=0,
+                     return_tokens_as_token_ids=True)  # fmt: skip
+    assert reply["model"] == model
+    return [int(t.split(":")[1]) for t in reply["choices"][0]["logprobs"]["tokens"]]
+
+
+def test_an_adapter_loaded_at_run_time_serves_like_one_loaded_at_start(lora_server, http, tokenizer, lora_dir, other_shape_lora,
+                                                                       tmp_path):  # fmt: skip
+    prompt_ids = tokenizer(PROMPTS[1]).input_ids
+    load = lambda **body: http.post("/v1/load_lora_adapter", json=body)  # noqa: E731
+    # Bad ones first: each a 400 that names the problem, and the engine goes on serving.
+    missing = load(lora_name="live", lora_path=str(tmp_path / "no-such-adapter"))
+    assert_openai_error(missing, 400, "does not exist")
+    assert_openai_error(load(lora_name="live", lora_path=str(other_shape_lora)), 400, "another shape")
+    assert_openai_error(load(lora_name="live", lora_path=str(lora_dir), variant="nope"), 400, "variant")
+    assert httpx.post(f"{lora_server.url}/v1/load_lora_adapter", json={"lora_name": "x", "lora_path": str(lora_dir)}).status_code == 401
+
+    reply = load(lora_name="live", lora_path=str(lora_dir))
+    assert reply.status_code == 200, reply.text
+    ids = [m["id"] for m in http.get("/v1/models").json()["data"]]
+    assert "live" in ids and "domain" in ids
+    assert served_tokens(http, "live", prompt_ids) == served_tokens(http, "domain", prompt_ids)
+    assert served_tokens(http, "live", prompt_ids) != served_tokens(http, "pangu", prompt_ids)
+
+    assert http.post("/v1/unload_lora_adapter", json={"lora_name": "live"}).status_code == 200
+    assert "live" not in [m["id"] for m in http.get("/v1/models").json()["data"]]
+    gone = http.post("/v1/completions", json={"model": "live", "prompt": "x", "max_tokens": 2})
+    assert_openai_error(gone, 404, "does not exist")
+    assert_openai_error(http.post("/v1/unload_lora_adapter", json={"lora_name": "live"}), 404, "no adapter named")
+    assert complete(http, prompt="def f():", max_tokens=4, ignore_eos=True)["usage"]["completion_tokens"] == 4
+
+
+# ------------------------------------------------------------------------------------------ limits
+
+
+@pytest.mark.parametrize("limit", ["role", "n", "body", "stop", "tools"])
+def test_each_request_limit_is_a_400_naming_its_flag_and_serving_goes_on(lora_server, http, limit):
+    chat = {"model": "pangu", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+    if limit == "role":
+        reply = http.post("/v1/chat/completions", json={**chat, "messages": [{"role": "wizard", "content": "hi"}]})
+        assert_openai_error(reply, 400, "wizard")
+        assert all(role in reply.json()["error"]["message"] for role in ("system", "user", "assistant", "tool"))
+    else:
+        body, flag = {
+            "n": ({**chat, "n": 10000}, "--max-n"),
+            "body": ({**chat, "padding": "x" * (5 * 1024 * 1024)}, "--max-body-bytes"),
+            "stop": ({**chat, "stop": [f"s{i}" for i in range(100)]}, "--max-stop"),
+            "tools": ({**chat, "tools": [{"type": "function", "function": {"name": f"f{i}", "parameters": {"type": "object"}}}
+                                          for i in range(200)]}, "--max-tools"),
+        }[limit]  # fmt: skip
+        reply = http.post("/v1/chat/completions", json=body)
+        assert_openai_error(reply, 400, flag)
+        assert reply.json()["error"]["code"] == "limit_exceeded"
+    assert http.post("/v1/chat/completions", json=chat).status_code == 200
+
+
+# ----------------------------------------------------------------------------------------- metrics
+
+
+def test_metrics_are_the_engines_labelled_and_behind_the_key(lora_server, http):
+    complete(http, prompt="def f():", max_tokens=2, ignore_eos=True)
+    assert httpx.get(f"{lora_server.url}/metrics").status_code == 401
+    reply = http.get("/metrics")
+    assert reply.status_code == 200 and reply.headers["content-type"].startswith("text/plain")
+    lines = reply.text.splitlines()
+    tokens = [x for x in lines if x.startswith("vllm:generation_tokens_total{")]
+    assert tokens and all('engine="pangu"' in x for x in tokens)
+    assert float(tokens[0].rsplit(" ", 1)[1]) >= 2
+    assert 'pangu_pi_engine_up{engine="pangu"} 1' in lines
+
+
+def test_health_names_the_engines(lora_server):
+    health = httpx.get(f"{lora_server.url}/health").json()
+    assert health["status"] == "ok" and health["engines"]["pangu"]["status"] == "up"

@@ -192,3 +192,22 @@ RuntimeError: Engine core initialization failed. See root cause above. Failed co
     )
     assert server.root_cause(["RuntimeError: Engine core initialization failed. See root cause above."]).startswith("RuntimeError")
     assert server.root_cause(["nothing to see"]) is None
+
+
+@pytest.mark.slow
+def test_an_engine_that_cannot_start_is_one_line_naming_the_cause_and_the_log(base_dir, serve_env, tmp_path):
+    env = {**serve_env, server.KV_CACHE_ENV: "100"}  # more KV cache than this machine has
+    logs = tmp_path / "logs"
+    result = subprocess.run(
+        [PANGU_PI, "serve", str(base_dir), "--name", "pangu", "--port", str(server.free_port()), "--dtype", "float32",
+         "--max-model-len", "128", "--log-dir", str(logs), "--", "--enforce-eager"],
+        capture_output=True, text=True, env=env, timeout=600,
+    )  # fmt: skip
+    assert result.returncode == 2
+    error = [line for line in result.stderr.splitlines() if line.startswith("pangu-pi serve: error:")]
+    assert len(error) == 1, result.stderr[-3000:]
+    assert "engine 'pangu' exited during startup" in error[0]
+    assert "less than requested memory for kv (100.0 GiB)" in error[0], error[0]
+    assert f"full log: {logs / 'pangu.log'}" in error[0]
+    assert "Traceback" in (logs / "pangu.log").read_text()
+    assert "Traceback" not in result.stdout
