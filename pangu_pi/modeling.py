@@ -14,6 +14,7 @@ Nothing here knows about parallelism: DeepSpeed and vLLM apply theirs from outsi
 
 from __future__ import annotations
 
+import copy
 import os
 from collections.abc import Callable
 
@@ -367,8 +368,14 @@ class PanGuPiModel(PanGuPiPreTrainedModel):
             seen = past_key_values.get_seq_length() if past_key_values is not None else 0
             position_ids = (torch.arange(inputs_embeds.shape[1], device=inputs_embeds.device) + seen).unsqueeze(0)
 
+        mask_config = self.config
+        if kwargs.get("output_attentions") and self.config._attn_implementation not in (None, "eager"):
+            # The attention modules switch to eager for this call (see PanGuPiAttention), so the mask
+            # must be eager's too: SDPA's may be None (is_causal) and flash attention's is 2-D.
+            mask_config = copy.copy(self.config)
+            mask_config._attn_implementation_internal = "eager"
         mask = create_causal_mask(
-            config=self.config,
+            config=mask_config,
             inputs_embeds=inputs_embeds,
             attention_mask=attention_mask,
             past_key_values=past_key_values,
@@ -422,6 +429,7 @@ class PanGuPiForCausalLM(PanGuPiPreTrainedModel, GenerationMixin):
             past_key_values=past_key_values,
             inputs_embeds=inputs_embeds,
             use_cache=use_cache,
+            return_dict=True,  # a tuple, if asked for, is made once, here (can_return_tuple)
             **kwargs,
         )
         hidden = out.last_hidden_state
