@@ -1,9 +1,13 @@
 """Chat data for instruction tuning: read, render, mask, mix and pack.
 
-Records are JSONL in the OpenAI shape, `{"messages": [{"role": ..., "content": ...}, ...]}`. Each is
+Records are JSONL in the OpenAI shape, `{"messages": [{"role": ..., "content": ...}, ...]}`, with
+optional tool use: a record's `tools` (OpenAI function schemas), assistant messages with
+`tool_calls`, and `tool` messages holding a call's result under its `tool_call_id`. Each is
 rendered with the tokenizer's own chat template, so training sees exactly the text that serving
-builds. Only the assistant's words carry loss, together with the end-of-turn token that closes them
-(so the model learns when to stop); system and user turns and the template's framing carry none.
+builds (tool-call arguments are parsed to objects first, as vLLM does before rendering). Only the
+assistant's turns carry loss, their tool calls included, together with the end-of-turn token that
+closes them (so the model learns when to stop); system, user and tool turns and the template's
+framing carry none.
 
 Examples are packed into fixed-length rows. Inside a row, position ids restart at 0 for every
 example, and attention is block-diagonal: a token sees earlier tokens of its own example only.
@@ -13,8 +17,8 @@ each other. So `collate` builds the 4-D block-diagonal causal mask itself for th
 backends, which holds however the model is called. (flash-attention takes no 4-D mask; there the
 position ids select its variable-length path.)
 
-A record that cannot be used (bad JSON, no messages, unknown role, no assistant turn, too long for
-a row) is counted under its reason and reported; it is never silently dropped and never fatal.
+A record that cannot be used (bad JSON, no messages, unknown role, malformed tools, tool calls or
+tool results, no assistant turn, too long for a row) is counted under its reason and reported; it is never silently dropped and never fatal.
 """
 
 from __future__ import annotations
@@ -34,7 +38,7 @@ import torch
 log = logging.getLogger(__name__)
 
 IGNORE_INDEX = -100
-ROLES = ("system", "user", "assistant")
+ROLES = ("system", "user", "assistant", "tool")
 SHOWN_PER_REASON = 3  # how many file:line examples each malformed reason keeps for the report
 
 
@@ -97,23 +101,86 @@ def _content(message: dict, index: int) -> str:
     content = message.get("content")
     if isinstance(content, str):
         return content
+    if content is None and message.get("role") == "assistant" and message.get("tool_calls"):
+        return ""  # an assistant turn that only calls tools
     # The OpenAI shape also allows a list of parts; text parts are all a language model reads.
     if isinstance(content, list) and all(isinstance(p, dict) and p.get("type") == "text" for p in content):
         return "".join(str(p.get("text", "")) for p in content)
     raise MalformedRecord("bad_message", f"message {index} has no text content")
 
 
+def _tool_calls(message: dict, index: int) -> list[dict]:
+    """The assistant's tool calls as {"id", "type", "function": {"name", "arguments": object}}."""
+    calls = message.get("tool_calls")
+    if not isinstance(calls, list) or not calls:
+        raise MalformedRecord("bad_tool_call", f"message {index}: tool_calls must be a non-empty list")
+    out = []
+    for k, call in enumerate(calls):
+        fn = call.get("function") if isinstance(call, dict) else None
+        if not isinstance(fn, dict) or not isinstance(fn.get("name"), str) or not fn["name"]:
+            raise MalformedRecord("bad_tool_call", f"message {index}, call {k}: expected {{\"function\": {{\"name\", \"arguments\"}}}}")
+        arguments = fn.get("arguments", {})
+        if isinstance(arguments, str):
+            # OpenAI sends arguments as a JSON string; vLLM parses it before rendering, so do we.
+            try:
+                arguments = json.loads(arguments) if arguments.strip() else {}
+            except json.JSONDecodeError as err:
+                raise MalformedRecord("bad_tool_call", f"message {index}, call {k}: arguments are not JSON ({err.msg})")
+        if not isinstance(arguments, dict):
+            raise MalformedRecord("bad_tool_call", f"message {index}, call {k}: arguments must be a JSON object")
+        entry = {"type": "function", "function": {"name": fn["name"], "arguments": arguments}}
+        if call.get("id") is not None:
+            entry = {"id": str(call["id"]), **entry}
+        out.append(entry)
+    return out
+
+
+def record_tools(record: dict) -> list[dict] | None:
+    """The record's `tools` (OpenAI function schemas) for the chat template, or None."""
+    tools = record.get("tools") if isinstance(record, dict) else None
+    if tools is None:
+        return None
+    if not isinstance(tools, list):
+        raise MalformedRecord("bad_tools", "tools must be a list of {\"type\": \"function\", \"function\": {...}}")
+    for k, tool in enumerate(tools):
+        fn = tool.get("function") if isinstance(tool, dict) else None
+        if not isinstance(fn, dict) or not isinstance(fn.get("name"), str) or not fn["name"]:
+            raise MalformedRecord("bad_tools", f"tool {k} has no function name")
+        if "parameters" in fn and not isinstance(fn["parameters"], dict):
+            raise MalformedRecord("bad_tools", f"tool {k} ({fn['name']}): parameters must be a JSON schema object")
+    return tools or None
+
+
 def check_messages(record, roles: Sequence[str] = ROLES) -> list[dict]:
-    """The record's messages as {"role", "content"} with text content, or MalformedRecord."""
+    """The record's messages as {"role", "content"} with text content (plus `tool_calls` on assistant
+    turns that call tools, `tool_call_id` on tool results), or MalformedRecord."""
     if not isinstance(record, dict) or not isinstance(record.get("messages"), list) or not record["messages"]:
         raise MalformedRecord("no_messages", 'expected {"messages": [{"role": ..., "content": ...}, ...]}')
     messages = []
+    call_ids: set[str] | None = None  # ids of the last assistant turn's calls; None before any call
     for i, m in enumerate(record["messages"]):
         if not isinstance(m, dict) or not isinstance(m.get("role"), str):
             raise MalformedRecord("bad_message", f"message {i} is not an object with a role")
         if m["role"] not in roles:
             raise MalformedRecord("unknown_role", f"message {i} has role {m['role']!r}; known: {', '.join(roles)}")
-        messages.append({"role": m["role"], "content": _content(m, i)})
+        message = {"role": m["role"], "content": _content(m, i)}
+        if m["role"] == "assistant" and m.get("tool_calls") is not None:
+            message["tool_calls"] = _tool_calls(m, i)
+            call_ids = {c["id"] for c in message["tool_calls"] if "id" in c}
+        elif m["role"] == "tool":
+            call_id = m.get("tool_call_id")
+            if call_ids is None:
+                raise MalformedRecord("bad_tool_message", f"message {i} is a tool result with no tool call before it")
+            if not isinstance(call_id, str) or not call_id:
+                raise MalformedRecord("bad_tool_message", f"message {i} is a tool result without a tool_call_id")
+            if call_ids and call_id not in call_ids:
+                raise MalformedRecord(
+                    "bad_tool_message", f"message {i} answers {call_id!r}, which no earlier tool call has as its id"
+                )
+            message["tool_call_id"] = call_id
+            if isinstance(m.get("name"), str):
+                message["name"] = m["name"]
+        messages.append(message)
     if not any(m["role"] == "assistant" for m in messages):
         raise MalformedRecord("no_assistant_turn", "nothing for the model to learn")
     while messages[-1]["role"] != "assistant":
@@ -121,14 +188,20 @@ def check_messages(record, roles: Sequence[str] = ROLES) -> list[dict]:
     return messages
 
 
-def render_example(tokenizer, messages: list[dict], max_len: int | None = None, source: str = "") -> Example:
-    """Token ids of the conversation as the chat template renders it, and labels that keep only the
-    assistant turns' content and end-of-turn token."""
+def render_example(
+    tokenizer, messages: list[dict], max_len: int | None = None, source: str = "", tools: list[dict] | None = None
+) -> Example:
+    """Token ids of the conversation as the chat template renders it (with `tools` in its system
+    turn), and labels that keep only the assistant turns (content, tool calls, end-of-turn token)."""
+
+    def render(part: list[dict], prompt: bool = False) -> str:
+        return tokenizer.apply_chat_template(part, tools=tools, tokenize=False, add_generation_prompt=prompt)
+
     # The template is rendered for each prefix of the conversation; each message's text is what
-    # the next prefix adds, which locates the assistant's words in the final text.
+    # the next prefix adds, which locates the assistant's turns in the final text.
     texts = [""]
     for i in range(1, len(messages) + 1):
-        text = tokenizer.apply_chat_template(messages[:i], tokenize=False)
+        text = render(messages[:i])
         if not text.startswith(texts[-1]):
             raise ValueError(
                 "the tokenizer's chat template renders earlier turns differently once later ones follow, "
@@ -136,13 +209,30 @@ def render_example(tokenizer, messages: list[dict], max_len: int | None = None, 
             )
         texts.append(text)
     full = texts[-1]
+    for tool in tools or []:
+        if tool["function"]["name"] not in full:
+            raise ValueError(
+                "the tokenizer's chat template does not render `tools`; install pangu-pi's with "
+                "`pangu-pi tokenizer template DIR` (DIR: the tokenizer or checkpoint folder)"
+            )
     spans = []
     for i, m in enumerate(messages):
         if m["role"] != "assistant":
             continue
         start, end = texts[i], texts[i + 1]
-        at = end.find(m["content"], len(start)) if m["content"] else -1
-        begin = at if at >= 0 else len(start)
+        # The turn's own text starts where the generation prompt (the assistant's header) ends.
+        head = render(messages[:i], prompt=True) if i else ""
+        if i and end.startswith(head) and len(head) >= len(start):
+            begin = len(head)
+        else:
+            at = end.find(m["content"], len(start)) if m["content"] else -1
+            begin = at if at >= 0 else len(start)
+        for call in m.get("tool_calls", []):
+            if call["function"]["name"] not in end[begin:]:
+                raise ValueError(
+                    "the tokenizer's chat template does not render assistant `tool_calls`; install pangu-pi's "
+                    "with `pangu-pi tokenizer template DIR` (DIR: the tokenizer or checkpoint folder)"
+                )
         # The span runs to the end of the turn, trailing whitespace aside: past the content that is the
         # template's end-of-turn marker, which the model must learn to emit.
         spans.append((begin, len(end.rstrip())))
@@ -179,7 +269,8 @@ def read_chat_jsonl(
                 stats.reject("bad_json", where, err.msg)
                 continue
             try:
-                examples.append(render_example(tokenizer, check_messages(record, roles), max_len, str(path)))
+                messages, tools = check_messages(record, roles), record_tools(record)
+                examples.append(render_example(tokenizer, messages, max_len, str(path), tools))
                 stats.kept += 1
             except MalformedRecord as err:
                 stats.reject(err.reason, where, err.detail)

@@ -213,3 +213,80 @@ def test_rows_are_full_length_and_hold_every_example_once(tokenizer, tmp_path):
     assert data.stats["rows"] == len(data) and data.stats["fill"] > 0.8
     tokens = sum(map(len, examples))
     assert -(-tokens // 128) <= len(pack(examples, 128)) <= -(-tokens // 128) + 2  # best fit wastes little
+
+
+TOOLS = [
+    {
+        "type": "function",
+        "function": {
+            "name": "percent_change",
+            "description": "Percentage change from old to new",
+            "parameters": {
+                "type": "object",
+                "properties": {"old": {"type": "number"}, "new": {"type": "number"}},
+                "required": ["old", "new"],
+            },
+        },
+    }
+]
+
+
+def tool_record(call_id: str = "call_1", arguments='{"old": 80, "new": 100}') -> dict:
+    call = {"id": call_id, "type": "function", "function": {"name": "percent_change", "arguments": arguments}}
+    return {
+        "tools": TOOLS,
+        "messages": [
+            {"role": "user", "content": "Rent went from $80 to $100. By what percentage?"},
+            {"role": "assistant", "content": None, "tool_calls": [call]},
+            {"role": "tool", "tool_call_id": "call_1", "content": '{"percent": 25}'},
+            {"role": "assistant", "content": "It rose by 25%."},
+        ],
+    }
+
+
+def test_tool_calls_carry_loss_and_tool_results_do_not(tokenizer):
+    record = tool_record()
+    messages = check_messages(record)
+    ex = render_example(tokenizer, messages, tools=record["tools"])
+    # The tools are in the prompt, the tool result is in the text, and the ids are the template's.
+    text = tokenizer.decode(ex.input_ids)
+    assert "percent_change" in text.split("<|im_start|>user")[0] and '{"percent": 25}' in text
+    rendered = tokenizer.apply_chat_template(messages, tools=record["tools"], tokenize=True, return_dict=True)
+    assert ex.input_ids == rendered["input_ids"]
+    labeled = tokenizer.decode([t for t, lab in zip(ex.input_ids, ex.labels) if lab != IGNORE_INDEX])
+    assert labeled == (
+        '<tool_call>\n{"name": "percent_change", "arguments": {"old": 80, "new": 100}}\n</tool_call><|im_end|>'
+        "It rose by 25%.<|im_end|>"
+    )
+    # Arguments given as an object or as OpenAI's JSON string render (and train) the same.
+    as_object = tool_record(arguments={"old": 80, "new": 100})
+    assert render_example(tokenizer, check_messages(as_object), tools=TOOLS).input_ids == ex.input_ids
+
+
+def test_malformed_tool_records_are_counted(tokenizer, tmp_path):
+    good = tool_record()
+    no_id = tool_record()
+    del no_id["messages"][2]["tool_call_id"]
+    wrong_id = tool_record()
+    wrong_id["messages"][2]["tool_call_id"] = "call_9"
+    orphan = {"messages": [{"role": "user", "content": "u"}, {"role": "tool", "tool_call_id": "x", "content": "1"},
+                           {"role": "assistant", "content": "a"}]}  # fmt: skip
+    bad_args = tool_record(arguments="{not json")
+    list_args = tool_record(arguments="[1, 2]")
+    bad_tools = {**tool_record(), "tools": [{"type": "function", "function": {"description": "no name"}}]}
+    path = write_jsonl(tmp_path / "tools.jsonl", [good, no_id, wrong_id, orphan, bad_args, list_args, bad_tools])
+    examples, stats = read_chat_jsonl(path, tokenizer, max_len=512)
+    assert stats.kept == 1 and len(examples) == 1
+    assert stats.malformed == Counter(bad_tool_message=3, bad_tool_call=2, bad_tools=1)
+    assert "call_9" in " ".join(stats.where["bad_tool_message"])
+
+
+def test_a_template_without_tools_is_refused_with_the_fix(tokenizer):
+    from pangu_pi.tokenizer import CHAT_TEMPLATE, CHAT_TEMPLATE_V1
+
+    tokenizer.chat_template = CHAT_TEMPLATE_V1.replace("message['content']", "(message['content'] or '')")
+    try:
+        with pytest.raises(ValueError, match="pangu-pi tokenizer template"):
+            render_example(tokenizer, check_messages(tool_record()), tools=TOOLS)
+    finally:
+        tokenizer.chat_template = CHAT_TEMPLATE
