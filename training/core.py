@@ -450,6 +450,8 @@ def _loop(recipe: Recipe, d: Dist, progress: bool) -> dict:
                     logger.validation(step, val)
             if step % config.checkpoint.save_every == 0 or step == max_steps:
                 summary["checkpoint"] = str(save(step))
+            if faults is not None:
+                faults.step_done(step)
 
         if summary["checkpoint"] is None and resume_from is not None:
             summary["checkpoint"] = str(resume_from)

@@ -2,6 +2,8 @@
 
     PANGU_PI_TEST_KILL_DURING_SAVE=N          SIGKILL the whole process group halfway through writing
                                               the step-N checkpoint (the previous one must stay usable)
+    PANGU_PI_TEST_KILL_AFTER_STEP=N           SIGKILL the whole process group right after step N is
+                                              logged, mid-run (resume must reproduce the losses)
     PANGU_PI_TEST_NONFINITE_GRAD_STEPS=3,5    NaN gradients at these optimizer steps (the loss stays
                                               finite), to exercise the non-finite guard
     PANGU_PI_TEST_DUMP_LOGITS=PATH            at the end, the engine's logits on a fixed input, saved to
@@ -18,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 KILL_DURING_SAVE_ENV = "PANGU_PI_TEST_KILL_DURING_SAVE"
+KILL_AFTER_STEP_ENV = "PANGU_PI_TEST_KILL_AFTER_STEP"
 NONFINITE_STEPS_ENV = "PANGU_PI_TEST_NONFINITE_GRAD_STEPS"
 DUMP_LOGITS_ENV = "PANGU_PI_TEST_DUMP_LOGITS"
 
@@ -25,11 +28,16 @@ DUMP_LOGITS_ENV = "PANGU_PI_TEST_DUMP_LOGITS"
 @dataclass
 class Faults:
     kill_during_save_step: int | None = None
+    kill_after_step: int | None = None
     poisoned_steps: set[int] = field(default_factory=set)
     dump_logits_path: Path | None = None
 
     def kill_during_save(self, step: int) -> None:
         if self.kill_during_save_step == step:
+            os.killpg(os.getpgid(0), signal.SIGKILL)
+
+    def step_done(self, step: int) -> None:
+        if self.kill_after_step == step:
             os.killpg(os.getpgid(0), signal.SIGKILL)
 
     def poison(self, step: int, loss):
@@ -64,8 +72,9 @@ class Faults:
 
 def active() -> Faults | None:
     kill = os.environ.get(KILL_DURING_SAVE_ENV, "").strip()
+    after = os.environ.get(KILL_AFTER_STEP_ENV, "").strip()
     poisoned = {int(s) for s in os.environ.get(NONFINITE_STEPS_ENV, "").split(",") if s.strip()}
     dump = os.environ.get(DUMP_LOGITS_ENV, "").strip()
-    if not (kill or poisoned or dump):
+    if not (kill or after or poisoned or dump):
         return None
-    return Faults(int(kill) if kill else None, poisoned, Path(dump) if dump else None)
+    return Faults(int(kill) if kill else None, int(after) if after else None, poisoned, Path(dump) if dump else None)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -234,7 +235,7 @@ def _wandb_run(project: str, out_dir: Path, run_config: dict):
     import wandb
 
     id_file = out_dir / "wandb_id"
-    run_id = id_file.read_text().strip() if id_file.is_file() else wandb.util.generate_id()
+    run_id = id_file.read_text().strip() if id_file.is_file() else uuid.uuid4().hex[:12]
     id_file.write_text(run_id + "\n")
     return wandb.init(project=project, dir=str(out_dir), id=run_id, resume="allow", name=out_dir.name,
                       config=run_config, settings=wandb.Settings(console="off", silent=True))

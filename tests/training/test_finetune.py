@@ -66,16 +66,16 @@ def chat_file(tmp_path_factory) -> Path:
     return path
 
 
-def _config(base_dir, chat_file, out, **extra) -> dict:
+def _config(base_dir, chat_file, out, mode: str = "full", max_steps: int = 16, **extra) -> dict:
     config = {
-        "model": str(base_dir),
+        "model": {"init_from": str(base_dir)},
         "out": str(out),
-        "datasets": [{"path": str(chat_file), "weight": 1.0}],
-        "seq_len": 128,
-        "max_steps": 16,
+        "data": {"datasets": [{"path": str(chat_file), "weight": 1.0}], "seq_len": 128},
+        "train": {"max_steps": max_steps},
         "batch": {"micro_batch_size": 4},
         "optim": {"lr": 3e-3},
         "schedule": {"warmup_steps": 2},
+        "finetune": {"mode": mode},
         "log": {"tensorboard": False},
     }
     config.update(extra)
@@ -189,8 +189,9 @@ def test_lora_adapter_saves_in_the_served_layout_and_changes_the_output(base_dir
     config = tmp_path / "lora.yaml"
     config.write_text(yaml.safe_dump(_config(base_dir, chat_file, tmp_path / "lora", mode="lora", max_steps=8)))
     proc = subprocess.run(
-        [PANGU_PI, "finetune", "--config", str(config), "--no-progress", "--set", "lora.r=4",
-         "--set", "lora.alpha=8", "--set", "lora.dropout=0", "--set", "lora.target_modules=[q_proj,v_proj,gate_proj]"],
+        [PANGU_PI, "finetune", "--config", str(config), "--no-progress", "--set", "finetune.lora.r=4",
+         "--set", "finetune.lora.alpha=8", "--set", "finetune.lora.dropout=0",
+         "--set", "finetune.lora.target_modules=[q_proj,v_proj,gate_proj]"],
         capture_output=True, text=True, timeout=300,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -213,18 +214,16 @@ def test_lora_adapter_saves_in_the_served_layout_and_changes_the_output(base_dir
     ("override", "message"),
     [
         ("optim.lrr=1e-3", "did you mean 'optim.lr'"),
-        ("lora.rank=4", "did you mean 'lora.r'"),
+        ("finetune.lora.rank=4", "did you mean 'finetune.lora.r'"),
         ("warmup_steps=3", "did you mean 'schedule.warmup_steps'"),
-        ("mode=qlora", "mode must be full or lora"),
-        ("lora.target_modules=[q_prj]", "did you mean 'q_proj'"),
+        ("finetune.mode=qlora", "finetune.mode must be full or lora"),
+        ("finetune.lora.target_modules=[q_prj]", "did you mean 'q_proj'"),
     ],
 )
 def test_bad_config_is_refused_with_the_fix(base_dir, chat_file, tmp_path, override, message):
     from training.finetune import build_finetune_config
 
-    values = _config(base_dir, chat_file, tmp_path)
-    if override.startswith("lora.target"):
-        values["mode"] = "lora"
+    values = _config(base_dir, chat_file, tmp_path, mode="lora" if override.startswith("finetune.lora.target") else "full")
     with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace("[", r"\[")):
         build_finetune_config(values, [override])
 
@@ -233,7 +232,8 @@ def test_cli_reports_a_missing_model_in_one_line(chat_file, tmp_path, capsys):
     from pangu_pi import cli
 
     config = tmp_path / "ft.yaml"
-    config.write_text(f"model: {tmp_path / 'nowhere'}\ndatasets: [{{path: {chat_file}}}]\n")
+    config.write_text(f"model: {{init_from: {tmp_path / 'nowhere'}}}\ndata: {{datasets: [{{path: {chat_file}}}]}}\n"
+                      "finetune: {mode: full}\n")
     assert cli.main(["finetune", "--config", str(config), "--nproc", "1"]) == 2
     err = capsys.readouterr().err
     assert "pangu-pi finetune: error:" in err and "pangu-pi export" in err and "Traceback" not in err
