@@ -131,6 +131,7 @@ def convert_llama(src: str | Path, out: str | Path, dtype: str | None = None, *,
     src_config = AutoConfig.from_pretrained(src)
     if src_config.model_type != "llama":
         raise UserError(f"{src} is a {src_config.model_type!r} checkpoint; convert-llama reads LLaMA checkpoints")
+    pangu_config_from_llama(src_config, **config_overrides)  # refuse what cannot convert before reading weights
     torch_dtype = getattr(torch, dtype) if dtype else None
     llama = LlamaForCausalLM.from_pretrained(src, dtype=torch_dtype or "auto")
     model = convert_llama_model(llama, **config_overrides)
