@@ -211,10 +211,12 @@ class Gateway:
 
     async def forward(self, request: Request) -> Response:
         body = await request.body()
-        try:
-            payload = json.loads(body) if body else {}
-        except (json.JSONDecodeError, UnicodeDecodeError) as err:
-            return openai_error(400, f"The request body is not valid JSON ({err}); send a JSON object.")
+        payload = request.scope.get("state", {}).get("json_body")  # parsed by the guard in front
+        if payload is None:
+            try:
+                payload = json.loads(body) if body else {}
+            except (json.JSONDecodeError, UnicodeDecodeError) as err:
+                return openai_error(400, f"The request body is not valid JSON ({err}); send a JSON object.")
         model = payload.get("model") if isinstance(payload, dict) else None
         engine = await self._route(model)
         if isinstance(engine, Response):

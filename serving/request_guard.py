@@ -97,9 +97,14 @@ class RequestGuard:
             if body is None:
                 await _too_big(self.limits.max_body_bytes)(scope, receive, send)
                 return
-            if (refusal := _check_json(body, self.limits)) is not None:
+            parsed, refusal = _parse_json(body)
+            if refusal is None:
+                refusal = _check_limits(parsed, self.limits)
+            if refusal is not None:
                 await refusal(scope, receive, send)
                 return
+            # The gateway routes by the body's `model`: it reads what was parsed here, not the bytes again.
+            scope.setdefault("state", {})["json_body"] = parsed
         await self.app(scope, receive, send)
 
 
@@ -186,13 +191,20 @@ def _check_limits(body: dict, limits: Limits) -> JSONResponse | None:
     return None
 
 
-def _check_json(body: bytes, limits: Limits | None = None) -> JSONResponse | None:
+def _parse_json(body: bytes) -> tuple[dict | None, JSONResponse | None]:
     if not body.strip():
-        return openai_error(400, "The request body is empty; send a JSON object, e.g. {\"model\": ..., \"prompt\": ...}.")
+        return None, openai_error(400, "The request body is empty; send a JSON object, e.g. {\"model\": ..., \"prompt\": ...}.")
     try:
         parsed = json.loads(body)
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        return openai_error(400, f"The request body is not valid JSON ({err}); send a JSON object.")
+        return None, openai_error(400, f"The request body is not valid JSON ({err}); send a JSON object.")
     if not isinstance(parsed, dict):
-        return openai_error(400, f"The request body must be a JSON object, got a JSON {type(parsed).__name__}.")
-    return _check_limits(parsed, limits) if limits is not None else None
+        return None, openai_error(400, f"The request body must be a JSON object, got a JSON {type(parsed).__name__}.")
+    return parsed, None
+
+
+def _check_json(body: bytes, limits: Limits | None = None) -> JSONResponse | None:
+    parsed, refusal = _parse_json(body)
+    if refusal is None and limits is not None:
+        refusal = _check_limits(parsed, limits)
+    return refusal

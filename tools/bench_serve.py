@@ -11,7 +11,12 @@ best case: no HTTP, no tokenizer round trip).
     python tools/bench_serve.py                      # tiny checkpoints built on the fly
     python tools/bench_serve.py --model DIR          # an existing PanGu-π checkpoint
 
-The last line printed is JSON, with `vs_hf_tokens_per_s_c8` and `vs_llama_tokens_per_s_c8`.
+`pangu-pi serve` puts a gateway in front of its engines; the same engine is also measured directly
+on its loopback port ("pangu-pi-direct", with the internal key read from the engine process), which
+gives the gateway's cost as `gateway_vs_direct_tokens_per_s_cN` (1.0 = free).
+
+The last line printed is JSON, with `vs_hf_tokens_per_s_c8`, `vs_llama_tokens_per_s_c8` and
+`gateway_vs_direct_tokens_per_s_c8`.
 """
 
 from __future__ import annotations
@@ -48,7 +53,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--vllm-arg", action="append", default=None,
                    help="extra argument for the vLLM engines (repeatable; default: --enforce-eager)")  # fmt: skip
     p.add_argument("--rounds", type=int, default=3, help="turns per system at each concurrency (median reported)")
-    p.add_argument("--skip", nargs="*", default=[], choices=["hf", "llama"], help="systems to leave out")
+    p.add_argument("--skip", nargs="*", default=[], choices=["hf", "llama", "direct"], help="systems to leave out")
     return p.parse_args()
 
 
@@ -102,6 +107,7 @@ class Server:
                "--dtype", args.dtype, "--max-model-len", str(args.prompt_tokens + args.max_tokens + 8),
                "--", "--max-num-seqs", str(max(args.concurrency)), *vllm_args]  # fmt: skip
         self.process = subprocess.Popen(cmd, env=env, stdout=open(log, "wb"), stderr=subprocess.STDOUT, start_new_session=True)
+        self.headers: dict[str, str] = {}
 
     def wait(self, timeout: float = 900) -> None:
         import httpx
@@ -118,6 +124,21 @@ class Server:
             time.sleep(1)
         raise SystemExit(f"{self.name} server not ready after {timeout} s")
 
+    def direct(self) -> "Direct":
+        """The engine behind this server's gateway, at its own port with its internal key."""
+        import psutil
+
+        from serving.request_guard import API_KEY_ENV
+        from serving.server import VLLM_SERVER_MODULE
+
+        for child in psutil.Process(self.process.pid).children():
+            cmd = child.cmdline()
+            if VLLM_SERVER_MODULE in cmd:
+                port = int(cmd[cmd.index("--port") + 1])
+                key = child.environ()[API_KEY_ENV]
+                return Direct(f"http://127.0.0.1:{port}", self.name, {"Authorization": f"Bearer {key}"})
+        raise SystemExit(f"no engine process under {self.name}'s server")
+
     def stop(self) -> None:
         self.process.send_signal(signal.SIGTERM)
         try:
@@ -127,12 +148,17 @@ class Server:
             self.process.wait()
 
 
-async def _stream_one(client, url: str, name: str, prompt: list[int], max_tokens: int):
+class Direct:
+    def __init__(self, url: str, name: str, headers: dict[str, str]):
+        self.url, self.name, self.headers = url, name, headers
+
+
+async def _stream_one(client, url: str, name: str, prompt: list[int], max_tokens: int, headers=None):
     body = {"model": name, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True,
             "stream": True, "stream_options": {"include_usage": True}}  # fmt: skip
     start = time.perf_counter()
     stamps, tokens = [], 0
-    async with client.stream("POST", f"{url}/v1/completions", json=body) as response:
+    async with client.stream("POST", f"{url}/v1/completions", json=body, headers=headers) as response:
         response.raise_for_status()
         async for line in response.aiter_lines():
             if not line.startswith("data:") or line[5:].strip() == "[DONE]":
@@ -155,7 +181,8 @@ async def run_vllm_round(server: Server, prompts: list[list[int]], c: int, total
         nonlocal tokens
         while queue:
             i = queue.pop()
-            start, stamps, n = await _stream_one(client, server.url, server.name, prompts[i % len(prompts)], max_tokens)
+            start, stamps, n = await _stream_one(client, server.url, server.name, prompts[i % len(prompts)], max_tokens,
+                                                 server.headers)  # fmt: skip
             if n != max_tokens:
                 raise SystemExit(f"{server.name}: a request produced {n} tokens, expected {max_tokens}")
             tokens += n
@@ -164,7 +191,7 @@ async def run_vllm_round(server: Server, prompts: list[list[int]], c: int, total
 
     limits = httpx.Limits(max_connections=c + 4)
     async with httpx.AsyncClient(timeout=None, limits=limits) as client:
-        await _stream_one(client, server.url, server.name, prompts[0], 8)  # warm-up
+        await _stream_one(client, server.url, server.name, prompts[0], 8, server.headers)  # warm-up
         t0 = time.perf_counter()
         await asyncio.gather(*(client_loop(client) for _ in range(c)))
         wall = time.perf_counter() - t0
@@ -261,6 +288,8 @@ def main() -> int:
         for server in servers:
             server.wait()
             systems[server.name] = server
+        if "direct" not in args.skip:
+            systems["pangu-pi-direct"] = servers[0].direct()
         if "hf" not in args.skip:
             import torch
 
@@ -287,7 +316,7 @@ def main() -> int:
     finally:
         for server in servers:
             server.stop()
-    order = {"pangu-pi": 0, "llama": 1, "hf-generate": 2}
+    order = {"pangu-pi": 0, "pangu-pi-direct": 1, "llama": 2, "hf-generate": 3}
     results.sort(key=lambda r: (order[r["system"]], r["concurrency"]))
     return report(results, args)
 
@@ -307,7 +336,7 @@ def report(results: list[dict], args: argparse.Namespace) -> int:
     print("\nratios of vLLM PanGu-π output tokens/s:")
     for c in args.concurrency:
         pangu = by.get(("pangu-pi", c))
-        for other, key in (("hf-generate", "vs_hf"), ("llama", "vs_llama")):
+        for other, key in (("hf-generate", "vs_hf"), ("llama", "vs_llama"), ("pangu-pi-direct", "gateway_vs_direct")):
             if pangu and (o := by.get((other, c))):
                 ratio = pangu["tokens_per_s"] / o["tokens_per_s"]
                 ratios[f"{key}_tokens_per_s_c{c}"] = ratio
