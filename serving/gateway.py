@@ -126,18 +126,27 @@ class Gateway:
         Returns the problems met (an adapter folder removed meanwhile, say)."""
         engine = self.engines[name]
         problems = []
-        for lora_name, path in list(engine.loaded.items()):
-            reply = await self._client().post(f"{engine.url}/v1/load_lora_adapter", json={"lora_name": lora_name, "lora_path": path})
-            if reply.status_code != 200:
-                problems.append(f"adapter {lora_name!r} ({path}) did not load again: {_message(reply)}")
-                engine.loaded.pop(lora_name)
-        for lora_name in list(engine.unloaded):
-            await self._client().post(f"{engine.url}/v1/unload_lora_adapter", json={"lora_name": lora_name})
-        engine.restarts += 1
-        engine.status, engine.reason, engine.down_since = "up", "", None
+        try:
+            for lora_name, path in list(engine.loaded.items()):
+                body = {"lora_name": lora_name, "lora_path": path}
+                reply = await self._client().post(f"{engine.url}/v1/load_lora_adapter", json=body)
+                if reply.status_code != 200:
+                    problems.append(f"adapter {lora_name!r} ({path}) did not load again: {_message(reply)}")
+                    engine.loaded.pop(lora_name)
+            for lora_name in list(engine.unloaded):
+                await self._client().post(f"{engine.url}/v1/unload_lora_adapter", json={"lora_name": lora_name})
+        except httpx.HTTPError as err:  # it died again: the supervisor sees that next
+            problems.append(f"could not restore its adapters: {err!r}")
+        finally:
+            self.mark_up(name)
         with contextlib.suppress(httpx.HTTPError):
             await self.refresh_routes()
         return problems
+
+    def mark_up(self, name: str) -> None:
+        engine = self.engines[name]
+        engine.restarts += 1
+        engine.status, engine.reason, engine.down_since = "up", "", None
 
     def _unavailable(self, engine: EngineState, model) -> Response:
         if engine.status == "failed":

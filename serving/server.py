@@ -580,6 +580,8 @@ class Supervisor:
             if self.gateway is not None and self.gateway.loop is not None:
                 future = asyncio.run_coroutine_threadsafe(self.gateway.engine_back(engine.name), self.gateway.loop)
                 problems = future.result(timeout=120)
+            elif self.gateway is not None:  # not serving yet: nothing was loaded at run time
+                self.gateway.mark_up(engine.name)
             _say(f"engine {engine.name!r} is back")
             for problem in problems:
                 _say(f"engine {engine.name!r}: {problem}")
