@@ -47,7 +47,7 @@ def export_checkpoint(ckpt: str | os.PathLike, out: str | os.PathLike, *, dtype:
     from transformers import GenerationConfig
 
     from pangu_pi import PanGuPiConfig, PanGuPiForCausalLM
-    from pangu_pi.tokenizer import EOS, IM_END, PAD
+    from pangu_pi.tokenizer import EOS, IM_END, PAD, folder_chat_template, template_status, write_chat_template
 
     path = resolve_checkpoint(ckpt)
     out = Path(out)
@@ -86,6 +86,9 @@ def export_checkpoint(ckpt: str | os.PathLike, out: str | os.PathLike, *, dtype:
             for f in tok_src.iterdir():
                 if f.is_file() and not f.name.endswith(".lock"):
                     shutil.copy2(f, staged / f.name)
+            # A run begun before tool calling holds the earlier chat template; its export gets the current one.
+            if template_status(folder_chat_template(staged)) == "previous":
+                write_chat_template(staged)
         model.save_pretrained(staged, safe_serialization=True, remote_code=remote_code,
                               model_card={**pretraining_facts(path), "name": out.name})
         if tok_src.is_dir():
