@@ -20,6 +20,7 @@ from torch import nn
 
 from vllm.compilation.decorators import support_torch_compile
 from vllm.config import CacheConfig, VllmConfig
+from vllm.logger import init_logger
 from vllm.distributed import (
     get_pp_group,
     get_tensor_model_parallel_rank,
@@ -58,6 +59,7 @@ from pangu_pi.kernels.reference import ACTIVATIONS
 from pangu_pi.modeling import SHORTCUT_ACTIVATIONS
 
 SIAF_OP_NAME = "pangu_pi_siaf_and_mul"
+logger = init_logger(__name__)
 
 
 def _fused_backend() -> str:
@@ -87,6 +89,37 @@ if current_platform.is_cuda_alike() and not hasattr(torch.ops.vllm, SIAF_OP_NAME
     from vllm.utils.torch_utils import direct_register_custom_op
 
     direct_register_custom_op(SIAF_OP_NAME, _siaf_and_mul_fused, fake_impl=_siaf_and_mul_fake)
+
+
+def rope_for_vllm(config: PanGuPiConfig) -> tuple[int, dict]:
+    """(max_position, rope_parameters) for vLLM's `get_rope`, which builds every variant the HF model
+    takes from transformers (PanGuPiConfig.check_rope refuses the rest).
+
+    One variant cannot match transformers exactly: dynamic NTK. transformers rescales the base for each
+    sequence by its own length; vLLM batches sequences of every length over one position table, so
+    it applies the base transformers uses for a sequence of the whole extended window
+    (max_position_embeddings × factor) to every request. Within the original window that differs
+    from the HF model, which leaves such sequences unscaled; we say so once at load time.
+    """
+    from pangu_pi.config import ROPE_TYPES
+
+    rope = dict(getattr(config, "rope_parameters", None) or {})
+    rope.setdefault("rope_theta", config.rope_theta)
+    kind = rope.setdefault("rope_type", "default")
+    if kind not in ROPE_TYPES:
+        raise ValueError(f"RoPE variant {kind!r} is not supported; choose one of {', '.join(ROPE_TYPES)}")
+    max_position = config.max_position_embeddings
+    if kind == "dynamic":
+        trained = config.max_position_embeddings
+        max_position = int(trained * rope["factor"])
+        rope["max_trained_positions"] = trained
+        logger.warning(
+            "dynamic NTK RoPE: vLLM applies the scaling of a %d-token sequence to every request; transformers "
+            "scales each sequence by its own length (and not at all within %d tokens), so answers can differ",
+            max_position,
+            trained,
+        )
+    return max_position, rope
 
 
 def _sharded_siaf_loader(param: nn.Parameter, loaded: torch.Tensor) -> None:
@@ -252,11 +285,11 @@ class PanGuPiAttention(nn.Module):
             quant_config=quant_config,
             prefix=f"{prefix}.o_proj",
         )
+        max_position, rope_parameters = rope_for_vllm(config)
         self.rotary_emb = get_rope(
             self.head_dim,
-            max_position=config.max_position_embeddings,
-            rope_parameters=getattr(config, "rope_parameters", None)
-            or {"rope_type": "default", "rope_theta": config.rope_theta},
+            max_position=max_position,
+            rope_parameters=rope_parameters,
             is_neox_style=True,  # the HF model rotates half-split pairs, as LLaMA
         )
         self.attn = Attention(
