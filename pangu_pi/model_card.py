@@ -134,56 +134,49 @@ def _losses(rows: list[dict]) -> dict[str, Any]:
     return facts
 
 
+def run_facts(run_dir: str | os.PathLike, state: dict | None = None) -> dict[str, Any] | None:
+    """What a training run folder (`pangu-pi pretrain` or `pangu-pi finetune`) knows, up to the step of
+    `state` (a checkpoint's trainer/state.json) or to its last logged step. None if it is no run folder."""
+    run_dir = Path(run_dir)
+    config = _read_yaml(run_dir / "config.yaml")
+    if not isinstance(config.get("model"), dict) or not isinstance(config.get("data"), dict):
+        return None
+    state = state or {}
+    step = int(state["step"]) if state.get("step") else None
+    rows = _metrics(run_dir, step)
+    train = [r for r in rows if r.get("loss") is not None]
+    finetune = config.get("finetune")
+    data = config["data"]
+    mixture = _mixture(data.get("datasets"))
+    if not mixture and not finetune:
+        mixture = [{"path": "embedded default corpus", "weight": 1.0}]
+    facts: dict[str, Any] = {
+        "kind": f"fine-tuning ({finetune.get('mode', 'full')})" if isinstance(finetune, dict) else "pretraining",
+        "run": str(run_dir),
+        "steps": step or (int(train[-1]["step"]) if train else None),
+        "tokens_seen": state.get("tokens_seen") or (train[-1].get("tokens") if train else None),
+        "data_mixture": mixture,
+        "seq_len": data.get("seq_len"),
+        "global_batch_size": (config.get("batch") or {}).get("global_batch_size"),
+        "precision": (config.get("train") or {}).get("precision"),
+        "base_model": config["model"].get("init_from"),
+    }
+    facts.update(_losses(rows))
+    return {k: v for k, v in facts.items() if v is not None}
+
+
 def pretraining_facts(checkpoint: str | os.PathLike) -> dict[str, Any]:
-    """What a pretraining checkpoint (RUN/checkpoints/step_N) knows about the run up to its step."""
+    """What a training checkpoint (RUN/checkpoints/step_N) knows about its run, up to its step."""
     checkpoint = Path(checkpoint)
     state = {}
     if (checkpoint / "trainer" / "state.json").is_file():
         state = json.loads((checkpoint / "trainer" / "state.json").read_text())
-    config = _read_yaml(checkpoint / "config.yaml")
-    step = int(state.get("step", 0)) or None
-    run_dir = checkpoint.parent.parent
-    data = config.get("data", {}) or {}
-    facts: dict[str, Any] = {
-        "kind": "pretraining",
-        "run": str(run_dir),
-        "checkpoint": checkpoint.name,
-        "steps": step,
-        "tokens_seen": state.get("tokens_seen"),
-        "data_mixture": _mixture(data.get("datasets")) or [{"path": "embedded default corpus", "weight": 1.0}],
-        "seq_len": data.get("seq_len"),
-        "global_batch_size": (config.get("batch") or {}).get("global_batch_size"),
-        "precision": (config.get("train") or {}).get("precision"),
-        "init_from": (config.get("model") or {}).get("init_from"),
-    }
-    facts.update(_losses(_metrics(run_dir, step)))
-    return {k: v for k, v in facts.items() if v is not None}
-
-
-def finetuning_facts(run_dir: str | os.PathLike) -> dict[str, Any] | None:
-    """What a fine-tuning run folder (the one holding OUT/model) knows; None if it is not one."""
-    run_dir = Path(run_dir)
-    config = _read_yaml(run_dir / "config.yaml")
-    if not config or "model" not in config or not isinstance(config.get("model"), str):
-        return None
-    rows = _metrics(run_dir)
-    steps = max((int(r["step"]) for r in rows if "loss" in r), default=None)
-    batch = (config.get("batch") or {}).get("global_batch_size") or None
-    seq_len = config.get("seq_len")
-    facts: dict[str, Any] = {
-        "kind": f"fine-tuning ({config.get('mode', 'full')})",
-        "run": str(run_dir),
-        "base_model": config["model"],
-        "steps": steps,
-        "data_mixture": _mixture(config.get("datasets")),
-        "seq_len": seq_len,
-        "global_batch_size": batch,
-        "precision": config.get("precision"),
-    }
-    if steps and batch and seq_len:
-        # Fine-tuning batches are padded to seq_len, so each step reads batch × seq_len positions.
-        facts["tokens_seen"] = int(steps) * int(batch) * int(seq_len)
-    facts.update(_losses(rows))
+    # The run folder's metrics hold the losses; the checkpoint's own config is the one it ran with.
+    facts = run_facts(checkpoint.parent.parent, state) or {}
+    own = _read_yaml(checkpoint / "config.yaml")
+    if own and not facts:
+        facts = {"kind": "pretraining", "steps": state.get("step"), "tokens_seen": state.get("tokens_seen")}
+    facts["checkpoint"] = checkpoint.name
     return {k: v for k, v in facts.items() if v is not None}
 
 
@@ -373,10 +366,13 @@ def write_model_card(folder: str | os.PathLike, model=None, run: dict | None = N
     previous = read_card(folder).get("pangu_pi", {}) if model is None else {}
     config = model.config if model is not None else PanGuPiConfig.from_pretrained(folder)
     if run is None:
-        run = previous.get("run") if model is None else finetuning_facts(folder.resolve().parent)
+        # A checkpoint written inside a run folder (`pangu-pi finetune` writes RUN/model) describes that run.
+        run = previous.get("run") if model is None else run_facts(folder.resolve().parent)
     tokenizer_folder = folder if (folder / "tokenizer.json").is_file() else None
+    if tokenizer_folder is None and run and run.get("run") and (Path(run["run"]) / "tokenizer").is_dir():
+        tokenizer_folder = Path(run["run"]) / "tokenizer"  # fine-tuning saves it beside the weights only after them
     if tokenizer_folder is None and run and run.get("base_model"):
-        tokenizer_folder = run["base_model"]  # fine-tuning saves the base model's tokenizer after the weights
+        tokenizer_folder = run["base_model"]
     values = config.to_dict()
     facts = {
         "architecture": "PanGuPiForCausalLM",
@@ -401,6 +397,8 @@ def add_evaluation(folder: str | os.PathLike, results: dict) -> Path | None:
     folder = Path(folder)
     if not (folder / "config.json").is_file():
         return None
+    if json.loads((folder / "config.json").read_text(encoding="utf-8")).get("model_type") != "pangu_pi":
+        return None  # another architecture's folder: its card is not ours to write
     previous = read_card(folder).get("pangu_pi", {}).get("evaluation") or {}
     merged = {
         "tasks": {**(previous.get("tasks") or {}), **_scores(results.get("tasks") or {})},

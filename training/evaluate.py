@@ -479,6 +479,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     parser.add_argument("--window", type=int, default=1024, help="perplexity window in tokens")
     parser.add_argument("--predictions", action="store_true", help="keep per-question predictions in the JSON")
+    parser.add_argument("--no-card", action="store_true",
+                        help="leave the checkpoint's README.md model card as it is (default: add these results)")
     args = parser.parse_args(argv)
     if not args.task and not args.ppl:
         raise _user_error("nothing to evaluate: give --task FILE... and/or --ppl FILE...")
@@ -507,6 +509,16 @@ def main(argv: list[str] | None = None) -> int:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(results, ensure_ascii=False, indent=2) + "\n", encoding="utf-8")
         print(f"wrote {args.out}")
+    if not args.url and not args.no_card and (Path(args.model) / "config.json").is_file():
+        # Scores of these very weights (not of a server's model): they belong in the checkpoint's card.
+        from pangu_pi.model_card import add_evaluation
+
+        try:
+            card = add_evaluation(args.model, results)
+        except OSError as err:  # a read-only checkpoint still gets its scores printed
+            print(f"model card not updated: {err}", file=sys.stderr)
+        else:
+            print(f"added the results to {card}")
     return 0
 
 

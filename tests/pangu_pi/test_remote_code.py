@@ -1,4 +1,4 @@
-"""Self-contained checkpoints: what `pangu-pi init`, `convert-llama` and fine-tuning write loads with
+"""Self-contained checkpoints: what `pangu-pi init`, `convert-llama`, fine-tuning and export write loads with
 `trust_remote_code=True` in a Python that holds torch and transformers (and their dependencies) only,
 and computes the project model's logits and greedy tokens there."""
 
@@ -115,41 +115,6 @@ def _bare_load(site: Path, folders: dict[str, Path], tmp_path: Path) -> dict:
     return {name: torch.load(tmp_path / f"{name}.pt") for name in folders}
 
 
-@pytest.fixture(scope="module")
-def checkpoints(tokenizer_dir, tmp_path_factory) -> dict[str, Path]:
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    root = tmp_path_factory.mktemp("remote")
-    init = root / "init"
-    assert cli(["init", "--tokenizer", str(tokenizer_dir), "--out", str(init), "--set", "siaf_backend=reference"]) == 0
-
-    torch.manual_seed(0)
-    llama = LlamaForCausalLM(LlamaConfig(vocab_size=512, hidden_size=64, intermediate_size=160, num_hidden_layers=2,
-                                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
-                                         rope_parameters={"rope_type": "linear", "factor": 2.0, "rope_theta": 5000.0}))
-    llama.save_pretrained(root / "llama")
-    assert cli(["convert-llama", str(root / "llama"), str(root / "converted")]) == 0
-
-    from training.finetune import finetune
-    from training.launch import free_port
-
-    chat = root / "chat.jsonl"
-    chat.write_text("".join(json.dumps({"messages": [{"role": "user", "content": f"What is {a} plus {a}?"},
-                                                     {"role": "assistant", "content": f"{2 * a}."}]}) + "\n"
-                            for a in range(24)))
-    mp = pytest.MonkeyPatch()
-    for key, value in dict(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1",
-                           MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port())).items():
-        mp.setenv(key, value)
-    try:
-        finetune({"model": str(init), "out": str(root / "ft"), "datasets": [{"path": str(chat), "weight": 1.0}],
-                  "seq_len": 64, "max_steps": 3, "batch": {"micro_batch_size": 4}, "optim": {"lr": 3e-3},
-                  "schedule": {"warmup_steps": 1}, "log": {"tensorboard": False, "plot": False}}, progress=False)
-    finally:
-        mp.undo()
-    return {"init": init, "converted": root / "converted", "finetuned": root / "ft" / "model"}
-
-
 def test_every_writer_ships_code_and_auto_map(checkpoints):
     for name, folder in checkpoints.items():
         config = json.loads((folder / "config.json").read_text())
@@ -162,14 +127,16 @@ def test_every_writer_ships_code_and_auto_map(checkpoints):
 
 
 @pytest.mark.slow
-def test_bare_transformers_loads_them_with_the_project_logits_and_tokens(checkpoints, bare_site, tmp_path):
+def test_bare_transformers_loads_them_with_the_project_logits_and_tokens(checkpoints, pretrained_export, bare_site,
+                                                                        tmp_path):
     from transformers import AutoModelForCausalLM
 
     import pangu_pi  # noqa: F401 - the project model, for reference
 
-    bare = _bare_load(bare_site, checkpoints, tmp_path)
+    folders = {**checkpoints, "exported": pretrained_export[1]}
+    bare = _bare_load(bare_site, folders, tmp_path)
     ids = torch.tensor(IDS)
-    for name, folder in checkpoints.items():
+    for name, folder in folders.items():
         model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
         assert type(model).__module__ == "pangu_pi.modeling"
         with torch.no_grad():
