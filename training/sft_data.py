@@ -18,7 +18,8 @@ backends, which holds however the model is called. (flash-attention takes no 4-D
 position ids select its variable-length path.)
 
 A record that cannot be used (bad JSON, no messages, unknown role, malformed tools, tool calls or
-tool results, no assistant turn, too long for a row) is counted under its reason and reported; it is never silently dropped and never fatal.
+tool results, no assistant turn, too long for a row) is counted under its reason and reported; it is
+never silently dropped and never fatal.
 """
 
 from __future__ import annotations
@@ -118,7 +119,9 @@ def _tool_calls(message: dict, index: int) -> list[dict]:
     for k, call in enumerate(calls):
         fn = call.get("function") if isinstance(call, dict) else None
         if not isinstance(fn, dict) or not isinstance(fn.get("name"), str) or not fn["name"]:
-            raise MalformedRecord("bad_tool_call", f"message {index}, call {k}: expected {{\"function\": {{\"name\", \"arguments\"}}}}")
+            raise MalformedRecord(
+                "bad_tool_call", f'message {index}, call {k}: expected {{"function": {{"name", "arguments"}}}}'
+            )
         arguments = fn.get("arguments", {})
         if isinstance(arguments, str):
             # OpenAI sends arguments as a JSON string; vLLM parses it before rendering, so do we.

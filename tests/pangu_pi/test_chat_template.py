@@ -48,7 +48,11 @@ def render(tok, messages, tools=None, prompt=False, template=None):
 def test_chats_without_tools_render_as_before(tok, prompt):
     chats = [
         [{"role": "user", "content": "Hi"}],
-        [{"role": "system", "content": "S"}, {"role": "user", "content": "a\nb"}, {"role": "assistant", "content": "c"}],
+        [
+            {"role": "system", "content": "S"},
+            {"role": "user", "content": "a\nb"},
+            {"role": "assistant", "content": "c"},
+        ],
         [{"role": "user", "content": ""}, {"role": "assistant", "content": "x"}, {"role": "user", "content": "y"}],
     ]
     for messages in chats:
@@ -64,7 +68,8 @@ def test_a_tool_conversation_renders_in_the_documented_format(tok):
         "</tools>\nTo call a function, answer with its name and arguments as JSON:\n"
         '<tool_call>\n{"name": "NAME", "arguments": {...}}\n</tool_call><|im_end|>\n'
         "<|im_start|>user\nWeather in Oslo?<|im_end|>\n"
-        '<|im_start|>assistant\n<tool_call>\n{"name": "get_weather", "arguments": {"city": "Oslo"}}\n</tool_call><|im_end|>\n'
+        '<|im_start|>assistant\n<tool_call>\n{"name": "get_weather", "arguments": {"city": "Oslo"}}\n'
+        "</tool_call><|im_end|>\n"
         '<|im_start|>tool\n<tool_response id="call_1">\n{"sky": "rain"}\n</tool_response><|im_end|>\n'
         "<|im_start|>assistant\nRain.<|im_end|>\n<|im_start|>assistant\n"
     )
@@ -78,16 +83,20 @@ def test_tools_without_a_system_message_get_a_system_turn(tok):
 
 def test_what_a_client_adds_does_not_change_the_prompt(tok):
     # vLLM passes tools as model_dump()s (nulls included) and tool-call arguments parsed to objects.
-    dumped = [{"type": "function", "function": {**t["function"], "strict": None, "description": t["function"].get("description")}}
-              for t in TOOLS]  # fmt: skip
+    dumped = [
+        {"type": "function", "function": {**t["function"], "strict": None, "description": t["function"].get("description")}}
+        for t in TOOLS
+    ]
     parsed = [dict(m) for m in CONVERSATION]
-    parsed[2] = {**parsed[2], "tool_calls": [{**CALL, "function": {"name": "get_weather", "arguments": {"city": "Oslo"}}}]}
+    parsed_call = {**CALL, "function": {"name": "get_weather", "arguments": {"city": "Oslo"}}}
+    parsed[2] = {**parsed[2], "tool_calls": [parsed_call]}
     assert render(tok, parsed, dumped) == render(tok, CONVERSATION, TOOLS)
 
 
 def test_content_and_several_calls(tok):
     calls = [CALL, {"id": "call_2", "type": "function", "function": {"name": "now", "arguments": "{}"}}]
-    text = render(tok, [{"role": "user", "content": "u"}, {"role": "assistant", "content": "Checking.", "tool_calls": calls}])
+    messages = [{"role": "user", "content": "u"}, {"role": "assistant", "content": "Checking.", "tool_calls": calls}]
+    text = render(tok, messages)
     assert text.endswith(
         '<|im_start|>assistant\nChecking.\n<tool_call>\n{"name": "get_weather", "arguments": {"city": "Oslo"}}\n'
         '</tool_call>\n<tool_call>\n{"name": "now", "arguments": {}}\n</tool_call><|im_end|>\n'
@@ -132,7 +141,8 @@ def test_folders_with_the_earlier_template_are_upgraded(tokenizer_dir, tmp_path)
     shutil.copytree(tokenizer_dir, custom)
     (custom / CHAT_TEMPLATE_FILE).unlink()
     config = json.loads((custom / "tokenizer_config.json").read_text())
-    (custom / "tokenizer_config.json").write_text(json.dumps({**config, "chat_template": "{{ messages[0]['content'] }}"}))
+    config["chat_template"] = "{{ messages[0]['content'] }}"
+    (custom / "tokenizer_config.json").write_text(json.dumps(config))
     assert template_status(folder_chat_template(custom)) == "custom"
     assert write_chat_template(custom) == "custom"
     assert (custom / "chat_template.previous.jinja").read_text() == "{{ messages[0]['content'] }}"
@@ -164,5 +174,6 @@ def test_an_extended_tokenizer_gets_the_current_template(tokenizer_dir, tmp_path
     domain = tmp_path / "domain.txt"
     domain.write_text("".join(f"The amortization schedule of loan {i} lists collateral.\n" for i in range(50)))
     out = tmp_path / "extended"
-    assert cli_main(["tokenizer", "extend", "--base", str(base), "--input", str(domain), "--add", "4", "--out", str(out)]) == 0
+    argv = ["tokenizer", "extend", "--base", str(base), "--input", str(domain), "--add", "4", "--out", str(out)]
+    assert cli_main(argv) == 0
     assert folder_chat_template(out) == CHAT_TEMPLATE
