@@ -37,6 +37,8 @@ from .request_guard import Limits, RequestGuard, openai_error
 # Per-hop headers, and ones the gateway sets itself; everything else passes through.
 _DROP_REQUEST_HEADERS = {"host", "authorization", "content-length", "connection", "keep-alive", "transfer-encoding"}
 _DROP_RESPONSE_HEADERS = {"content-length", "connection", "keep-alive", "transfer-encoding"}
+# What vLLM's API server says once its engine core is gone.
+_ENGINE_DEAD = ("EngineDeadError", "EngineCore encountered an issue", "Engine loop is not running")
 # Routes that take a `model` and go to the engine serving it.
 FORWARDED = ("/v1/completions", "/v1/chat/completions", "/v1/embeddings", "/v1/responses", "/tokenize", "/detokenize")
 
@@ -256,6 +258,10 @@ class Gateway:
             return openai_error(502, f"the engine serving `{model or engine.name}` did not answer: {err}", "api_error")
         out_headers = {k: v for k, v in reply.headers.items() if k.lower() not in _DROP_RESPONSE_HEADERS}
         events = reply.headers.get("content-type", "").startswith("text/event-stream")
+        if reply.status_code >= 500 and not events:
+            text = (await reply.aread()).decode(errors="replace")
+            await reply.aclose()
+            return _server_error(text, reply.status_code, out_headers, model or engine.name)
         # Closing the upstream response when the client goes away makes the engine abort the request.
         return StreamingResponse(
             _relay(reply, events, model or engine.name),
@@ -299,6 +305,12 @@ class Gateway:
             return openai_error(502, f"the engine serving `{model or engine.name}` did not answer: {err}", "api_error")
         out_headers = {k: v for k, v in reply.headers.items() if k.lower() not in _DROP_RESPONSE_HEADERS}
         events = reply.headers.get("content-type", "").startswith("text/event-stream")
+        if reply.status >= 500 and not events:
+            # vLLM's server answers 500 between its engine core dying and its own exit: that is an
+            # engine that is down, and clients should retry, not give up.
+            text = await reply.text(errors="replace")
+            reply.release()
+            return _server_error(text, reply.status, out_headers, model or engine.name)
         return _Relay(_relay_aiohttp(reply, events, model or engine.name), reply.status, out_headers, reply)
 
     # ----------------------------------------------------------------------- adapters at run time
@@ -510,6 +522,19 @@ class _Relay:
             watcher.cancel()
             await self.chunks.aclose()
             self.reply.release()
+
+
+def _server_error(text: str, status: int, headers: dict, model: str) -> Response:
+    """An engine's 5xx, passed on; but vLLM's server answers 500 between its engine core dying and
+    its own exit, and that is an engine that is down (503: clients retry instead of giving up)."""
+    if any(sign in text for sign in _ENGINE_DEAD):
+        return openai_error(
+            503,
+            f"The engine serving `{model}` is down (its engine core died); retry in a few seconds.",
+            "server_error",
+            code="engine_unavailable",
+        )
+    return Response(text.encode(), status_code=status, headers=headers)
 
 
 async def _json_object(request: Request) -> dict | Response:

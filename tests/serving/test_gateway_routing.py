@@ -292,3 +292,20 @@ def test_adapters_are_checked_then_loaded_on_the_named_engine_and_routed_there(t
         assert missing.status_code == 404 and "narrow" in missing.json()["error"]["message"]
         assert c.post("/v1/completions", json={"model": "wide", "prompt": "x"}, headers=auth).status_code == 404
         assert gateway.engines["yunshan"].loaded == {}
+
+
+def test_an_engine_whose_core_died_is_a_503_other_server_errors_pass_through():
+    def handle(request):
+        if request.url.path == "/v1/models":
+            return httpx.Response(200, json={"data": [{"id": "base"}]})
+        if json.loads(request.content)["prompt"] == "dead":
+            message = "EngineCore encountered an issue. See stack trace (above) for the root cause."
+            return json_reply(500, {"error": {"message": message, "type": "InternalServerError", "param": None, "code": 500}})
+        return json_reply(500, {"error": {"message": "something else", "type": "InternalServerError", "param": None, "code": 500}})
+
+    gateway = Gateway({"base": "http://engine-a:1"}, "inner", "base", transport=httpx.MockTransport(handle))
+    with TestClient(gateway.app(None)) as c:
+        dead = c.post("/v1/completions", json={"model": "base", "prompt": "dead"})
+        other = c.post("/v1/completions", json={"model": "base", "prompt": "x"})
+    assert dead.status_code == 503 and dead.json()["error"]["code"] == "engine_unavailable"
+    assert other.status_code == 500 and other.json()["error"]["message"] == "something else"
