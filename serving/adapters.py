@@ -16,6 +16,8 @@ from pathlib import Path
 
 VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # the ranks vLLM accepts for --max-lora-rank
 _LORA_KEY = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+)\.lora_(?P<part>[AB])(?:\.[^.]+)?\.weight$")
+# LoRA on an embedding: A is (rank, vocabulary), B is (width, rank); the weight is (vocabulary, width).
+_EMBEDDING_KEY = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+)\.lora_embedding_(?P<part>[AB])(?:\.[^.]+)?$")
 
 
 class AdapterProblem(ValueError):
@@ -77,6 +79,7 @@ def check_adapter(path: Path, model_dir: Path | None, max_rank: int | None) -> N
     for key, shape in safetensors_shapes(weights).items():
         match = _LORA_KEY.match(key)
         if match is None:
+            _check_other_weight(key, shape, base)
             continue
         module = match["module"]
         target = base.get(f"{module}.weight")
@@ -93,3 +96,24 @@ def check_adapter(path: Path, model_dir: Path | None, max_rank: int | None) -> N
                 f"the adapter was trained for a model of another shape: its `{module}` has {got} {side}, "
                 f"the served model's has {want}"
             )
+
+
+def _check_other_weight(key: str, shape: list[int], base: dict[str, list[int]]) -> None:
+    """An embedding's LoRA pair, or a whole weight the adapter replaces (peft's modules_to_save)."""
+    match = _EMBEDDING_KEY.match(key)
+    if match is not None:
+        target = base.get(f"{match['module']}.weight")
+        if target is None:
+            raise AdapterProblem(f"the adapter changes `{match['module']}`, which the served model does not have")
+        got, want, what = (shape[1], target[0], "vocabulary") if match["part"] == "A" else (shape[0], target[1], "width")
+        if got != want:
+            raise AdapterProblem(
+                f"the adapter was trained for a model of another shape: its `{match['module']}` has a {what} of "
+                f"{got}, the served model's has {want}"
+            )
+        return
+    name = re.sub(r"^base_model\.model\.", "", key).replace(".modules_to_save.default", "")
+    if name in base and list(base[name]) != list(shape):
+        raise AdapterProblem(
+            f"the adapter was trained for a model of another shape: its `{name}` is {shape}, the served model's is {base[name]}"
+        )

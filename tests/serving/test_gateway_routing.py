@@ -309,3 +309,32 @@ def test_an_engine_whose_core_died_is_a_503_other_server_errors_pass_through():
         other = c.post("/v1/completions", json={"model": "base", "prompt": "x"})
     assert dead.status_code == 503 and dead.json()["error"]["code"] == "engine_unavailable"
     assert other.status_code == 500 and other.json()["error"]["message"] == "something else"
+
+
+def test_adapters_with_embeddings_of_another_vocabulary_are_refused(tmp_path):
+    import pytest
+    import torch
+    from safetensors.torch import save_file
+
+    from serving.adapters import AdapterProblem, check_adapter
+
+    model = tmp_path / "model"
+    model.mkdir()
+    save_file({"model.embed_tokens.weight": torch.zeros(100, 16), "lm_head.weight": torch.zeros(100, 16)}, str(model / "model.safetensors"))
+
+    def adapter(name, tensors):
+        path = tmp_path / name
+        path.mkdir()
+        (path / "adapter_config.json").write_text(json.dumps({"r": 4}))
+        save_file(tensors, str(path / "adapter_model.safetensors"))
+        return path
+
+    fits = adapter("fits", {"base_model.model.model.embed_tokens.lora_embedding_A": torch.zeros(4, 100),
+                            "base_model.model.model.embed_tokens.lora_embedding_B": torch.zeros(16, 4)})  # fmt: skip
+    check_adapter(fits, model, 16)
+    wider_vocab = adapter("vocab", {"base_model.model.model.embed_tokens.lora_embedding_A": torch.zeros(4, 120)})
+    with pytest.raises(AdapterProblem, match="vocabulary of 120, the served model's has 100"):
+        check_adapter(wider_vocab, model, 16)
+    saved_head = adapter("head", {"base_model.model.lm_head.modules_to_save.default.weight": torch.zeros(120, 16)})
+    with pytest.raises(AdapterProblem, match="lm_head"):
+        check_adapter(saved_head, model, 16)
