@@ -278,9 +278,10 @@ def saved_batch(path: str | Path) -> dict | None:
     return (yaml.safe_load(config.read_text()) or {}).get("batch")
 
 
-def check_resume_batch(path: str | Path, global_batch: int, world_size: int) -> None:
-    """Refuse, before any process starts, a resume whose global batch differs from the checkpoint's:
-    the data position and the LR schedule are counted in its samples and steps."""
+def check_resume_batch(path: str | Path, global_batch: int | None, world_size: int) -> None:
+    """Refuse, before any process starts, a resume whose global batch differs from the checkpoint's
+    (the data position and the LR schedule count its samples and steps), or that `world_size`
+    processes cannot split (`global_batch` None), with the batch settings that would work."""
     from pangu_pi.errors import UserError
 
     saved = saved_batch(path)
@@ -290,18 +291,20 @@ def check_resume_batch(path: str | Path, global_batch: int, world_size: int) -> 
     if g == global_batch:
         return
     n = read_state(path).get("world_size", "?")
+    name = Path(path).name
     if g % world_size:
         counts = [k for k in range(1, g + 1) if g % k == 0]
         raise UserError(
-            f"{Path(path).name} was trained with a global batch of {g} sequences, which {world_size} processes "
-            f"cannot split evenly; resume on {', '.join(map(str, counts))} processes"
+            f"{name} was trained with a global batch of {g} sequences, which {world_size} processes cannot split "
+            f"evenly; resume it on {', '.join(map(str, counts[:-1]))} or {counts[-1]} processes"
         )
     per = g // world_size
     pairs = [(m, per // m) for m in range(1, per + 1) if per % m == 0]
-    ways = ", ".join(f"micro_batch_size={m} grad_accum={a}" for m, a in pairs[-3:][::-1])
+    ways = " or ".join(f"batch.micro_batch_size={m} batch.grad_accum={a}" for m, a in pairs[::-1][:3])
+    now = f"this run would take {global_batch}" if global_batch else "this batch section cannot split it"
     raise UserError(
-        f"{Path(path).name} was trained with a global batch of {g} sequences on {n} processes, this run would "
-        f"take {global_batch}; keep it with --set batch.global_batch_size={g} (on {world_size} processes: {ways})"
+        f"{name} was trained with a global batch of {g} sequences on {n} processes and {now}; keep it with "
+        f"--set batch.global_batch_size={g} (on {world_size} processes: {ways})"
     )
 
 
@@ -331,6 +334,19 @@ def universal_folder(path: str | Path) -> Path:
     return done
 
 
+def _param_groups(engine) -> list[dict]:
+    optimizer = getattr(engine, "optimizer", None)
+    inner = getattr(optimizer, "optimizer", optimizer)  # the torch optimizer inside DeepSpeed's ZeRO wrapper
+    return list(getattr(inner, "param_groups", None) or [])
+
+
+def _optimizer_states(engine) -> list[dict]:
+    optimizer = getattr(engine, "optimizer", None)
+    inner = getattr(optimizer, "optimizer", optimizer)
+    state = getattr(inner, "state", None)
+    return [s for s in state.values() if isinstance(s, dict)] if state else []
+
+
 def load_checkpoint(engine, path: str | Path, *, rank: int, world_size: int,
                     universal: bool = False) -> tuple[dict, dict]:
     """Restore engine state and this rank's RNG; returns (rank_state, trainer_state).
@@ -348,9 +364,22 @@ def load_checkpoint(engine, path: str | Path, *, rank: int, world_size: int,
             "the engine must load its universal form (the trainer does this on resume)"
         )
     source = path / UNIVERSAL if universal else path
+    # DeepSpeed's ZeRO-3 universal loader gives every parameter group the first group's settings, so
+    # the no-decay group (norms, SIAF coefficients) would start decaying. The groups' settings come
+    # from the run config, which a resume keeps: put them back after the load.
+    groups = _param_groups(engine) if universal else []
+    kept = [{k: v for k, v in g.items() if k not in ("params", "lr", "initial_lr")} for g in groups]
     load_path, _ = engine.load_checkpoint(
         str(source), tag=ENGINE_TAG, load_optimizer_states=True, load_lr_scheduler_states=True
     )
+    for group, settings in zip(_param_groups(engine) if universal else [], kept):
+        group.update(settings)
+    if universal:
+        # The same loader hands one `step` tensor to every group's state; torch's AdamW increments it
+        # in place, so each group would count the others' steps too (wrong bias correction).
+        for state in _optimizer_states(engine):
+            if torch.is_tensor(state.get("step")):
+                state["step"] = state["step"].clone()
     if load_path is None:
         raise FileNotFoundError(f"DeepSpeed found no engine state in {source / ENGINE_TAG}; the checkpoint is damaged")
     own = path / "trainer" / f"rank_{rank}.pt"

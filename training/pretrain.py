@@ -150,15 +150,20 @@ def check_resume(config: RunConfig, world_size: int) -> BatchSplit:
     OUT: checkpoints there with --resume none, or a global batch other than the checkpoint's."""
     from . import checkpoint
 
-    split = resolve_batch(config.batch, world_size)
     newest = checkpoint.latest_checkpoint(checkpoint.checkpoint_root(config.out))
     if newest is None:
-        return split
+        return resolve_batch(config.batch, world_size)
     if config.checkpoint.resume == "none":
         raise UserError(
             f"{config.out} already holds checkpoints (newest {newest.name}) and --resume is none; "
             "pass --resume auto to continue that run, or choose another --out"
         )
+    try:
+        split = resolve_batch(config.batch, world_size)
+    except ConfigError:
+        # Say what would continue this run, not only what is wrong with the batch section.
+        checkpoint.check_resume_batch(newest, None, world_size)
+        raise
     checkpoint.check_resume_batch(newest, split.global_batch_size, world_size)
     return split
 
