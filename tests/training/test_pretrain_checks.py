@@ -130,3 +130,17 @@ def test_the_command_prints_one_line_without_traceback(tmp_path, tokenizer_dir, 
                           capture_output=True, text=True, env=env, cwd=tmp_path, timeout=120)
     assert proc.returncode == 2
     assert proc.stderr.strip() == "pangu-pi pretrain: error: unknown config key 'trian'; did you mean 'train'?"
+
+
+def test_python_dash_m_cli_reports_a_library_error_in_one_line(tmp_path, tokenizer_dir, dataset):
+    # The error class lives in the library (pangu_pi.errors), so the CLI run as __main__ still knows it.
+    done = tmp_path / "run" / "checkpoints" / "step_4"
+    done.mkdir(parents=True)
+    (done / "COMPLETE").write_text("{}")
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run([sys.executable, "-m", "pangu_pi.cli", "pretrain", "--config",
+                           str(_config(tmp_path, tokenizer_dir, dataset)), "--out", str(tmp_path / "run"),
+                           "--nproc", "1", "--resume", "none"], capture_output=True, text=True, env=env, timeout=120)
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("pangu-pi pretrain: error: ") and "--resume auto" in lines[0]
