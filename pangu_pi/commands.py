@@ -27,7 +27,8 @@ def parse_overrides(pairs: list[str]) -> dict:
         raise UserError(f"--set model={model!r}: name a field, e.g. --set model.hidden_size=64")
     fields = PanGuPiConfig.field_names()
     for key, value in out.items():
-        if key not in fields or isinstance(value, dict):
+        # rope_parameters is itself a mapping (--set model.rope_parameters.factor=4.0); no other field is.
+        if key not in fields or (isinstance(value, dict) and key != "rope_parameters"):
             close = difflib.get_close_matches(str(key), fields, n=1)
             raise UserError(f"unknown config key {'model.' + str(key)!r}"
                             + (f"; did you mean {'model.' + close[0]!r}?" if close else "; see `pangu-pi info --preset tiny`"))

@@ -1,4 +1,7 @@
-"""Checkpoints written the ways a user writes them, made once per session for the tests that load them."""
+"""Checkpoints written the ways a user writes them, made once per session for the tests that load them.
+
+Nothing from pangu_pi (nor transformers) is imported at module level: this file loads before
+kernels/conftest.py, which must set TRITON_INTERPRET before Triton is first imported."""
 
 from __future__ import annotations
 
@@ -9,14 +12,17 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
-import yaml
 
-from pangu_pi.cli import main as cli
+
+def cli(argv: list[str]) -> int:
+    from pangu_pi.cli import main
+
+    return main(argv)
 
 
 @pytest.fixture(scope="session")
 def checkpoints(tokenizer_dir, tmp_path_factory) -> dict[str, Path]:
+    import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
     root = tmp_path_factory.mktemp("remote")
@@ -55,6 +61,8 @@ def checkpoints(tokenizer_dir, tmp_path_factory) -> dict[str, Path]:
 @pytest.fixture(scope="session")
 def pretrained_export(tmp_path_factory) -> tuple[Path, Path]:
     """(run folder, `pangu-pi export` of its last checkpoint) of a few-step single-process pretraining."""
+    import yaml
+
     root = tmp_path_factory.mktemp("pt")
     config = {
         "model": {"preset": "tiny", "siaf_backend": "reference", "num_hidden_layers": 2},

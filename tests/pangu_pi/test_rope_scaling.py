@@ -133,3 +133,12 @@ def test_convert_llama_refuses_a_variant_it_cannot_build(tmp_path, capsys):
     assert cli(["convert-llama", str(src), str(tmp_path / "out")]) == 2
     err = capsys.readouterr().err.strip()
     assert "'proportional'" in err and "supported" in err and len(err.splitlines()) == 1
+
+
+def test_init_takes_the_scaling_from_the_command_line(tokenizer_dir, tmp_path):
+    out = tmp_path / "long"
+    assert cli(["init", "--tokenizer", str(tokenizer_dir), "--out", str(out), "--set", "max_position_embeddings=2048",
+                "model.rope_parameters.rope_type=yarn", "model.rope_parameters.factor=4.0",
+                "model.rope_parameters.original_max_position_embeddings=512"]) == 0
+    rope = json.loads((out / "config.json").read_text())["rope_parameters"]
+    assert rope == {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 512, "rope_theta": 10000.0}
