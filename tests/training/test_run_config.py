@@ -115,7 +115,7 @@ def test_shipped_recipes_load(name):
 def test_every_shipped_config_validates(path, capsys):
     # The folders they name live on the training cluster; keys and values are checked here.
     config = load_config(path, check_paths=False)
-    assert config.recipe == ("finetune" if "finetune" in path.name else "pretrain")
+    assert config.recipe == ("finetune" if "finetune" in yaml.safe_load(path.read_text()) else "pretrain")
     assert "older fine-tuning layout" not in capsys.readouterr().err  # shipped files use the current layout
 
 
