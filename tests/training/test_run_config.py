@@ -219,3 +219,15 @@ def test_run_folder_prefers_the_flag_then_the_config_then_the_config_name():
     assert run_folder("configs/tiny.yaml", "/tmp/x", "runs/y") == "/tmp/x"
     assert run_folder("configs/tiny.yaml", None, "runs/y") == "runs/y"
     assert run_folder("configs/tiny.yaml", None, None) == str(Path("runs") / "tiny")
+
+
+def test_set_means_the_same_in_info_and_init():
+    from pangu_pi.cli import UserError
+    from pangu_pi.commands import parse_overrides
+
+    # The run config's model keys, or bare model fields; values read as YAML as everywhere else.
+    assert parse_overrides(["model.hidden_size=64", "num_hidden_layers=2", "siaf_backend=reference"]) == {
+        "hidden_size": 64, "num_hidden_layers": 2, "siaf_backend": "reference"}
+    assert build_config({}, ["model.hidden_size=64"]).model["hidden_size"] == 64
+    with pytest.raises(UserError, match="did you mean 'model.hidden_size'"):
+        parse_overrides(["model.hiden_size=64"])
