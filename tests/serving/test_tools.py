@@ -36,7 +36,10 @@ UNIT = {
     "additionalProperties": False,
 }
 TOOLS = [
-    {"type": "function", "function": {"name": "get_weather", "description": "Forecast for a city", "parameters": WEATHER}},
+    {
+        "type": "function",
+        "function": {"name": "get_weather", "description": "Forecast for a city", "parameters": WEATHER},
+    },
     {"type": "function", "function": {"name": "set_unit", "parameters": UNIT}},
 ]
 SCHEMAS = {t["function"]["name"]: t["function"]["parameters"] for t in TOOLS}
@@ -89,6 +92,10 @@ def chat(client, model: str, stream: bool, **body) -> dict:
     return {"content": "".join(content), "tool_calls": [calls[i] for i in sorted(calls)], "finish_reason": finish}
 
 
+def named(function: str) -> dict:
+    return {"type": "function", "function": {"name": function}}
+
+
 def assert_valid_call(call: dict, name: str | None = None) -> None:
     if name is not None:
         assert call["name"] == name
@@ -100,7 +107,7 @@ def assert_valid_call(call: dict, name: str | None = None) -> None:
 @pytest.mark.parametrize("model", MODELS)
 @pytest.mark.parametrize("name", ["get_weather", "set_unit"])
 def test_named_tool_choice_calls_that_function_with_valid_arguments(client, model, stream, name):
-    reply = chat(client, model, stream, tools=TOOLS, tool_choice={"type": "function", "function": {"name": name}})
+    reply = chat(client, model, stream, tools=TOOLS, tool_choice=named(name))
     assert len(reply["tool_calls"]) == 1, reply
     assert_valid_call(reply["tool_calls"][0], name)
 
@@ -148,7 +155,8 @@ def test_json_object_output_is_an_object(client, model, stream):
 @pytest.mark.parametrize("stream", [False, True], ids=["whole", "stream"])
 @pytest.mark.parametrize("model", MODELS)
 def test_a_conversation_with_a_tool_result_is_answered(client, model, stream):
-    call = {"id": "call_7", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Oslo", "days": 3}'}}
+    arguments = '{"city": "Oslo", "days": 3}'
+    call = {"id": "call_7", "type": "function", "function": {"name": "get_weather", "arguments": arguments}}
     messages = QUESTION + [
         {"role": "assistant", "content": None, "tool_calls": [call]},
         {"role": "tool", "tool_call_id": "call_7", "content": '{"forecast": ["rain", "sun", "sun"]}'},
@@ -180,12 +188,12 @@ def test_key_and_request_checks_stay_in_front(server, client):
         keyless.chat.completions.create(model="pangu", messages=QUESTION, tools=TOOLS, tool_choice="required")
     with pytest.raises(openai.BadRequestError):  # a named function that is not among the tools
         client.chat.completions.create(
-            model="yunshan", messages=QUESTION, tools=TOOLS, tool_choice={"type": "function", "function": {"name": "nope"}}
+            model="yunshan", messages=QUESTION, tools=TOOLS, tool_choice=named("nope")
         )
     with pytest.raises(openai.BadRequestError):  # a schema that is not a schema
         client.chat.completions.create(
             model="pangu", messages=QUESTION,
             response_format={"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": 12}}},
         )  # fmt: skip
-    reply = chat(client, "yunshan", False, tools=TOOLS, tool_choice={"type": "function", "function": {"name": "set_unit"}})
+    reply = chat(client, "yunshan", False, tools=TOOLS, tool_choice=named("set_unit"))
     assert_valid_call(reply["tool_calls"][0], "set_unit")  # and it keeps serving
