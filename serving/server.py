@@ -756,7 +756,10 @@ def run_gateway(engines: list[Engine], engine_key: str, args: argparse.Namespace
         max_lora_rank={e.name: max_lora_rank(e, args) for e in engines},
     )
     names = ", ".join(n for e in engines for n in (e.name, *e.loras))
-    server = uvicorn.Server(uvicorn.Config(gateway.app(args.api_key), host=args.host, port=args.port, log_level="warning"))
+    config = uvicorn.Config(
+        gateway.app(args.api_key), host=args.host, port=args.port, log_level="warning", access_log=False
+    )
+    server = uvicorn.Server(config)
     supervisor = Supervisor(engines, args, device, engine_key, gateway, server)
     supervisor.start()
     print(f"pangu-pi serve: ready at http://{args.host}:{args.port}/v1 (models: {names})", flush=True)

@@ -124,6 +124,23 @@ class Server:
             time.sleep(1)
         raise SystemExit(f"{self.name} server not ready after {timeout} s")
 
+    def cpu_seconds(self) -> tuple[float, float]:
+        """CPU time so far of the gateway (this server's own process) and of its engines (the rest)."""
+        import psutil
+
+        def used(p) -> float:
+            t = p.cpu_times()
+            return t.user + t.system
+
+        me = psutil.Process(self.process.pid)
+        engines = 0.0
+        for child in me.children(recursive=True):
+            try:
+                engines += used(child)
+            except psutil.Error:
+                pass
+        return used(me), engines
+
     def direct(self) -> "Direct":
         """The engine behind this server's gateway, at its own port with its internal key."""
         import psutil
@@ -309,14 +326,31 @@ def main() -> int:
                 if name == "hf-generate":
                     sample = run_hf_round(target, prompts, c, totals[c], args.max_tokens)
                 else:
+                    before = servers[0].cpu_seconds()
                     sample = asyncio.run(run_vllm_round(target, prompts, c, totals[c], args.max_tokens))
+                    after = servers[0].cpu_seconds()
+                    sample["gateway_cpu_s"], sample["engine_cpu_s"] = (a - b for a, b in zip(after, before))
                 samples.setdefault((name, c), []).append(sample)
         for (name, c), rounds in samples.items():
             results.append(combine(name, c, rounds))
+            if name == "pangu-pi":
+                # What the gateway costs, whatever else the machine runs: its share of the CPU that
+                # serving took (on a machine the engine keeps busy, throughput loses about as much).
+                gateway, engine = sum(r["gateway_cpu_s"] for r in rounds), sum(r["engine_cpu_s"] for r in rounds)
+                results[-1]["gateway_cpu_share"] = gateway / max(1e-9, gateway + engine)
+                results[-1]["gateway_cpu_us_per_token"] = gateway / sum(r["tokens"] for r in rounds) * 1e6
+        if "pangu-pi-direct" in systems:
+            for c in args.concurrency:
+                # Rounds of the two run back to back: their ratio, round by round, is less exposed to
+                # the machine's load changing than the ratio of the two medians.
+                pairs = zip(samples[("pangu-pi", c)], samples[("pangu-pi-direct", c)])
+                paired = [(g["tokens"] / g["wall"]) / (d["tokens"] / d["wall"]) for g, d in pairs]
+                results.append({"system": "gateway-vs-direct", "concurrency": c, "paired_ratio_median": float(np.median(paired)),
+                                "paired_ratios": [round(x, 3) for x in paired]})  # fmt: skip
     finally:
         for server in servers:
             server.stop()
-    order = {"pangu-pi": 0, "pangu-pi-direct": 1, "llama": 2, "hf-generate": 3}
+    order = {"pangu-pi": 0, "pangu-pi-direct": 1, "llama": 2, "hf-generate": 3, "gateway-vs-direct": 4}
     results.sort(key=lambda r: (order[r["system"]], r["concurrency"]))
     return report(results, args)
 
@@ -331,7 +365,8 @@ def report(results: list[dict], args: argparse.Namespace) -> int:
     by = {(r["system"], r["concurrency"]): r for r in results}
     print("\nsystem        conc   tok/s   TTFT p50/p99 (ms)   ITL p50/p99 (ms)")
     for r in results:
-        print(_row(r))
+        if "tokens_per_s" in r:
+            print(_row(r))
     ratios = {}
     print("\nratios of vLLM PanGu-π output tokens/s:")
     for c in args.concurrency:
@@ -341,6 +376,14 @@ def report(results: list[dict], args: argparse.Namespace) -> int:
                 ratio = pangu["tokens_per_s"] / o["tokens_per_s"]
                 ratios[f"{key}_tokens_per_s_c{c}"] = ratio
                 print(f"  c={c:<3} vs {other:<12} {ratio:6.2f}x")
+    for c in args.concurrency:
+        if (pangu := by.get(("pangu-pi", c))) and "gateway_cpu_share" in pangu:
+            ratios[f"gateway_cpu_share_c{c}"] = pangu["gateway_cpu_share"]
+            print(f"  c={c:<3} gateway CPU: {pangu['gateway_cpu_us_per_token']:.0f} us per token, "
+                  f"{100 * pangu['gateway_cpu_share']:.1f}% of the CPU serving took")  # fmt: skip
+        if paired := by.get(("gateway-vs-direct", c)):
+            ratios[f"gateway_vs_direct_paired_c{c}"] = paired["paired_ratio_median"]
+            print(f"  c={c:<3} gateway vs direct, round by round: median {paired['paired_ratio_median']:.2f}x")
     print(json.dumps({**ratios, "prompt_tokens": args.prompt_tokens, "max_tokens": args.max_tokens, "results": results}))
     return 0
 
