@@ -504,10 +504,16 @@ class _Relay:
         self.chunks, self.status, self.headers, self.reply = chunks, status, headers, reply
 
     async def __call__(self, scope, receive, send) -> None:
+        done = False
+
         async def watch() -> None:
             while (await receive())["type"] != "http.disconnect":
                 pass
-            self.reply.close()  # drops the engine's connection: vLLM aborts the request
+            # uvicorn also says "disconnect" once the response is complete: only a client that
+            # left early drops the engine's connection (vLLM then aborts the request); otherwise
+            # the connection goes back to the pool.
+            if not done:
+                self.reply.close()
 
         watcher = asyncio.ensure_future(watch())
         raw = [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in self.headers.items()]
@@ -515,6 +521,7 @@ class _Relay:
             await send({"type": "http.response.start", "status": self.status, "headers": raw})
             async for chunk in self.chunks:
                 await send({"type": "http.response.body", "body": chunk, "more_body": True})
+            done = True
             await send({"type": "http.response.body", "body": b"", "more_body": False})
         except OSError:  # the client went away mid-send
             self.reply.close()
