@@ -197,3 +197,25 @@ def test_key_and_request_checks_stay_in_front(server, client):
         )  # fmt: skip
     reply = chat(client, "yunshan", False, tools=TOOLS, tool_choice=named("set_unit"))
     assert_valid_call(reply["tool_calls"][0], "set_unit")  # and it keeps serving
+
+
+def test_engines_get_the_tool_parser_and_compact_json_unless_told_otherwise(base_dir):
+    from serving import server
+
+    def command(*extra: str) -> list[str]:
+        args = server.parse_args([str(base_dir), *extra])
+        return server.engine_command(server.plan_engines(args)[0][0], args)
+
+    default = command()
+    assert default[default.index("--tool-call-parser") + 1] == "hermes" and "--enable-auto-tool-choice" in default
+    config = json.loads(default[default.index("--structured-outputs-config") + 1])
+    assert config == {"backend": "xgrammar", "disable_any_whitespace": True}
+    assert server.engine_env("cpu", None)["VLLM_ENFORCE_STRICT_TOOL_CALLING"] == "0"
+    off = command("--no-auto-tool-choice", "--json-whitespace")
+    assert "--tool-call-parser" not in off and "--structured-outputs-config" not in off
+    other = command("--tool-call-parser", "llama3_json")
+    assert other[other.index("--tool-call-parser") + 1] == "llama3_json"
+    # The user's own vLLM flags after `--` replace ours rather than clash with them.
+    mine = command("--", "--tool-call-parser", "pythonic", "--enable-auto-tool-choice",
+                   "--structured-outputs-config", '{"backend": "guidance"}')  # fmt: skip
+    assert mine.count("--tool-call-parser") == 1 and mine.count("--structured-outputs-config") == 1
