@@ -122,6 +122,9 @@ def ddp_worker(config_path: str, out_path: str) -> None:
                      "tokens_per_s": tokens_per_step / elapsed, **{f"{k}_s": v for k, v in times.items()}})
     if rank == 0:
         Path(out_path).write_text("".join(json.dumps(r) + "\n" for r in rows))
+    # Both ranks leave together: a rank tearing down gloo while its peer is still writing can leave
+    # the peer waiting in destroy_process_group for good.
+    dist.barrier()
     dist.destroy_process_group()
 
 
