@@ -152,7 +152,8 @@ class PanGuPiConfig(PretrainedConfig):
             message = err.args[0] if err.args else str(err)
             raise ConfigError(f"rope_parameters for {rope_type!r}: {message}") from None
         factor = self.rope_parameters.get("factor")
-        if rope_type != "default" and rope_type != "longrope" and not (isinstance(factor, (int, float)) and factor >= 1):
+        scaled = rope_type not in ("default", "longrope")  # longrope scales by its factor lists instead
+        if scaled and not (isinstance(factor, (int, float)) and factor >= 1):
             raise ConfigError(f"rope_parameters.factor must be a number >= 1 for {rope_type!r} RoPE, got {factor!r}")
 
     @property

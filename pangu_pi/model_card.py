@@ -253,11 +253,13 @@ def render_card(name: str, facts: dict) -> str:
         "",
         f"- parameters: **{params:,}** ({params / 1e6:.2f} M)",
         f"- {config['num_hidden_layers']} layers, hidden size {config['hidden_size']}, FFN width "
-        f"{config['intermediate_size']}, {config['num_attention_heads']} heads ({config['num_key_value_heads']} KV heads), "
+        f"{config['intermediate_size']}, {config['num_attention_heads']} heads "
+        f"({config['num_key_value_heads']} KV heads), "
         f"context {config['max_position_embeddings']} positions",
         f"- RoPE: `{config['rope_parameters'].get('rope_type', 'default')}` (theta "
         f"{config['rope_parameters'].get('rope_theta')})",
-        f"- SIAF: {config['siaf_terms']} terms of {config['siaf_activation']}, {config['siaf_param_shape']} coefficients",
+        f"- SIAF: {config['siaf_terms']} terms of {config['siaf_activation']}, "
+        f"{config['siaf_param_shape']} coefficients",
         f"- augmented shortcuts: {config['shortcut_count']} per block, bottleneck d/{config['shortcut_ratio']}, "
         f"{config['shortcut_activation']}",
         "",
@@ -291,7 +293,8 @@ def render_card(name: str, facts: dict) -> str:
             if run.get(key) is not None:
                 lines.append(f"- {label}: {_fmt(run[key])}")
         if run.get("data_mixture"):
-            lines.append("- data mixture: " + ", ".join(f"`{d['path']}` × {d['weight']:g}" for d in run["data_mixture"]))
+            mixture = ", ".join(f"`{d['path']}` × {d['weight']:g}" for d in run["data_mixture"])
+            lines.append(f"- data mixture: {mixture}")
         if run.get("final_train_loss") is not None:
             lines.append(f"- final training loss: {run['final_train_loss']:.4f} (step {run['final_train_loss_step']})")
         if run.get("final_val_loss") is not None:

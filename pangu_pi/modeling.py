@@ -77,7 +77,8 @@ class PanGuPiRotaryEmbedding(nn.Module):
         self.max_seq_len_cached = config.max_position_embeddings
         self.original_max_seq_len = config.max_position_embeddings
         self.rope_type = config.rope_parameters.get("rope_type", "default")
-        init_fn = self.compute_default_rope_parameters if self.rope_type == "default" else ROPE_INIT_FUNCTIONS[self.rope_type]
+        default = self.rope_type == "default"
+        init_fn = self.compute_default_rope_parameters if default else ROPE_INIT_FUNCTIONS[self.rope_type]
         inv_freq, self.attention_scaling = init_fn(config)
         # Not persistent: recomputed from the config, so checkpoints carry no RoPE tables.
         self.register_buffer("inv_freq", inv_freq, persistent=False)

@@ -93,7 +93,8 @@ def _replace_imports(text: str, rules: dict[str, str], where: str) -> str:
     # Imports inside functions (lazy ones) would escape the rules above; there must be none left.
     for node in ast.walk(ast.parse(out)):
         sibling = node.level == 1 and node.module == CONFIG_FILE[:-3] if isinstance(node, ast.ImportFrom) else False
-        if isinstance(node, ast.ImportFrom) and not sibling and (node.level or (node.module or "").startswith("pangu_pi")):
+        project = isinstance(node, ast.ImportFrom) and (node.level or (node.module or "").startswith("pangu_pi"))
+        if project and not sibling:
             raise RemoteCodeError(f"{where}: {ast.get_source_segment(out, node)!r} would need pangu_pi at load time")
         if isinstance(node, ast.Import) and any(a.name.split(".")[0] == "pangu_pi" for a in node.names):
             raise RemoteCodeError(f"{where}: an `import pangu_pi` would need the package at load time")
@@ -120,7 +121,7 @@ def configuration_source() -> str:
     names = tuple(reference.ACTIVATIONS)
     body = _replace_imports(
         _strip_docstring_and_future(_source(config)),
-        {"from .kernels import ACTIVATIONS": f"ACTIVATIONS = {names!r}  # the SIAF activations modeling_pangu_pi builds"},
+        {"from .kernels import ACTIVATIONS": f"ACTIVATIONS = {names!r}  # the SIAF activations the model builds"},
         "pangu_pi/config.py",
     )
     return _header(["config.py", "kernels/reference.py"]) + FUTURE + "\n" + body

@@ -537,7 +537,8 @@ def resize_model(model_dir, tokenizer_dir, out_dir, progress: bool = True, remot
         if (tokenizer_dir / name).exists():
             shutil.copy(tokenizer_dir / name, out / name)
     model.save_pretrained(out, remote_code=remote_code,
-                          model_card={"kind": f"vocabulary resize ({old_size} -> {rows} rows)", "base_model": str(model_dir)})
+                          model_card={"kind": f"vocabulary resize ({old_size} -> {rows} rows)",
+                                      "base_model": str(model_dir)})
     return {
         "old_rows": old_size,
         "new_rows": rows,

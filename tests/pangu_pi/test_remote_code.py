@@ -106,7 +106,8 @@ def _bare_load(site: Path, folders: dict[str, Path], tmp_path: Path) -> dict:
                 logits = model(ids).logits
             tokens = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens={NEW_TOKENS},
                                     do_sample=False, use_cache=True, eos_token_id=None, pad_token_id=0)
-            torch.save({{"logits": logits, "tokens": tokens, "class": type(model).__name__}}, {str(tmp_path)!r} + f"/{{name}}.pt")
+            torch.save({{"logits": logits, "tokens": tokens, "class": type(model).__name__}},
+                       {str(tmp_path)!r} + f"/{{name}}.pt")
         print("bare ok")
         """
     )
@@ -123,7 +124,8 @@ def test_every_writer_ships_code_and_auto_map(checkpoints):
             text = (folder / code).read_text()
             assert "pangu_pi" not in re.findall(r"^\s*(?:from|import)\s+(\S+)", text, re.M), (name, code)
             assert not re.search(r"^\s*(from|import)\s+(triton|deepspeed|vllm)", text, re.M), (name, code)
-    assert json.loads((checkpoints["converted"] / "config.json").read_text())["rope_parameters"]["rope_type"] == "linear"
+    converted = json.loads((checkpoints["converted"] / "config.json").read_text())
+    assert converted["rope_parameters"]["rope_type"] == "linear"
 
 
 @pytest.mark.slow
