@@ -47,7 +47,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from training.domain_demo import GLOSSARY, NAMES, money  # noqa: E402
+from pangu_pi.training.domain_demo import GLOSSARY, NAMES, money  # noqa: E402
 
 CONTEXT = 1024  # tokens: the model's context and the rows fine-tuning packs
 SYSTEM = "You are a finance assistant. Use a calculator for any arithmetic, then give the result."
@@ -105,18 +105,27 @@ PHRASINGS = {
         "What is the simple interest on a {p} loan at {r}% a year for {t} years?",
         "A bond pays {r}% simple interest a year on {p}. What interest does it pay over {t} years?",
         "{name} lends {p} for {t} years at {r}% simple interest. How much interest is due?",
+        "Find the simple interest on {p} at {r}% per year over {t} years.",
+        "{name} wants to know the interest on {p} at a yearly rate of {r}%, simple, after {t} years.",
+        "Calculate the simple interest for a principal of {p}, a rate of {r}% and {t} years.",
         "How much simple interest does {p} earn in {t} years at a rate of {r}% a year?",
     ],
     "percent_change": [
         "The {thing} moved from {a} to {b}. What is the percentage change?",
         "A {thing} was {a} last year and is {b} now. By what percentage did it change?",
         "{name}'s {thing} went from {a} to {b}. What is the change in percent?",
+        "Find the percentage change of a {thing} that went from {a} to {b}.",
+        "Calculate the percent change from {a} to {b} for the {thing}.",
+        "{name} saw the {thing} change from {a} to {b}. What percentage change is that?",
         "If a {thing} goes from {a} to {b}, what is the percentage change?",
     ],
     "income_tax": [
         "How much income tax does {name} owe on an income of {i}?",
         "What is the tax on a yearly income of {i}?",
         "{name} earned {i} this year. How much tax is owed?",
+        "Find the income tax on earnings of {i}.",
+        "Calculate the tax owed by someone who earns {i} a year.",
+        "{name} makes {i} a year. What income tax does {name} pay?",
         "Compute the income tax for someone who earns {i} a year.",
     ],
 }
