@@ -4,7 +4,16 @@ Importing the package registers the model with transformers' Auto classes, so
 `AutoModelForCausalLM.from_pretrained(dir)` loads a saved PanGu-π checkpoint.
 """
 
+from pathlib import Path as _Path
+
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
+
+# An install maps the repository's training/ and serving/ folders to pangu_pi.training and
+# pangu_pi.serving (pyproject.toml). A checkout used without installing it (PYTHONPATH=checkout, as on
+# a machine with nothing but torch) gets the same names from here.
+_checkout = _Path(__file__).resolve().parent.parent
+if (_checkout / "pyproject.toml").is_file() and (_checkout / "training" / "__init__.py").is_file():
+    __path__.append(str(_checkout))  # noqa: F821 (the package's own search path)
 
 from .config import PRESETS, ConfigError, PanGuPiConfig
 from .modeling import PanGuPiForCausalLM, PanGuPiModel, PanGuPiPreTrainedModel

@@ -16,15 +16,15 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "init": ("pangu_pi.commands", "init_main", "write a freshly initialised checkpoint for a preset"),
     "convert-llama": ("pangu_pi.conversion", "convert_main", "turn a LLaMA checkpoint into a PanGu-π one"),
     "generate": ("pangu_pi.commands", "generate_main", "sample text from a checkpoint"),
-    "data": ("training.data.cli", "main", "tokenize text into training shards"),
-    "pretrain": ("training.pretrain", "main", "pretrain with DeepSpeed"),
-    "export": ("training.export", "main", "write an HF checkpoint from a training checkpoint"),
-    "finetune": ("training.finetune", "main", "instruction-tune (full or LoRA)"),
+    "data": ("pangu_pi.training.data.cli", "main", "tokenize text into training shards"),
+    "pretrain": ("pangu_pi.training.pretrain", "main", "pretrain with DeepSpeed"),
+    "export": ("pangu_pi.training.export", "main", "write an HF checkpoint from a training checkpoint"),
+    "finetune": ("pangu_pi.training.finetune", "main", "instruction-tune (full or LoRA)"),
     "resize": ("pangu_pi.vocab", "resize_main", "grow a model's vocabulary to a new tokenizer"),
-    "eval": ("training.evaluate", "main", "multiple-choice and perplexity evaluation"),
+    "eval": ("pangu_pi.training.evaluate", "main", "multiple-choice and perplexity evaluation"),
     "analyze": ("pangu_pi.diagnostics", "main", "feature-collapse diagnostics per layer"),
-    "serve": ("serving.server", "main", "OpenAI-compatible server on vLLM"),
-    "chat": ("serving.chat", "main", "terminal chat client for the endpoint"),
+    "serve": ("pangu_pi.serving.server", "main", "OpenAI-compatible server on vLLM"),
+    "chat": ("pangu_pi.serving.chat", "main", "terminal chat client for the endpoint"),
 }
 
 

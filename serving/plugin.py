@@ -10,7 +10,7 @@ from __future__ import annotations
 ARCHITECTURE = "PanGuPiForCausalLM"
 # A "module:Class" string, not the class: vLLM imports it only when a model of this architecture is
 # built, so the plugin stays cheap and never touches CUDA in a process that is about to fork.
-MODEL_CLASS = "serving.vllm_model:PanGuPiForCausalLM"
+MODEL_CLASS = "pangu_pi.serving.vllm_model:PanGuPiForCausalLM"
 
 
 def register() -> None:

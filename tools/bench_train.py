@@ -47,7 +47,7 @@ def bench_config(args, cache: Path) -> dict:
 
 
 # ------------------------------------------------------------------------------------------------
-# The DDP side: one rank of a plain loop, started by training.launch.spawn_local
+# The DDP side: one rank of a plain loop, started by pangu_pi.training.launch.spawn_local
 
 
 def ddp_worker(config_path: str, out_path: str) -> None:
@@ -60,10 +60,10 @@ def ddp_worker(config_path: str, out_path: str) -> None:
     from torch.nn.parallel import DistributedDataParallel
 
     from pangu_pi import PanGuPiForCausalLM
-    from training.config import load_config, resolve_batch
-    from training.data import PackedMixture
-    from training.pretrain import param_groups, prepare_run
-    from training.schedule import lr_scheduler, make_schedule
+    from pangu_pi.training.config import load_config, resolve_batch
+    from pangu_pi.training.data import PackedMixture
+    from pangu_pi.training.pretrain import param_groups, prepare_run
+    from pangu_pi.training.schedule import lr_scheduler, make_schedule
 
     dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
@@ -144,7 +144,7 @@ def summarise(rows: list[dict], skip: int, tokens_per_step: int) -> dict:
 
 
 def run_ddp(args, config_path: Path, out: Path) -> tuple[list[dict], float]:
-    from training.launch import spawn_local
+    from pangu_pi.training.launch import spawn_local
 
     t = time.perf_counter()
     code = spawn_local(args.nproc, [sys.executable, __file__, "--ddp-worker", str(config_path), str(out)])
@@ -154,7 +154,7 @@ def run_ddp(args, config_path: Path, out: Path) -> tuple[list[dict], float]:
 
 
 def run_pretrain(args, config_path: Path, out: Path) -> tuple[list[dict], float]:
-    from training.metrics import read_metrics
+    from pangu_pi.training.metrics import read_metrics
 
     t = time.perf_counter()
     cmd = [sys.executable, "-c", "import sys; from pangu_pi.cli import main; sys.exit(main())", "pretrain",
@@ -183,8 +183,8 @@ def main() -> int:
 
     import yaml
 
-    from training.config import build_config
-    from training.pretrain import default_data
+    from pangu_pi.training.config import build_config
+    from pangu_pi.training.pretrain import default_data
 
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
     work = Path(args.work)

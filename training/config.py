@@ -13,7 +13,7 @@ The resolved config (defaults filled in, batch split derived) is saved with ever
 The reader is this module's own (about 100 lines over the dataclasses) rather than a validation
 library: it gives the messages users rely on (nearest key, right key in the wrong section, the key
 and what it accepts) directly, and `RunConfig` stays a plain dataclass that DeepSpeed-free tools
-(`training.memory`, the benchmarks) import cheaply.
+(`pangu_pi.training.memory`, the benchmarks) import cheaply.
 """
 
 from __future__ import annotations

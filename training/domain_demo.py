@@ -555,7 +555,7 @@ def generate(out_dir, seed: int = 0, train: int = 4000, heldout: int = 360, text
 
 def generate_main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m training.domain_demo",
+        prog="python -m pangu_pi.training.domain_demo",
         description="Generate the seeded finance/law demo set: chat training data, held-out multiple choice, "
         "domain text.",
     )

@@ -2,7 +2,7 @@
 
     pangu-pi finetune --config configs/yunshan_finetune_tiny.yaml --set model.init_from=runs/base/hf --out runs/sft
     pangu-pi finetune --config my_sft.yaml --nproc 2 --set finetune.mode=lora --set finetune.lora.r=16
-    torchrun --nproc_per_node 8 -m training.finetune --config my_sft.yaml --out runs/sft
+    torchrun --nproc_per_node 8 -m pangu_pi.training.finetune --config my_sft.yaml --out runs/sft
 
 The config is the run config every recipe shares (training/config.py, docs/training.md):
 `model.init_from` is the HF checkpoint to start from, `data.datasets` the chat JSONL files (or
@@ -95,7 +95,7 @@ def main(argv: list[str]) -> int:
     if args.nproc is not None and not launch.in_distributed_launch():
         # Every data, tokenizer and resume problem reported once, before any rank starts.
         Finetuning(config).plan(args.nproc, progress=False)
-        return launch.spawn_local(args.nproc, [sys.executable, "-m", "training.finetune", *launch.strip_nproc(argv)])
+        return launch.spawn_local(args.nproc, [sys.executable, "-m", "pangu_pi.training.finetune", *launch.strip_nproc(argv)])
     try:
         finetune(config, progress=not args.no_progress)
     except QuietExit:

@@ -5,11 +5,11 @@ MASTER_ADDR, MASTER_PORT) that every launcher sets.
 
 - A laptop or CPU box: `pangu-pi pretrain --config configs/tiny.yaml --nproc 2` spawns the
   processes itself (`spawn_local` below), on the gloo backend.
-- One GPU node: `torchrun --nproc_per_node 8 -m training.pretrain --config ...`, or
-  `deepspeed --num_gpus 8 --module training.pretrain --config ...` (which adds `--local_rank`).
+- One GPU node: `torchrun --nproc_per_node 8 -m pangu_pi.training.pretrain --config ...`, or
+  `deepspeed --num_gpus 8 --module pangu_pi.training.pretrain --config ...` (which adds `--local_rank`).
 - Several nodes: DeepSpeed's launcher with a hostfile (`node-1 slots=8` per line), run on the first
   node; it starts the same command on every node over ssh (pdsh when installed):
-      deepspeed --hostfile hostfile --master_addr node-1 --module training.pretrain \
+      deepspeed --hostfile hostfile --master_addr node-1 --module pangu_pi.training.pretrain \
           --config configs/pangu-pi-7b.yaml --out /shared/runs/7b
   The run folder must be on a filesystem that every node sees. docs/training.md has the recipe.
 """
@@ -106,7 +106,7 @@ def spawn_local(nproc: int, command: list[str], *, poll_s: float = 0.2) -> int:
 
 def rank_command(argv: list[str]) -> list[str]:
     """The command each spawned rank runs: this trainer, with the same arguments minus --nproc."""
-    return [sys.executable, "-m", "training.pretrain", *strip_nproc(argv)]
+    return [sys.executable, "-m", "pangu_pi.training.pretrain", *strip_nproc(argv)]
 
 
 def strip_nproc(argv: list[str]) -> list[str]:

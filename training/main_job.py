@@ -1,6 +1,6 @@
 """The main job, end to end on one machine: tokenizer → shards → pretraining → export → serving.
 
-    python -m training.main_job [--run DIR] [--max-steps N] [--nproc N] [--port P]
+    python -m pangu_pi.training.main_job [--run DIR] [--max-steps N] [--nproc N] [--port P]
 
 Each stage is the `pangu-pi` command a user would type, run as a child process, so this module
 shows the whole workflow and checks that the pieces fit. Everything it writes goes under one run
@@ -147,7 +147,7 @@ def ask(url: str) -> tuple[str, str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m training.main_job", description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(prog="python -m pangu_pi.training.main_job", description=__doc__.splitlines()[0])
     ap.add_argument("--run", default=str(ROOT / "runs" / "quickstart"), help="run folder (everything goes here)")
     ap.add_argument("--config", default=str(ROOT / "configs" / "tiny.yaml"))
     ap.add_argument("--max-steps", type=int, default=None, help="default: the config's")

@@ -1,6 +1,6 @@
 """How much memory one GPU needs for a pretraining run, computed from the run config.
 
-Usage: `python -m training.memory --config configs/pangu-pi-7b.yaml --gpus 64`
+Usage: `python -m pangu_pi.training.memory --config configs/pangu-pi-7b.yaml --gpus 64`
 
 The estimate adds, per GPU:
 - model states: weights, gradients and AdamW states (fp32 master copy, m, v), each divided by
@@ -90,7 +90,7 @@ class MemoryEstimate:
 
 
 def estimate_memory(run_config, world_size: int, vocab_size: int | None = None) -> MemoryEstimate:
-    """Bytes per GPU for `run_config` (a training.config.RunConfig) on `world_size` GPUs."""
+    """Bytes per GPU for `run_config` (a pangu_pi.training.config.RunConfig) on `world_size` GPUs."""
     from .config import resolve_batch
 
     model = run_config.model_config(vocab_size)
@@ -126,7 +126,7 @@ def estimate_memory(run_config, world_size: int, vocab_size: int | None = None) 
 def main(argv: list[str] | None = None) -> int:
     from .config import load_config
 
-    parser = argparse.ArgumentParser(prog="python -m training.memory", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m pangu_pi.training.memory", description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", required=True)
     parser.add_argument("--gpus", type=int, required=True, help="data-parallel size (all GPUs of all nodes)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")

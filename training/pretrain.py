@@ -1,8 +1,8 @@
 """`pangu-pi pretrain`: pretrain (or continue pretraining) a PanGu-π model with DeepSpeed ZeRO, resumably.
 
     pangu-pi pretrain --config configs/tiny.yaml --nproc 2            # CPU: spawns 2 gloo processes
-    torchrun --nproc_per_node 8 -m training.pretrain --config configs/pangu-pi-1b.yaml --out runs/1b
-    deepspeed --hostfile hostfile --module training.pretrain --config configs/pangu-pi-7b.yaml --out /shared/7b
+    torchrun --nproc_per_node 8 -m pangu_pi.training.pretrain --config configs/pangu-pi-1b.yaml --out runs/1b
+    deepspeed --hostfile hostfile --module pangu_pi.training.pretrain --config configs/pangu-pi-7b.yaml --out /shared/7b
 
 Before any compute is spent the run is checked as a whole: config keys and values, the batch split
 over the processes, the tokenizer, every data shard (truncated, from another tokenizer, ids outside

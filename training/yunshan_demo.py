@@ -1,6 +1,6 @@
 """The YunShan recipe end to end on the tiny model and the generated finance/law set.
 
-    tools/yunshan_demo.sh [--run runs/yunshan_demo]      (or python -m training.yunshan_demo)
+    tools/yunshan_demo.sh [--run runs/yunshan_demo]      (or python -m pangu_pi.training.yunshan_demo)
 
 Each stage is the `pangu-pi` command a user would run, and each leaves its result in the run folder,
 where a later run finds and reuses it (delete a stage's folder to redo it):

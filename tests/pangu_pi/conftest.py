@@ -36,8 +36,8 @@ def checkpoints(tokenizer_dir, tmp_path_factory) -> dict[str, Path]:
     llama.save_pretrained(root / "llama")
     assert cli(["convert-llama", str(root / "llama"), str(root / "converted")]) == 0
 
-    from training.finetune import finetune
-    from training.launch import free_port
+    from pangu_pi.training.finetune import finetune
+    from pangu_pi.training.launch import free_port
 
     chat = root / "chat.jsonl"
     chat.write_text("".join(json.dumps({"messages": [{"role": "user", "content": f"What is {a} plus {a}?"},

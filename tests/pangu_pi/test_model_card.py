@@ -35,7 +35,7 @@ def _check_model_facts(folder) -> dict:
 
 
 def test_card_of_an_export_states_the_pretraining_run(pretrained_export):
-    from training.metrics import read_metrics
+    from pangu_pi.training.metrics import read_metrics
 
     run, export = pretrained_export
     facts = _check_model_facts(export)
@@ -65,7 +65,7 @@ def card_name(folder) -> str:
 def test_card_of_a_finetuned_model_states_the_finetuning_run(checkpoints):
     folder = checkpoints["finetuned"]
     facts = _check_model_facts(folder)
-    from training.metrics import read_metrics
+    from pangu_pi.training.metrics import read_metrics
 
     summary = json.loads((folder.parent / "finetune_summary.json").read_text())
     rows = read_metrics(folder.parent / "metrics.jsonl")

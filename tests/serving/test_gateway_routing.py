@@ -8,7 +8,7 @@ import json
 import httpx
 from starlette.testclient import TestClient
 
-from serving.gateway import Gateway
+from pangu_pi.serving.gateway import Gateway
 
 ENGINES = {"base": "http://engine-a:1", "yunshan": "http://engine-b:2"}
 SERVED = {"http://engine-a:1": ["base", "base-lora"], "http://engine-b:2": ["yunshan"]}
@@ -316,7 +316,7 @@ def test_adapters_with_embeddings_of_another_vocabulary_are_refused(tmp_path):
     import torch
     from safetensors.torch import save_file
 
-    from serving.adapters import AdapterProblem, check_adapter
+    from pangu_pi.serving.adapters import AdapterProblem, check_adapter
 
     model = tmp_path / "model"
     model.mkdir()

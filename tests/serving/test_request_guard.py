@@ -8,7 +8,7 @@ from starlette.responses import JSONResponse
 from starlette.routing import Route
 from starlette.testclient import TestClient
 
-from serving.request_guard import API_KEY_ENV, CHAT_ROLES, Limits, RequestGuard
+from pangu_pi.serving.request_guard import API_KEY_ENV, CHAT_ROLES, Limits, RequestGuard
 
 
 async def echo(request):

@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 
 from pangu_pi.cli import UserError
-from serving import server
-from serving.request_guard import API_KEY_ENV
+from pangu_pi.serving import server
+from pangu_pi.serving.request_guard import API_KEY_ENV
 
 PANGU_PI = str(Path(sys.executable).with_name("pangu-pi"))
 
@@ -97,7 +97,7 @@ def test_engine_command_line(tmp_path):
     flag = lambda name: cmd[cmd.index(name) + 1]  # noqa: E731
     assert flag("--max-lora-rank") == "16"  # vLLM's next allowed rank above the largest adapter's 12
     assert flag("--max-loras") == "4" and flag("--max-model-len") == "1024" and flag("--tensor-parallel-size") == "2"
-    assert flag("--middleware") == "serving.request_guard.RequestGuard"
+    assert flag("--middleware") == "pangu_pi.serving.request_guard.RequestGuard"
     assert cmd[cmd.index("--lora-modules") + 1 : cmd.index("--lora-modules") + 3] == [f"a={tmp_path / 'a'}", f"b={tmp_path / 'b'}"]
     assert cmd[-1] == "--enforce-eager"
     assert "secret" not in " ".join(cmd), "the key must not be visible in the process list"

@@ -11,8 +11,8 @@ import time
 import psutil
 import pytest
 
-from serving import server
-from serving.gateway import Gateway
+from pangu_pi.serving import server
+from pangu_pi.serving.gateway import Gateway
 
 FAKE_ENGINE = """
 import http.server, os, subprocess, sys

@@ -200,7 +200,7 @@ def test_key_and_request_checks_stay_in_front(server, client):
 
 
 def test_engines_get_the_tool_parser_and_compact_json_unless_told_otherwise(base_dir):
-    from serving import server
+    from pangu_pi.serving import server
 
     def command(*extra: str) -> list[str]:
         args = server.parse_args([str(base_dir), *extra])

@@ -16,7 +16,7 @@ from pangu_pi.kernels.reference import siaf_and_mul_reference
 
 def test_plugin_is_an_entry_point_and_registers_lazily():
     points = {e.name: e.value for e in importlib.metadata.entry_points(group="vllm.general_plugins")}
-    assert points.get("pangu_pi") == "serving.plugin:register"
+    assert points.get("pangu_pi") == "pangu_pi.serving.plugin:register"
     probe = (
         "import sys\n"
         "from vllm.plugins import load_general_plugins\n"
@@ -24,7 +24,7 @@ def test_plugin_is_an_entry_point_and_registers_lazily():
         "from vllm import ModelRegistry\n"
         "from transformers import AutoConfig\n"
         "assert 'PanGuPiForCausalLM' in ModelRegistry.get_supported_archs()\n"
-        "assert 'serving.vllm_model' not in sys.modules, 'registration must not import the model'\n"
+        "assert 'pangu_pi.serving.vllm_model' not in sys.modules, 'registration must not import the model'\n"
         "assert AutoConfig.for_model('pangu_pi').model_type == 'pangu_pi'\n"
         "print('ok')\n"
     )
@@ -36,7 +36,7 @@ def test_plugin_is_an_entry_point_and_registers_lazily():
 def vllm_model():
     from vllm.config import VllmConfig, set_current_vllm_config
 
-    import serving.vllm_model as module
+    import pangu_pi.serving.vllm_model as module
 
     with set_current_vllm_config(VllmConfig()):
         yield module

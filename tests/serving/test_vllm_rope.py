@@ -49,7 +49,7 @@ def test_vllm_rope_rotates_as_the_hf_model(kind, monkeypatch):
         engine = SimpleNamespace(model_config=SimpleNamespace(max_model_len=4 * WINDOW))
         monkeypatch.setattr(longrope, "get_current_vllm_config", lambda: engine)
     with set_current_vllm_config(VllmConfig()):
-        import serving.vllm_model as vllm_model
+        import pangu_pi.serving.vllm_model as vllm_model
 
         config = _config(VARIANTS[kind])
         max_position, rope = vllm_model.rope_for_vllm(config)

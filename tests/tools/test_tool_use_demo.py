@@ -10,7 +10,7 @@ import jsonschema
 import pytest
 
 from pangu_pi.tokenizer import load_tokenizer
-from training.sft_data import IGNORE_INDEX, check_messages, read_chat_jsonl
+from pangu_pi.training.sft_data import IGNORE_INDEX, check_messages, read_chat_jsonl
 
 ROOT = Path(__file__).resolve().parents[2]
 

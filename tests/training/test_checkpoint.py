@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from training import checkpoint as ckpt
+from pangu_pi.training import checkpoint as ckpt
 
 
 class FakeEngine:

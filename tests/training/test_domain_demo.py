@@ -8,8 +8,8 @@ from collections import Counter
 
 import pytest
 
-from training.domain_demo import FAMILIES, LIMITATION, generate, generate_main
-from training.sft_data import check_messages
+from pangu_pi.training.domain_demo import FAMILIES, LIMITATION, generate, generate_main
+from pangu_pi.training.sft_data import check_messages
 
 
 def _read_jsonl(path):

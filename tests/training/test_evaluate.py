@@ -15,7 +15,7 @@ import pangu_pi.cli
 from pangu_pi import PanGuPiConfig, PanGuPiForCausalLM
 from pangu_pi.cli import UserError
 from pangu_pi.tokenizer import load_tokenizer
-from training.evaluate import (
+from pangu_pi.training.evaluate import (
     EndpointScorer,
     Formatter,
     LocalScorer,

@@ -89,8 +89,8 @@ def _logits(model, ids):
 
 @pytest.fixture(scope="module")
 def full_run(base_dir, chat_file, tmp_path_factory):
-    from training.finetune import finetune
-    from training.launch import free_port
+    from pangu_pi.training.finetune import finetune
+    from pangu_pi.training.launch import free_port
 
     mp = pytest.MonkeyPatch()
     for key, value in dict(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1",
@@ -108,7 +108,7 @@ def test_full_finetune_lowers_the_loss_and_exports_an_hf_checkpoint(full_run, ba
     from transformers import AutoModelForCausalLM
 
     import pangu_pi  # noqa: F401 - registers the model type
-    from training.metrics import METRICS_FILE, PLOT_FILE, read_metrics
+    from pangu_pi.training.metrics import METRICS_FILE, PLOT_FILE, read_metrics
 
     summary, out = full_run
     losses = [r["loss"] for r in read_metrics(out / METRICS_FILE) if "loss" in r]
@@ -133,8 +133,8 @@ def test_malformed_records_are_counted_and_reported_not_fatal(full_run, capsys):
 
 
 def test_only_assistant_tokens_carry_loss(base_dir, chat_file, tmp_path):
-    from training.finetune import build_finetune_config, load_data
-    from training.sft_data import IGNORE_INDEX
+    from pangu_pi.training.finetune import build_finetune_config, load_data
+    from pangu_pi.training.sft_data import IGNORE_INDEX
 
     tokenizer, data = load_data(build_finetune_config(_config(base_dir, chat_file, tmp_path)))
     answers = {m["content"] + IM_END for r in _chat_records(48) for m in r["messages"] if m["role"] == "assistant"}
@@ -160,8 +160,8 @@ def test_only_assistant_tokens_carry_loss(base_dir, chat_file, tmp_path):
 
 def test_packing_lets_no_example_see_another(base_dir, chat_file, tmp_path):
     from pangu_pi import PanGuPiForCausalLM
-    from training.finetune import build_finetune_config, load_data
-    from training.sft_data import collate
+    from pangu_pi.training.finetune import build_finetune_config, load_data
+    from pangu_pi.training.sft_data import collate
 
     _, data = load_data(build_finetune_config(_config(base_dir, chat_file, tmp_path)))
     model = PanGuPiForCausalLM.from_pretrained(base_dir, dtype=torch.float32).eval()
@@ -221,7 +221,7 @@ def test_lora_adapter_saves_in_the_served_layout_and_changes_the_output(base_dir
     ],
 )
 def test_bad_config_is_refused_with_the_fix(base_dir, chat_file, tmp_path, override, message):
-    from training.finetune import build_finetune_config
+    from pangu_pi.training.finetune import build_finetune_config
 
     values = _config(base_dir, chat_file, tmp_path, mode="lora" if override.startswith("finetune.lora.target") else "full")
     with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace("[", r"\[")):
@@ -250,8 +250,8 @@ def test_init_from_continues_from_the_base_weights_under_zero3(base_dir, tokeniz
     from pangu_pi import PanGuPiForCausalLM
     from pangu_pi.corpus import default_corpus_files
     from pangu_pi.tokenizer import load_tokenizer, tokenizer_hash
-    from training.data import PackedMixture, prepare_shards
-    from training.metrics import METRICS_FILE, read_metrics
+    from pangu_pi.training.data import PackedMixture, prepare_shards
+    from pangu_pi.training.metrics import METRICS_FILE, read_metrics
 
     shards = tmp_path / "shards"
     prepare_shards(tokenizer_dir, [str(f) for f in default_corpus_files(limit_bytes=300_000)], shards, progress=False)
@@ -295,7 +295,7 @@ def test_init_from_continues_from_the_base_weights_under_zero3(base_dir, tokeniz
 
 
 def test_init_from_takes_the_shape_from_the_checkpoint(base_dir, tmp_path):
-    from training.config import build_config
+    from pangu_pi.training.config import build_config
 
     config = build_config({"model": {"init_from": str(base_dir)}})
     assert config.model_config().hidden_size == json.loads((base_dir / "config.json").read_text())["hidden_size"]

@@ -69,7 +69,7 @@ def _log(out: Path) -> str:
 
 
 def _losses(out: Path) -> dict[int, float]:
-    from training.metrics import read_metrics
+    from pangu_pi.training.metrics import read_metrics
 
     return {r["step"]: r["loss"] for r in read_metrics(out / "metrics.jsonl") if "loss" in r}
 

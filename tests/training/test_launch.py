@@ -6,7 +6,7 @@ import json
 import sys
 import time
 
-from training import launch
+from pangu_pi.training import launch
 
 
 def test_strip_nproc():

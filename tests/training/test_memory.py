@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 
 from pangu_pi import PanGuPiConfig, PanGuPiForCausalLM
-from training.config import load_config
-from training.memory import GIB, count_parameters, estimate_memory
+from pangu_pi.training.config import load_config
+from pangu_pi.training.memory import GIB, count_parameters, estimate_memory
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 

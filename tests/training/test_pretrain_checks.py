@@ -29,7 +29,7 @@ def small_files(tmp_path_factory) -> list[str]:
 
 @pytest.fixture(scope="session")
 def dataset(tokenizer_dir, small_files, tmp_path_factory) -> Path:
-    from training.data import prepare_shards
+    from pangu_pi.training.data import prepare_shards
 
     return prepare_shards(tokenizer_dir, small_files, tmp_path_factory.mktemp("pretrain-ds") / "ds", progress=False,
                           shard_bytes=100_000)
@@ -74,7 +74,7 @@ def test_truncated_shard(capsys, tmp_path, tokenizer_dir, dataset):
 
 def test_shard_from_another_tokenizer(capsys, tmp_path, tokenizer_dir, small_files):
     from pangu_pi.tokenizer import train_tokenizer
-    from training.data import prepare_shards
+    from pangu_pi.training.data import prepare_shards
 
     other = train_tokenizer(small_files[:20], tmp_path / "other-tok", vocab_size=400, progress=False)
     foreign = prepare_shards(other, small_files[:20], tmp_path / "foreign", progress=False)
@@ -83,7 +83,7 @@ def test_shard_from_another_tokenizer(capsys, tmp_path, tokenizer_dir, small_fil
 
 
 def test_token_ids_outside_the_vocabulary(capsys, tmp_path, tokenizer_dir, dataset):
-    from training.data.shards import HEADER_SIZE
+    from pangu_pi.training.data.shards import HEADER_SIZE
 
     bad = _copy(dataset, tmp_path / "ds")
     shard = sorted(bad.glob("*.bin"))[0]

@@ -31,8 +31,8 @@ pytestmark = pytest.mark.slow
 @pytest.fixture(scope="module")
 def default_data_cache(tmp_path_factory) -> Path:
     """The default-corpus tokenizer and shards, made once here the way a run would make them."""
-    from training.config import build_config
-    from training.pretrain import default_data
+    from pangu_pi.training.config import build_config
+    from pangu_pi.training.pretrain import default_data
 
     cache = tmp_path_factory.mktemp("default-data")
     default_data(build_config(_base(cache, stage=2)), cache, progress=False)
@@ -87,13 +87,13 @@ def _log(out: Path) -> str:
 
 
 def _losses(out: Path) -> dict[int, float]:
-    from training.metrics import read_metrics
+    from pangu_pi.training.metrics import read_metrics
 
     return {r["step"]: r["loss"] for r in read_metrics(out / "metrics.jsonl") if "loss" in r}
 
 
 def _val_losses(out: Path) -> dict[int, float]:
-    from training.metrics import read_metrics
+    from pangu_pi.training.metrics import read_metrics
 
     return {r["step"]: r["val_loss"] for r in read_metrics(out / "metrics.jsonl") if "val_loss" in r}
 
@@ -123,7 +123,7 @@ def test_zero_stage_trains_exports_and_reloads(trained, stage, tmp_path):
     import pangu_pi  # noqa: F401 - registers the Auto classes
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from training.export import export_checkpoint
+    from pangu_pi.training.export import export_checkpoint
 
     out = trained(stage)
     losses = _losses(out)
@@ -213,7 +213,7 @@ def test_non_finite_gradients_skip_the_step_and_stop_after_k_in_a_row(default_da
     log = _log(out)
     assert "error: stopped at step 6: 2 optimizer steps in a row had a non-finite loss or gradient norm" in log
     assert "Traceback" not in log
-    from training.metrics import read_metrics
+    from pangu_pi.training.metrics import read_metrics
 
     rows = {r["step"]: r for r in read_metrics(out / "metrics.jsonl")}
     assert sorted(rows) == [1, 2, 3, 4, 5, 6]

@@ -22,8 +22,8 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def cache(tmp_path_factory) -> Path:
-    from training.config import build_config
-    from training.pretrain import default_data
+    from pangu_pi.training.config import build_config
+    from pangu_pi.training.pretrain import default_data
 
     cache = tmp_path_factory.mktemp("elsewhere-data")
     default_data(build_config(_config(cache, 2)), cache, progress=False)
@@ -56,7 +56,7 @@ def _run(config: dict, out: Path, nproc: int, *extra: str) -> subprocess.Complet
 
 
 def _losses(out: Path) -> dict[int, float]:
-    from training.metrics import read_metrics
+    from pangu_pi.training.metrics import read_metrics
 
     return {r["step"]: r["loss"] for r in read_metrics(out / "metrics.jsonl") if "loss" in r}
 

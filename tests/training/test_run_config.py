@@ -8,7 +8,7 @@ import pytest
 import yaml
 
 from pangu_pi.config import ConfigError
-from training.config import (
+from pangu_pi.training.config import (
     BatchConfig,
     build_config,
     dump_yaml,
@@ -214,7 +214,7 @@ def test_missing_config_file_and_bad_yaml(tmp_path):
 
 
 def test_run_folder_prefers_the_flag_then_the_config_then_the_config_name():
-    from training.config import run_folder
+    from pangu_pi.training.config import run_folder
 
     assert run_folder("configs/tiny.yaml", "/tmp/x", "runs/y") == "/tmp/x"
     assert run_folder("configs/tiny.yaml", None, "runs/y") == "runs/y"

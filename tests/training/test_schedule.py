@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from training.schedule import Schedule, lr_scheduler
+from pangu_pi.training.schedule import Schedule, lr_scheduler
 
 
 def test_cosine_warms_up_then_decays_to_the_floor():

@@ -12,7 +12,7 @@ import torch
 
 from pangu_pi import PanGuPiConfig, PanGuPiForCausalLM
 from pangu_pi.tokenizer import load_tokenizer
-from training.sft_data import (
+from pangu_pi.training.sft_data import (
     IGNORE_INDEX,
     Example,
     MalformedRecord,
@@ -161,7 +161,7 @@ def test_malformed_records_are_counted_reported_and_not_fatal(tokenizer, tmp_pat
     assert f"{path}:3" in stats.where["bad_json"][0]
     assert "wizard" in stats.where["unknown_role"][0]
 
-    with caplog.at_level(logging.WARNING, logger="training.sft_data"):
+    with caplog.at_level(logging.WARNING, logger="pangu_pi.training.sft_data"):
         data = PackedSFTDataset(path, tokenizer, seq_len=128)  # one path alone is one dataset
     assert data.stats["records"]["malformed"]["too_long"] == 1 and data.stats["examples"] == 5
     assert "unknown_role: 1" in caplog.text and "8 malformed" in caplog.text

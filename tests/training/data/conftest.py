@@ -24,7 +24,7 @@ def text_files(tmp_path_factory) -> list[Path]:
 @pytest.fixture(scope="session")
 def prepared(tokenizer_dir, text_files, tmp_path_factory) -> Path:
     """A dataset of several shards made from `text_files`."""
-    from training.data import prepare_shards
+    from pangu_pi.training.data import prepare_shards
 
     return prepare_shards(tokenizer_dir, [str(f) for f in text_files], tmp_path_factory.mktemp("ds") / "ds",
                           progress=False, shard_bytes=30_000)

@@ -8,7 +8,7 @@ import json
 import pytest
 
 from pangu_pi.cli import main
-from training.data import verify_dataset
+from pangu_pi.training.data import verify_dataset
 
 
 def run(capsys, *args) -> tuple[int, str, str]:

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from pangu_pi.tokenizer import tokenizer_hash
-from training.data import DataError, PackedMixture, iter_documents, prepare_shards, verify_dataset
+from pangu_pi.training.data import DataError, PackedMixture, iter_documents, prepare_shards, verify_dataset
 
 SEQ = 31  # samples of 32 tokens
 

@@ -14,9 +14,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from training.data import DataError, iter_documents, prepare_shards, token_dtype, verify_dataset
-from training.data.shards import HEADER_SIZE, MANIFEST, ShardHeader
-from training.data.sources import Part, read_part, split_file
+from pangu_pi.training.data import DataError, iter_documents, prepare_shards, token_dtype, verify_dataset
+from pangu_pi.training.data.shards import HEADER_SIZE, MANIFEST, ShardHeader
+from pangu_pi.training.data.sources import Part, read_part, split_file
 
 
 def documents(path: Path) -> list[list[int]]:
@@ -154,8 +154,8 @@ def test_two_workers_write_the_same_shards_as_one(prepared, tokenizer_dir, text_
 
 KILL_MID_SHARD = textwrap.dedent("""
     import os, signal, sys
-    import training.data.encode as encode
-    from training.data import prepare_shards
+    import pangu_pi.training.data.encode as encode
+    from pangu_pi.training.data import prepare_shards
 
     encode.BATCH_DOCS = 1  # one document per write, so a shard is written in several steps
     real_batches, units = encode._batches, []
@@ -226,7 +226,7 @@ def test_parts_are_planned_from_inputs_alone(tmp_path):
 
 
 def test_the_default_shard_size_follows_the_input_size_alone():
-    from training.data.prepare import MAX_SHARD_BYTES, MIN_SHARD_BYTES, auto_shard_bytes
+    from pangu_pi.training.data.prepare import MAX_SHARD_BYTES, MIN_SHARD_BYTES, auto_shard_bytes
 
     assert auto_shard_bytes(11_000_000) == MIN_SHARD_BYTES  # the embedded corpus: about 11 shards
     assert auto_shard_bytes(320 << 20) == 20 << 20
@@ -238,11 +238,11 @@ def test_an_unguarded_script_with_workers_fails_fast_instead_of_hanging(tokenize
     # spawned workers re-import the main script; its unguarded call must not wait forever on the lock
     script = tmp_path / "unguarded.py"
     script.write_text(
-        "from training.data import prepare_shards\n"
+        "from pangu_pi.training.data import prepare_shards\n"
         f"prepare_shards({str(tokenizer_dir)!r}, {[str(f) for f in text_files]!r}, {str(tmp_path / 'ds')!r}, "
         "workers=2, progress=False, shard_bytes=30_000)\n"
     )
     run = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=240, cwd=tmp_path)
     assert run.returncode == 1
     assert "called while a worker process was importing the main script" in run.stderr
-    assert run.stderr.strip().splitlines()[-1].startswith("training.data.shards.DataError: a tokenizing worker")
+    assert run.stderr.strip().splitlines()[-1].startswith("pangu_pi.training.data.shards.DataError: a tokenizing worker")

@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 
 from pangu_pi.tokenizer import tokenizer_hash
-from training.data import DataError, prepare_shards, verify_dataset
-from training.data.shards import HEADER_SIZE, MANIFEST, ShardHeader
+from pangu_pi.training.data import DataError, prepare_shards, verify_dataset
+from pangu_pi.training.data.shards import HEADER_SIZE, MANIFEST, ShardHeader
 
 
 @pytest.fixture
