@@ -43,6 +43,20 @@ _ENGINE_DEAD = ("EngineDeadError", "EngineCore encountered an issue", "Engine lo
 FORWARDED = ("/v1/completions", "/v1/chat/completions", "/v1/embeddings", "/v1/responses", "/tokenize", "/detokenize")
 
 
+def _engine_down(engine, model, err) -> Response:
+    """Refused or cut off: the engine's process is gone (the supervisor notices within a second)."""
+    return openai_error(
+        503,
+        f"The engine serving `{model or engine.name}` is down ({engine.reason or err}); retry in a few seconds.",
+        "server_error",
+        code="engine_unavailable",
+    )
+
+
+def _engine_silent(engine, model, err) -> Response:
+    return openai_error(502, f"the engine serving `{model or engine.name}` did not answer: {err}", "api_error")
+
+
 @dataclass
 class EngineState:
     """What the gateway knows of one engine: where it is, whether it is up, what it serves."""
@@ -247,15 +261,9 @@ class Gateway:
         try:
             reply = await self._client().send(upstream, stream=True)
         except (httpx.ConnectError, httpx.RemoteProtocolError, httpx.ReadError) as err:
-            # Refused or cut off: the engine's process is gone (the supervisor notices within a second).
-            return openai_error(
-                503,
-                f"The engine serving `{model or engine.name}` is down ({engine.reason or err}); retry in a few seconds.",
-                "server_error",
-                code="engine_unavailable",
-            )
+            return _engine_down(engine, model, err)
         except httpx.HTTPError as err:
-            return openai_error(502, f"the engine serving `{model or engine.name}` did not answer: {err}", "api_error")
+            return _engine_silent(engine, model, err)
         out_headers = {k: v for k, v in reply.headers.items() if k.lower() not in _DROP_RESPONSE_HEADERS}
         events = reply.headers.get("content-type", "").startswith("text/event-stream")
         if reply.status_code >= 500 and not events:
@@ -295,14 +303,9 @@ class Gateway:
                 request.method, url, params=list(request.query_params.multi_items()), headers=headers, data=body
             )
         except (aiohttp.ClientConnectionError, ConnectionError) as err:
-            return openai_error(
-                503,
-                f"The engine serving `{model or engine.name}` is down ({engine.reason or err}); retry in a few seconds.",
-                "server_error",
-                code="engine_unavailable",
-            )
+            return _engine_down(engine, model, err)
         except aiohttp.ClientError as err:
-            return openai_error(502, f"the engine serving `{model or engine.name}` did not answer: {err}", "api_error")
+            return _engine_silent(engine, model, err)
         out_headers = {k: v for k, v in reply.headers.items() if k.lower() not in _DROP_RESPONSE_HEADERS}
         events = reply.headers.get("content-type", "").startswith("text/event-stream")
         if reply.status >= 500 and not events:

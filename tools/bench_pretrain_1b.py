@@ -113,6 +113,12 @@ def main(argv=None) -> dict:
         "log.peak_flops_per_device": 1.0e11,  # one core: 2 AVX2 FMA units, 32 fp32 FLOPs a cycle at ~3 GHz
         "checkpoint.save_every": 10**6,  # the last step is saved anyway
         "checkpoint.resume": "none",
+        # DeepSpeed's defaults keep up to 1e9 gathered parameters alive (4 GB in fp32) and use 5e8-element
+        # buckets (2 GB): sized for an 80 GB GPU, they do not leave two ranks of this shape room in 24 GiB.
+        "deepspeed.zero_optimization.stage3_max_live_parameters": 1e8,
+        "deepspeed.zero_optimization.stage3_max_reuse_distance": 1e8,
+        "deepspeed.zero_optimization.stage3_prefetch_bucket_size": 5e7,
+        "deepspeed.zero_optimization.reduce_bucket_size": 5e7,
     }
     cmd = [sys.executable, "-m", "pangu_pi.cli", "pretrain", "--config", args.config,
            "--nproc", str(args.nproc), "--out", str(out), "--max-steps", str(args.steps)]

@@ -19,6 +19,7 @@ lives here once:
 
 from __future__ import annotations
 
+import argparse
 import logging
 import math
 import os
@@ -94,6 +95,39 @@ class Recipe:
 
     def finish(self, engine, d: Dist, summary: dict) -> None:
         pass
+
+
+# ------------------------------------------------------------------------------------------------
+# The command line every recipe shares
+
+
+def run_parser(prog: str, description: str) -> argparse.ArgumentParser:
+    """`--config --out --max-steps --save-every --resume --nproc --set`, the same for every recipe."""
+    p = argparse.ArgumentParser(prog=prog, description=description)
+    p.add_argument("--config", required=True, help="run config YAML (docs/training.md; examples in configs/)")
+    p.add_argument("--out", help="run folder (default: the config's `out`, else runs/CONFIG_NAME)")
+    p.add_argument("--max-steps", type=int, help="optimizer steps to train to (train.max_steps)")
+    p.add_argument("--save-every", type=int, help="checkpoint every N optimizer steps (checkpoint.save_every)")
+    p.add_argument("--resume", choices=("auto", "none"), help="auto: continue from the newest complete checkpoint")
+    p.add_argument("--nproc", type=int, help="spawn N local processes (CPU or one node) instead of using a launcher")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key, e.g. optim.lr=1e-4")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars (logs and metrics.jsonl still written)")
+    p.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)  # added by `deepspeed`
+    return p
+
+
+def run_config_from_args(args: argparse.Namespace, recipe: str) -> RunConfig:
+    """The run config a recipe's command line names: the file, then the flags, then each --set."""
+    from .config import build_config, load_yaml, run_folder
+
+    overrides = list(args.set)
+    for flag, key in (("max_steps", "train.max_steps"), ("save_every", "checkpoint.save_every"),
+                      ("resume", "checkpoint.resume")):
+        if getattr(args, flag) is not None:
+            overrides.append(f"{key}={getattr(args, flag)}")
+    config = build_config(load_yaml(args.config), overrides, recipe=recipe)
+    config.out = run_folder(args.config, args.out, config.out)
+    return config
 
 
 # ------------------------------------------------------------------------------------------------

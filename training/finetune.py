@@ -63,30 +63,11 @@ def build_finetune_config(values: dict | None = None, overrides: list[str] | Non
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="pangu-pi finetune", description="Instruction-tune a checkpoint on chat JSONL.")
-    p.add_argument("--config", required=True, help="run config YAML (docs/training.md; e.g. configs/yunshan_finetune_tiny.yaml)")
-    p.add_argument("--out", help="run folder (default: the config's `out`, else runs/CONFIG_NAME)")
-    p.add_argument("--max-steps", type=int, help="optimizer steps to train to (train.max_steps)")
-    p.add_argument("--save-every", type=int, help="checkpoint every N optimizer steps (checkpoint.save_every)")
-    p.add_argument("--resume", choices=("auto", "none"), help="auto: continue from the newest complete checkpoint")
-    p.add_argument("--nproc", type=int, help="spawn N local processes (CPU or one node) instead of using a launcher")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a key, e.g. optim.lr=1e-4")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar (metrics.jsonl is still written)")
-    p.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)  # added by `deepspeed`
-    return p
+    return core.run_parser("pangu-pi finetune", "Instruction-tune a checkpoint on chat JSONL.")
 
 
 def config_from_args(args: argparse.Namespace) -> RunConfig:
-    overrides = list(args.set)
-    if args.max_steps is not None:
-        overrides.append(f"train.max_steps={args.max_steps}")
-    if args.save_every is not None:
-        overrides.append(f"checkpoint.save_every={args.save_every}")
-    if args.resume is not None:
-        overrides.append(f"checkpoint.resume={args.resume}")
-    config = build_finetune_config(load_yaml(args.config), overrides)
-    config.out = run_folder(args.config, args.out, config.out)
-    return config
+    return core.run_config_from_args(args, recipe="finetune")
 
 
 def main(argv: list[str]) -> int:

@@ -27,7 +27,7 @@ from pangu_pi.config import ConfigError
 from pangu_pi.errors import UserError
 
 from . import core, launch
-from .config import BatchSplit, RunConfig, build_config, load_yaml, resolve_batch, run_folder
+from .config import BatchSplit, RunConfig, build_config, resolve_batch
 # Names other modules and tools import from here; they live in the core now.
 from .core import (  # noqa: F401
     Dist,
@@ -47,31 +47,11 @@ from .faults import DUMP_LOGITS_ENV, NONFINITE_STEPS_ENV  # noqa: F401
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="pangu-pi pretrain", description="Pretrain a PanGu-π model with DeepSpeed.")
-    p.add_argument("--config", required=True, help="run config YAML (see configs/)")
-    p.add_argument("--out", help="run folder (default: the config's `out`, else runs/CONFIG_NAME)")
-    p.add_argument("--max-steps", type=int, help="optimizer steps to train to (train.max_steps)")
-    p.add_argument("--save-every", type=int, help="checkpoint every N optimizer steps (checkpoint.save_every)")
-    p.add_argument("--resume", choices=("auto", "none"), help="auto: continue from the newest complete checkpoint")
-    p.add_argument("--nproc", type=int, help="spawn N local processes (CPU or one node) instead of using a launcher")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key, e.g. optim.lr=1e-4")
-    p.add_argument("--no-progress", action="store_true", help="no progress bars (logs and metrics.jsonl still written)")
-    p.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)  # added by `deepspeed`
-    return p
+    return core.run_parser("pangu-pi pretrain", "Pretrain a PanGu-π model with DeepSpeed.")
 
 
 def config_from_args(args: argparse.Namespace) -> RunConfig:
-    overrides = list(args.set)
-    if args.max_steps is not None:
-        overrides.append(f"train.max_steps={args.max_steps}")
-    if args.save_every is not None:
-        overrides.append(f"checkpoint.save_every={args.save_every}")
-    if args.resume is not None:
-        overrides.append(f"checkpoint.resume={args.resume}")
-    values = load_yaml(args.config)
-    config = build_config(values, overrides, recipe="pretrain")
-    config.out = run_folder(args.config, args.out, config.out)
-    return config
+    return core.run_config_from_args(args, recipe="pretrain")
 
 
 def main(argv: list[str]) -> int:
