@@ -52,14 +52,15 @@ def _sharpen(model, generator: torch.Generator, scale: float) -> None:
     model.lm_head.weight.copy_(torch.randn(model.lm_head.weight.shape, generator=generator) * scale)
 
 
-def build_pangu(out_dir: str | Path, tokenizer_dir: str | Path, seed: int = 0, **config_overrides) -> Path:
-    """Save a tiny PanGu-π (preset "tiny", the tokenizer's vocabulary) with its tokenizer into `out_dir`."""
+def build_pangu(out_dir: str | Path, tokenizer_dir: str | Path, seed: int = 0, preset: str = "tiny",
+                **config_overrides) -> Path:
+    """Save a PanGu-π of `preset` ("tiny" unless named; the tokenizer's vocabulary) with its tokenizer into `out_dir`."""
     from pangu_pi import PanGuPiConfig, PanGuPiForCausalLM
     from pangu_pi.tokenizer import load_tokenizer
 
     tokenizer = load_tokenizer(tokenizer_dir)
     config = PanGuPiConfig.from_preset(
-        "tiny",
+        preset,
         vocab_size=len(tokenizer),
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=EOS_IDS,

@@ -43,7 +43,9 @@ LAUNCH = "import sys; from pangu_pi.cli import main; sys.exit(main(sys.argv[1:])
 
 def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", type=Path, help="PanGu-π checkpoint (default: build a tiny one)")
+    p.add_argument("--model", type=Path, help="PanGu-π checkpoint (default: build one of --preset)")
+    p.add_argument("--preset", default="tiny", help="shape of the built checkpoint, e.g. pangu-pi-1b (the vocabulary is "
+                   "that of a tokenizer trained on the embedded corpus)")
     p.add_argument("--workdir", type=Path, help="scratch folder for checkpoints and caches (default: a temp dir)")
     p.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
     p.add_argument("--requests-per-client", type=int, default=2, help="requests per client at each level (min 4 in all)")
@@ -282,10 +284,10 @@ def main() -> int:
 
     pangu_dir = args.model
     if pangu_dir is None:
-        pangu_dir = workdir / "pangu"
+        pangu_dir = workdir / f"pangu-{args.preset}"
         if not (pangu_dir / "config.json").exists():
-            build_pangu(pangu_dir, train_tokenizer(None, workdir / "tokenizer", progress=False))
-    llama_dir = workdir / "llama-same-shape"
+            build_pangu(pangu_dir, train_tokenizer(None, workdir / "tokenizer", progress=False), preset=args.preset)
+    llama_dir = workdir / f"llama-same-shape-{pangu_dir.name}"
     if "llama" not in args.skip and not (llama_dir / "config.json").exists():
         build_llama_like(pangu_dir, llama_dir)
 
