@@ -312,10 +312,19 @@ def train(recipe: Recipe, *, progress: bool = True) -> dict:
         recipe.setup(plan, d)
         return _loop(recipe, d, progress)
     finally:
-        import torch.distributed as dist
+        _end_distributed()
 
-        if dist.is_initialized():
-            dist.destroy_process_group()
+
+def _end_distributed() -> None:
+    """Destroy the process group, and DeepSpeed's cached clone of its world group with it: a later
+    run in the same Python process (a notebook, a test session) builds both afresh instead of
+    handing DeepSpeed a group of a destroyed world."""
+    import torch.distributed as dist
+    from deepspeed.utils import groups
+
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    groups._WORLD_GROUP = None
 
 
 def _loop(recipe: Recipe, d: Dist, progress: bool) -> dict:
