@@ -762,7 +762,14 @@ def run_gateway(engines: list[Engine], engine_key: str, args: argparse.Namespace
     server = uvicorn.Server(config)
     supervisor = Supervisor(engines, args, device, engine_key, gateway, server)
     supervisor.start()
-    print(f"pangu-pi serve: ready at http://{args.host}:{args.port}/v1 (models: {names})", flush=True)
+
+    def announce() -> None:  # only once the gateway listens: a client that waits for the line can connect
+        while not server.started and not server.should_exit:
+            time.sleep(0.05)
+        if server.started:
+            print(f"pangu-pi serve: ready at http://{args.host}:{args.port}/v1 (models: {names})", flush=True)
+
+    threading.Thread(target=announce, name="announce-ready", daemon=True).start()
     # uvicorn captures SIGINT/SIGTERM while serving, shuts down cleanly, then re-raises the signal
     # into our handlers, which unwind into main's cleanup.
     try:
