@@ -262,7 +262,7 @@ def run_device(args, result, device: torch.device):
         copy_gbps=nbytes / copy_s / 1e9,
         triton_fraction_of_copy=copy_s / med["triton"],
         triton_ms=med["triton"] * 1e3,
-        reference_cuda_ms=med["reference"] * 1e3,
+        reference_device_ms=med["reference"] * 1e3,  # CUDA, or CPU under --triton-on-cpu
         gpu=name,
     )
 
