@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
+# The scripts in tools/ are not installed; tests import them by name, as the scripts import each other.
+sys.path.insert(0, str(ROOT / "tools"))
 CACHE = ROOT / ".cache"
 for var, sub in (
     ("TORCHINDUCTOR_CACHE_DIR", "inductor"),

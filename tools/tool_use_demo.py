@@ -5,7 +5,7 @@ real `pangu-pi serve` endpoint with the stock openai client.
     python tools/tool_use_demo.py [--run runs/tool_use_demo] [--steps 300] [--train 2000] [--heldout 120]
     python tools/tool_use_demo.py generate --out DIR [--seed 0]      # the data set alone
 
-The tools are the domain demo's finance rules (training/domain_demo.py) made callable: simple
+The tools are the domain demo's finance rules (tools/domain_demo.py) made callable: simple
 interest, percentage change and income tax. Each training conversation is a system prompt with the
 three tools, a user's question in one of several phrasings, the assistant's call with the numbers
 from the question, the tool's result, and the assistant's answer quoting it; some questions (terms
@@ -47,7 +47,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from pangu_pi.training.domain_demo import GLOSSARY, NAMES, money  # noqa: E402
+from domain_demo import GLOSSARY, NAMES, money  # noqa: E402  (tools/, beside this script)
 
 CONTEXT = 1024  # tokens: the model's context and the rows fine-tuning packs
 SYSTEM = "You are a finance assistant. Use a calculator for any arithmetic, then give the result."

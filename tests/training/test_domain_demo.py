@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import json
 import re
+import subprocess
+import sys
 from collections import Counter
 
 import pytest
 
-from pangu_pi.training.domain_demo import FAMILIES, LIMITATION, generate, generate_main
+from domain_demo import FAMILIES, LIMITATION, generate, generate_main
 from pangu_pi.training.sft_data import check_messages
 
 
@@ -121,3 +123,21 @@ def test_cli_writes_the_set_and_refuses_too_small_counts(tmp_path, capsys):
     with pytest.raises(SystemExit):
         generate_main(["--out", str(tmp_path / "e"), "--heldout", "3"])
     assert "at least 9" in capsys.readouterr().err
+
+
+def test_the_old_command_name_says_where_it_moved_and_still_runs(tmp_path):
+    args = ["--out", str(tmp_path / "d"), "--train", "90", "--heldout", "18", "--text-lines", "30"]
+    out = subprocess.run([sys.executable, "-m", "pangu_pi.training.domain_demo", *args],
+                         capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stderr.splitlines()[0] == "moved: run python tools/domain_demo.py " + " ".join(args)
+    assert "90 training records" in out.stdout and (tmp_path / "d" / "manifest.json").is_file()
+
+
+def test_the_old_command_name_without_a_checkout_exits_2_with_one_line(tmp_path, monkeypatch, capsys):
+    from pangu_pi.training import _moved
+
+    monkeypatch.setattr(_moved, "TOOLS", tmp_path)  # an installed copy: no tools/ beside the package
+    monkeypatch.setattr(sys, "argv", ["main_job", "--run", "r"])
+    assert _moved.run_moved("main_job") == 2
+    assert capsys.readouterr().err == "moved: run python tools/main_job.py --run r\n"

@@ -4,10 +4,13 @@ import json
 import socket
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
 from pangu_pi.corpus import default_corpus_files
+
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def free_port() -> int:
@@ -21,7 +24,7 @@ def test_main_job_trains_exports_serves_and_summarises(tmp_path):
     files = [str(f) for f in default_corpus_files(limit_bytes=1_500_000)]
     port = free_port()
     out = subprocess.run(
-        [sys.executable, "-m", "pangu_pi.training.main_job", "--run", str(tmp_path / "run"), "--max-steps", "12",
+        [sys.executable, str(ROOT / "tools" / "main_job.py"), "--run", str(tmp_path / "run"), "--max-steps", "12",
          "--vocab-size", "1024", "--port", str(port), "--input", *files],
         capture_output=True, text=True, timeout=1500,
     )  # fmt: skip

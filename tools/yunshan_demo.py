@@ -1,0 +1,233 @@
+"""The YunShan recipe end to end on the tiny model and the generated finance/law set.
+
+    tools/yunshan_demo.sh [--run runs/yunshan_demo]      (or python tools/yunshan_demo.py)
+
+Each stage is the `pangu-pi` command a user would run, and each leaves its result in the run folder,
+where a later run finds and reuses it (delete a stage's folder to redo it):
+
+    0. base/, base-hf/           pretrain `tiny` briefly on the embedded corpus, export
+    1. demo/                     the seeded domain set (tools/domain_demo.py)
+       tokenizer-domain/         `pangu-pi tokenizer extend` with the domain prose
+       base-resized/             `pangu-pi resize`: new rows = mean of the old pieces that spell them
+    2. data/{domain,general}/    shards with the extended tokenizer: domain prose, general text
+       continued/, continued-hf/ continued pretraining from base-resized, domain : general = 1 : 1
+    3. general_chat.jsonl        general instructions (what a standard-library function does)
+       sft/                      `pangu-pi finetune`: domain instructions mixed with the general ones
+    4. eval/*.json               held-out multiple-choice accuracy (and bits per character on the
+                                 held-out domain prose) before (the base) and after each stage
+    summary.json                 the figures, also printed as a table
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import json
+import os
+import random
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+CHANCE = 0.25
+
+
+def _pangu_pi() -> list[str]:
+    script = Path(sys.executable).with_name("pangu-pi")
+    return [str(script)] if script.exists() else [sys.executable, "-m", "pangu_pi.cli"]
+
+
+def run(args: list[str], log: Path) -> None:
+    """Run a `pangu-pi` command, its output shown and kept in `log`; a failure stops the demo."""
+    cmd = _pangu_pi() + args
+    shown = args if len(args) <= 40 else [*args[:12], f"... ({len(args) - 14} more)", *args[-2:]]
+    print("$ pangu-pi " + " ".join(shown), flush=True)
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with open(log, "ab") as f:
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, cwd=ROOT)
+        for line in proc.stdout:
+            f.write(line)
+            sys.stdout.buffer.write(line)
+            sys.stdout.flush()
+    if proc.wait() != 0:
+        raise SystemExit(f"yunshan demo: `pangu-pi {args[0]}` failed (exit {proc.returncode}); see {log}")
+
+
+def general_chat(out: Path, n: int, seed: int = 0) -> Path:
+    """General instructions from the embedded corpus: 'What does NAME do?' answered by the first
+    line of its docstring, so the tuned model keeps following plain instructions too."""
+    from pangu_pi.corpus import default_corpus_files
+
+    pairs = []
+    for path in default_corpus_files():
+        try:
+            tree = ast.parse(Path(path).read_text(encoding="utf-8", errors="replace"))
+        except (SyntaxError, ValueError):
+            continue
+        for node in ast.walk(tree):
+            if isinstance(node, ast.FunctionDef) and not node.name.startswith("_"):
+                doc = ast.get_docstring(node)
+                line = doc.strip().split("\n")[0].strip() if doc else ""
+                if 20 <= len(line) <= 160:
+                    pairs.append((f"{Path(path).stem}.{node.name}", line))
+        if len(pairs) >= 20 * n:
+            break
+    rng = random.Random(seed)
+    rng.shuffle(pairs)
+    with open(out, "w", encoding="utf-8") as f:
+        for name, line in pairs[:n]:
+            record = {"messages": [{"role": "user", "content": f"What does the Python function {name} do?"},
+                                   {"role": "assistant", "content": line}]}
+            f.write(json.dumps(record) + "\n")
+    return out
+
+
+def _done(path: Path, marker: str = "config.json") -> bool:
+    return (path / marker).is_file()
+
+
+def evaluate(model: Path, demo: Path, out: Path, log: Path, limit: int | None) -> dict:
+    if not out.is_file():
+        args = ["eval", str(model), "--task", str(demo / "heldout_mc.jsonl"), "--chat",
+                "--ppl", str(demo / "domain_heldout.txt"), "--out", str(out), "--device", "cpu"]
+        run(args + (["--limit", str(limit)] if limit else []), log)
+    results = json.loads(out.read_text())
+    task = results["tasks"]["heldout_mc"]
+    ppl = results["perplexity"]["domain_heldout"]
+    return {"acc": task["acc"], "acc_norm": task["acc_norm"], "n": task["n"], "bits_per_char": ppl["bits_per_char"]}
+
+
+def demo(run_dir: Path, *, base_steps: int, continue_steps: int, sft_steps: int, add_pieces: int,
+         eval_limit: int | None, seed: int) -> dict:
+    from pangu_pi.corpus import default_corpus_files
+
+    run_dir = run_dir.resolve()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    log = run_dir / "demo.log"
+    timings: dict[str, float] = {}
+
+    def stage(name: str):
+        timings[name] = time.perf_counter()
+        print(f"\n=== {name} ===", flush=True)
+
+    def end(name: str):
+        timings[name] = round(time.perf_counter() - timings[name], 1)
+
+    # 0. A base model: the tiny preset pretrained briefly on the embedded corpus.
+    stage("base")
+    base_hf = run_dir / "base-hf"
+    if not _done(base_hf):
+        run(["pretrain", "--config", "configs/tiny.yaml", "--nproc", "2", "--out", str(run_dir / "base"),
+             "--max-steps", str(base_steps), "--no-progress", "--set", "data.default_corpus_bytes=3000000",
+             "--set", "eval.every=0", "--set", "log.tensorboard=false", "--set", f"seed={seed}"], log)
+        run(["export", str(run_dir / "base"), str(base_hf), "--force"], log)
+    end("base")
+
+    # 1. The domain set; the tokenizer grown on its prose; the base resized to it.
+    stage("extend")
+    demo_dir = run_dir / "demo"
+    if not (demo_dir / "manifest.json").is_file():
+        from domain_demo import generate  # tools/, beside this script
+
+        generate(demo_dir, seed=seed)
+    tok_dom = run_dir / "tokenizer-domain"
+    if not (tok_dom / "tokenizer.json").is_file():
+        run(["tokenizer", "extend", "--base", str(base_hf), "--input", str(demo_dir / "domain.txt"),
+             "--add", str(add_pieces), "--out", str(tok_dom), "--overwrite"], log)
+    resized = run_dir / "base-resized"
+    if not _done(resized):
+        run(["resize", str(base_hf), "--tokenizer", str(tok_dom), "--out", str(resized)], log)
+    end("extend")
+
+    # 2. Continued pretraining: domain prose and general text, 1 : 1, from the resized base.
+    stage("continue")
+    domain_data, general_data = run_dir / "data" / "domain", run_dir / "data" / "general"
+    if not (domain_data / "manifest.json").is_file():
+        run(["data", "prepare", "--tokenizer", str(tok_dom), "--input", str(demo_dir / "domain.txt"),
+             "--out", str(domain_data), "--quiet"], log)
+    if not (general_data / "manifest.json").is_file():
+        general_files = [str(f) for f in default_corpus_files(limit_bytes=2_000_000)]
+        run(["data", "prepare", "--tokenizer", str(tok_dom), "--input", *general_files,
+             "--out", str(general_data), "--workers", "2", "--quiet"], log)
+    continued_hf = run_dir / "continued-hf"
+    if not _done(continued_hf):
+        run(["pretrain", "--config", "configs/yunshan_tiny.yaml", "--nproc", "2", "--out", str(run_dir / "continued"),
+             "--max-steps", str(continue_steps), "--no-progress",
+             "--set", f"model.init_from={resized}", "--set", f"data.tokenizer={tok_dom}",
+             "--set", f"data.datasets=[{{path: {domain_data}, weight: 1}}, {{path: {general_data}, weight: 1}}]"], log)
+        run(["export", str(run_dir / "continued"), str(continued_hf), "--force"], log)
+    end("continue")
+
+    # 3. Instruction tuning: the domain instructions with a little general chat mixed in.
+    stage("instruct")
+    chat = run_dir / "general_chat.jsonl"
+    if not chat.is_file():
+        general_chat(chat, 400, seed)
+    sft = run_dir / "sft"
+    if not _done(sft / "model"):
+        run(["finetune", "--config", "configs/yunshan_finetune_tiny.yaml", "--nproc", "2", "--out", str(sft),
+             "--no-progress", "--set", f"model.init_from={continued_hf}", "--max-steps", str(sft_steps),
+             "--set", f"data.datasets=[{{path: {demo_dir / 'train.jsonl'}, weight: 0.9}}, {{path: {chat}, weight: 0.1}}]"],
+            log)
+    end("instruct")
+
+    # 4. Held-out accuracy before and after.
+    stage("eval")
+    figures = {
+        "base": evaluate(base_hf, demo_dir, run_dir / "eval" / "base.json", log, eval_limit),
+        "continued": evaluate(continued_hf, demo_dir, run_dir / "eval" / "continued.json", log, eval_limit),
+        "instruct": evaluate(sft / "model", demo_dir, run_dir / "eval" / "instruct.json", log, eval_limit),
+    }
+    end("eval")
+    summary = {
+        "chance": CHANCE,
+        "before_acc": figures["base"]["acc"],
+        "after_acc": figures["instruct"]["acc"],
+        "stages": figures,
+        "seconds": timings,
+        "steps": {"base": base_steps, "continue": continue_steps, "sft": sft_steps},
+        "run": str(run_dir),
+    }
+    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    print(report(summary))
+    return summary
+
+
+def report(summary: dict) -> str:
+    s = summary["stages"]
+    n = s["base"]["n"]
+    lines = [
+        f"\nheld-out multiple choice ({n} questions, 4 options; chance {100 * summary['chance']:.0f}%):",
+        f"  {'model':<36} {'acc':>6} {'acc_norm':>9} {'bits/char':>10}",
+    ]
+    names = {"base": "before: base", "continued": "after continued pretraining", "instruct": "after instruction tuning"}
+    for key, label in names.items():
+        r = s[key]
+        lines.append(f"  {label:<36} {100 * r['acc']:5.1f}% {100 * r['acc_norm']:8.1f}% {r['bits_per_char']:10.3f}")
+    verdict = "beats" if summary["after_acc"] > max(summary["before_acc"], summary["chance"]) + 0.05 else "does NOT clearly beat"
+    lines.append(f"after {100 * summary['after_acc']:.1f}% {verdict} before {100 * summary['before_acc']:.1f}% and chance 25%")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="tools/yunshan_demo.sh", description=__doc__.split("\n\n")[0])
+    p.add_argument("--run", default=str(ROOT / "runs" / "yunshan_demo"), help="run folder (default runs/yunshan_demo)")
+    p.add_argument("--base-steps", type=int, default=150, help="pretraining steps of the base model")
+    p.add_argument("--continue-steps", type=int, default=100, help="continued-pretraining steps")
+    p.add_argument("--sft-steps", type=int, default=120, help="instruction-tuning steps")
+    p.add_argument("--add", type=int, default=500, help="new tokenizer pieces to learn (at most)")
+    p.add_argument("--eval-limit", type=int, help="score only the first N held-out questions")
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args(argv)
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    summary = demo(Path(args.run), base_steps=args.base_steps, continue_steps=args.continue_steps,
+                   sft_steps=args.sft_steps, add_pieces=args.add, eval_limit=args.eval_limit, seed=args.seed)
+    print(json.dumps({"before_acc": round(summary["before_acc"], 4), "after_acc": round(summary["after_acc"], 4),
+                      "chance": CHANCE}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
