@@ -280,7 +280,7 @@ def main() -> int:
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 
     from pangu_pi.tokenizer import load_tokenizer, train_tokenizer
-    from pangu_pi.serving.tiny_models import build_llama_like, build_pangu
+    from tiny_models import build_llama_like, build_pangu  # tools/, beside this script
 
     pangu_dir = args.model
     if pangu_dir is None:

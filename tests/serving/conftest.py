@@ -15,14 +15,14 @@ from serving_fixtures import API_KEY, start_server
 
 @pytest.fixture(scope="session")
 def base_dir(tokenizer_dir, tmp_path_factory) -> Path:
-    from pangu_pi.serving.tiny_models import build_pangu
+    from tiny_models import build_pangu
 
     return build_pangu(tmp_path_factory.mktemp("ckpt") / "pangu-tiny", tokenizer_dir, seed=0)
 
 
 @pytest.fixture(scope="session")
 def lora_dir(base_dir, tmp_path_factory) -> Path:
-    from pangu_pi.serving.tiny_models import build_lora_adapter
+    from tiny_models import build_lora_adapter
 
     return build_lora_adapter(base_dir, tmp_path_factory.mktemp("lora") / "domain", seed=3)
 
@@ -32,7 +32,7 @@ def yunshan_dir(tmp_path_factory) -> Path:
     """A variant with a vocabulary of its own, as YunShan's: another tokenizer, another model."""
     from pangu_pi.corpus import default_corpus_files
     from pangu_pi.tokenizer import train_tokenizer
-    from pangu_pi.serving.tiny_models import build_pangu
+    from tiny_models import build_pangu
 
     root = tmp_path_factory.mktemp("yunshan")
     files = default_corpus_files(limit_bytes=1_000_000)
@@ -43,7 +43,7 @@ def yunshan_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def scalar_dir(tokenizer_dir, tmp_path_factory) -> Path:
     """A variant on the other SIAF code path: scalar coefficients with learnt outer weights."""
-    from pangu_pi.serving.tiny_models import build_pangu
+    from tiny_models import build_pangu
 
     return build_pangu(
         tmp_path_factory.mktemp("ckpt") / "pangu-scalar",

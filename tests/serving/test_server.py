@@ -309,7 +309,7 @@ def test_chat_client_reports_a_wrong_key_in_one_line(lora_server, serve_env):
 @pytest.fixture(scope="module")
 def other_shape_lora(tokenizer_dir, tmp_path_factory):
     """An adapter trained for a model of another width: loading it must be refused, not tried."""
-    from pangu_pi.serving.tiny_models import build_lora_adapter, build_pangu
+    from tiny_models import build_lora_adapter, build_pangu
 
     root = tmp_path_factory.mktemp("other-shape")
     narrow = build_pangu(root / "narrow", tokenizer_dir, seed=2, hidden_size=64, intermediate_size=160)
