@@ -38,7 +38,8 @@ from pangu_pi.overrides import parse_override
 RECIPES = ("pretrain", "finetune")
 # The projections vLLM serves LoRA adapters on (and peft's names for them in this model).
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-FINETUNE_MODES = ("full", "lora")
+FINETUNE_MODES = ("full", "lora", "dpo")
+DPO_LOSSES = ("sigmoid", "ipo")
 
 
 @dataclass
@@ -130,13 +131,32 @@ class LoraConfig:
 
 
 @dataclass
-class FinetuneConfig:
-    """What only fine-tuning has; the preference recipe's keys will sit beside these."""
+class DpoConfig:
+    """Preference tuning (`finetune.mode: dpo`), training/dpo.py."""
 
-    mode: str = "full"  # full: every weight, an HF checkpoint in OUT/model | lora: an adapter in OUT/adapter
+    beta: float = 0.1  # how far the policy may move from the reference: the scale of the implicit reward
+    loss_type: str = "sigmoid"  # sigmoid: DPO's loss | ipo: IPO's squared loss on length-averaged log-probs
+    label_smoothing: float = 0.0  # sigmoid only: the share of pairs assumed mislabelled (conservative DPO)
+    # Train LoRA adapters (finetune.lora.*; the reference is the same model with them disabled) rather
+    # than every weight. null: LoRA when the config sets any finetune.lora key, else full weights.
+    lora: bool | None = None
+
+
+@dataclass
+class FinetuneConfig:
+    """What only fine-tuning has."""
+
+    # full: every weight, an HF checkpoint in OUT/model | lora: an adapter in OUT/adapter
+    # dpo: preference pairs, full weights (OUT/model) or, with dpo.lora, an adapter (OUT/adapter)
+    mode: str = "full"
     lora: LoraConfig = field(default_factory=LoraConfig)
-    examples: int | None = None  # examples drawn into the mixture per epoch; null = as many as there are
-    epochs: float = 1.0  # passes over the packed rows when train.max_steps is null
+    dpo: DpoConfig = field(default_factory=DpoConfig)
+    examples: int | None = None  # examples (pairs, for dpo) drawn into the mixture per epoch; null = all of them
+    epochs: float = 1.0  # passes over the packed rows (pairs) when train.max_steps is null
+
+    @property
+    def uses_lora(self) -> bool:
+        return self.mode == "lora" or (self.mode == "dpo" and bool(self.dpo.lora))
 
 
 @dataclass
@@ -457,6 +477,10 @@ def build_config(values: dict | None = None, overrides: list[str] | None = None,
     config = _build(RunConfig, values)
     config.model = _model_section(model)
     config.recipe = recipe
+    if recipe == "finetune" and config.finetune.dpo.lora is None:
+        # DPO on LoRA when the user configured LoRA (finetune.lora.* in the file or a --set).
+        user_lora = isinstance(values.get("finetune"), dict) and "lora" in values["finetune"]
+        config.finetune.dpo.lora = config.finetune.mode == "dpo" and user_lora
     check(config, check_paths=check_paths)
     return config
 
@@ -551,10 +575,19 @@ def check_finetune(config: RunConfig) -> None:
          "set model.init_from to the HF checkpoint folder to fine-tune (e.g. the output of `pangu-pi export`)")
     need(bool(config.data.datasets), "set data.datasets to a list of {path: chat.jsonl, weight: 1.0}")
     need(config.data.seq_len >= 8, f"data.seq_len must be at least 8, got {config.data.seq_len}")
-    need(f.mode in FINETUNE_MODES, f"finetune.mode must be full or lora, got {f.mode!r}")
+    lora_dpo = "dpo" in str(f.mode).lower() and "lora" in str(f.mode).lower()
+    need(f.mode in FINETUNE_MODES, f"finetune.mode must be full, lora or dpo, got {f.mode!r}"
+         + ("; for DPO on LoRA adapters set finetune.mode=dpo and finetune.dpo.lora=true" if lora_dpo else ""))
     need(f.examples is None or f.examples >= 1, f"finetune.examples must be at least 1 or null, got {f.examples}")
     need(f.epochs > 0, f"finetune.epochs must be positive, got {f.epochs}")
-    if f.mode == "lora":
+    dpo = f.dpo
+    need(dpo.beta > 0 and math.isfinite(dpo.beta), f"finetune.dpo.beta must be a positive number, got {dpo.beta}")
+    need(dpo.loss_type in DPO_LOSSES, f"finetune.dpo.loss_type must be {' or '.join(DPO_LOSSES)}, got {dpo.loss_type!r}")
+    need(0 <= dpo.label_smoothing < 0.5,
+         f"finetune.dpo.label_smoothing must be in [0, 0.5), got {dpo.label_smoothing}")
+    need(dpo.label_smoothing == 0 or dpo.loss_type == "sigmoid",
+         "finetune.dpo.label_smoothing applies to loss_type sigmoid only; set it to 0 for ipo")
+    if f.uses_lora:
         need(config.train.zero_stage in (1, 2),
              "LoRA trains a few million weights at most: use train.zero_stage 1 or 2, not 3")
         need(lora.r >= 1, f"finetune.lora.r must be at least 1, got {lora.r}")

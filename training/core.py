@@ -77,11 +77,17 @@ class Recipe:
     def build_model(self, ds_config: dict):
         raise NotImplementedError
 
+    def prepare(self, engine, d: Dist, resume_from: Path | None) -> None:
+        """Once the engine holds its starting (or resumed) state, before the first step."""
+
     def loss(self, engine, batch, d: Dist):
-        """(loss tensor for backward, tokens in the batch) for one micro-batch."""
+        """(loss tensor for backward, tokens in the batch) for one micro-batch, or (loss, tokens,
+        {name: scalar tensor}) with metrics the core averages over micro-batches and processes and
+        logs beside the loss."""
         raise NotImplementedError
 
-    def evaluate(self, engine, d: Dist) -> float | None:
+    def evaluate(self, engine, d: Dist) -> float | tuple[float, dict] | None:
+        """The held-out loss, or (loss, {"val_NAME": value}) with more to log beside it."""
         return None
 
     def checkpoint_files(self) -> dict:
@@ -306,6 +312,7 @@ def train(recipe: Recipe, *, progress: bool = True) -> dict:
     if not recipe.config.out:
         raise ConfigError("set `out` (the run folder) in the config or pass --out")
     quiet_libraries()
+    recipe.progress = progress
     d = init_distributed()
     try:
         plan = d.share_from_rank0(lambda: recipe.plan(d.world, progress))
@@ -382,6 +389,7 @@ def _loop(recipe: Recipe, d: Dist, progress: bool) -> dict:
         start_step = trainer_state["step"]
         bad_steps = trainer_state.get("bad_steps", 0)
         tokens_seen = trainer_state.get("tokens_seen", 0)
+    recipe.prepare(engine, d, resume_from)
 
     resolved = resolved_dict(config, split, vocab_size=getattr(recipe.model_config, "vocab_size", None)
                              if recipe.name == "pretrain" else None)
@@ -431,7 +439,7 @@ def _loop(recipe: Recipe, d: Dist, progress: bool) -> dict:
             t_start = time.perf_counter()
             times = {"data": 0.0, "forward": 0.0, "backward": 0.0, "optimizer": 0.0}
             lr = scheduler.get_last_lr()[0]
-            micro_losses = []
+            micro_losses, micro_metrics = [], []
             tokens = 0
             for _ in range(split.grad_accum):
                 t = time.perf_counter()
@@ -439,8 +447,10 @@ def _loop(recipe: Recipe, d: Dist, progress: bool) -> dict:
                 times["data"] += time.perf_counter() - t
 
                 t = time.perf_counter()
-                loss, n_tokens = recipe.loss(engine, batch, d)
+                loss, n_tokens, *extra = recipe.loss(engine, batch, d)
                 tokens += n_tokens
+                if extra:
+                    micro_metrics.append(extra[0])
                 if faults is not None:
                     loss = faults.poison(step, loss)
                 _sync(d.device)
@@ -458,6 +468,7 @@ def _loop(recipe: Recipe, d: Dist, progress: bool) -> dict:
                 micro_losses.append(loss.detach())
 
             step_loss = d.mean(torch.stack(micro_losses).mean().item())
+            metrics = _mean_metrics(micro_metrics, d)
             norm = engine.get_global_grad_norm()
             grad_norm = float(norm) if norm is not None else None
             ok = engine.was_step_applied() and math.isfinite(step_loss) and (grad_norm is None or math.isfinite(grad_norm))
@@ -467,7 +478,7 @@ def _loop(recipe: Recipe, d: Dist, progress: bool) -> dict:
             tps = step_tokens / elapsed
             row = {"step": step, "loss": step_loss, "lr": lr, "grad_norm": grad_norm, "tokens_per_s": tps,
                    "mfu": tps * fpt / (peak * d.world) if peak and fpt else None, "skipped": not ok,
-                   "tokens": tokens_seen, **{f"{k}_s": v for k, v in times.items()}}
+                   "tokens": tokens_seen, **metrics, **{f"{k}_s": v for k, v in times.items()}}
             logger.step(row, write=(step % config.train.log_every == 0 or not ok or step == max_steps))
             summary.update(step=step, loss=step_loss)
 
@@ -489,8 +500,11 @@ def _loop(recipe: Recipe, d: Dist, progress: bool) -> dict:
                 val = recipe.evaluate(engine, d)
                 engine.train()
                 if val is not None:
+                    val, val_metrics = val if isinstance(val, tuple) else (val, None)
                     summary["val_loss"] = val
-                    logger.validation(step, val)
+                    if val_metrics:
+                        summary.update(val_metrics)
+                    logger.validation(step, val, val_metrics)
             if step % config.checkpoint.save_every == 0 or step == max_steps:
                 summary["checkpoint"] = str(save(step))
             if faults is not None:
@@ -509,6 +523,19 @@ def _loop(recipe: Recipe, d: Dist, progress: bool) -> dict:
     finally:
         logger.close()
     return summary
+
+
+def _mean_metrics(micro: list[dict], d: Dist) -> dict:
+    """A recipe's per-micro-batch metrics, averaged over the micro-batches and then the processes."""
+    if not micro:
+        return {}
+    import torch
+
+    names = list(micro[0])
+    local = torch.stack([torch.stack([torch.as_tensor(m[k], dtype=torch.float64).to(d.device) for k in names])
+                         for m in micro]).mean(0)
+    d.sum_(local)
+    return {k: v / d.world for k, v in zip(names, local.tolist())}
 
 
 def _yaml_text(data: dict) -> str:

@@ -75,7 +75,7 @@ def main(argv: list[str]) -> int:
     config = config_from_args(args)
     if args.nproc is not None and not launch.in_distributed_launch():
         # Every data, tokenizer and resume problem reported once, before any rank starts.
-        Finetuning(config).plan(args.nproc, progress=False)
+        recipe_for(config).plan(args.nproc, progress=False)
         return launch.spawn_local(args.nproc, [sys.executable, "-m", "pangu_pi.training.finetune", *launch.strip_nproc(argv)])
     try:
         finetune(config, progress=not args.no_progress)
@@ -88,11 +88,9 @@ def main(argv: list[str]) -> int:
 # Data
 
 
-def load_data(config: RunConfig):
-    """(tokenizer, packed dataset) for the run; user-fixable problems become UserError."""
+def base_tokenizer(config: RunConfig):
+    """The tokenizer a fine-tuning run renders its data with: data.tokenizer, else model.init_from's."""
     from pangu_pi.tokenizer import load_tokenizer
-
-    from .sft_data import PackedSFTDataset
 
     base = config.model["init_from"]
     if not (Path(base) / "config.json").is_file():
@@ -104,6 +102,14 @@ def load_data(config: RunConfig):
     tokenizer = load_tokenizer(tok_dir)
     if not tokenizer.chat_template:
         raise UserError(f"the tokenizer in {tok_dir} has no chat template to render chats with")
+    return tokenizer
+
+
+def load_data(config: RunConfig):
+    """(tokenizer, packed dataset) for the run; user-fixable problems become UserError."""
+    from .sft_data import PackedSFTDataset
+
+    tokenizer = base_tokenizer(config)
     try:
         data = PackedSFTDataset(config.data.datasets, tokenizer, config.data.seq_len,
                                 total=config.finetune.examples, seed=config.seed)
@@ -137,8 +143,9 @@ class RowStream:
     """The training rows in run order. Sample i of the run is row `rows[row_order(len(rows), i, seed)]`;
     the position (`samples_consumed`) counts the samples of all ranks together."""
 
-    def __init__(self, data, rows: list[int], seed: int, attn_implementation: str):
+    def __init__(self, data, rows: list[int], seed: int, attn_implementation: str, collate=None):
         self.data, self.rows, self.seed, self.attn = data, rows, seed, attn_implementation
+        self.collate = collate  # items -> batch; None: packed chat rows (sft_data.collate)
         self.samples_consumed = 0
 
     def next_batch(self, n: int, rank: int = 0, world_size: int = 1) -> dict:
@@ -147,7 +154,7 @@ class RowStream:
         first = self.samples_consumed + rank * n
         picked = [self.data[self.rows[row_order(len(self.rows), first + i, self.seed)]] for i in range(n)]
         self.samples_consumed += n * world_size
-        return collate(picked, self.attn)
+        return self.collate(picked) if self.collate is not None else collate(picked, self.attn)
 
     def state_dict(self) -> dict:
         return {"samples_consumed": int(self.samples_consumed), "rows": len(self.rows), "seed": self.seed}
@@ -252,26 +259,31 @@ def _save_full(config: RunConfig, state: dict, tokenizer, dest: Path) -> None:
 
 class Finetuning(core.Recipe):
     name = "finetune"
+    unit = "rows"  # what one sample of the data stream is
+    load = staticmethod(load_data)  # config -> (tokenizer, dataset); the preference recipe reads pairs
 
     def __init__(self, config: RunConfig):
         self.config = config
         self._loaded = None
 
+    def make_stream(self, rows: list[int]) -> RowStream:
+        return RowStream(self.data, rows, self.config.seed, self.attn)
+
     def plan(self, world_size: int, progress: bool) -> dict:
         from .pretrain import check_resume
 
         split = check_resume(self.config, world_size)
-        self._loaded = load_data(self.config)  # rank 0 vets the inputs first: one report if they are bad
+        self._loaded = self.load(self.config)  # rank 0 vets the inputs first: one report if they are bad
         _, data = self._loaded
         train_rows, val_rows = split_rows(len(data), self.config)
         if val_rows and len(val_rows) < world_size:
-            raise UserError(f"{len(val_rows)} held-out rows for {world_size} processes; raise data.val_fraction "
+            raise UserError(f"{len(val_rows)} held-out {self.unit} for {world_size} processes; raise data.val_fraction "
                             "or set eval.every=0")
         return {"split": split}
 
     def setup(self, plan: dict, d: core.Dist) -> None:
         # Every rank packs the same rows from the same seed (rank 0 already has them).
-        self.tokenizer, self.data = self._loaded if self._loaded is not None else load_data(self.config)
+        self.tokenizer, self.data = self._loaded if self._loaded is not None else self.load(self.config)
         self._loaded = None
         self.split = plan["split"]
         train_rows, self.val_rows = split_rows(len(self.data), self.config)
@@ -280,7 +292,7 @@ class Finetuning(core.Recipe):
 
         self.model_config = PanGuPiConfig.from_pretrained(self.config.model["init_from"])
         self.attn = getattr(self.model_config, "_attn_implementation", None) or "sdpa"
-        self.train_stream = RowStream(self.data, train_rows, self.config.seed, self.attn)
+        self.train_stream = self.make_stream(train_rows)
         self.trainable = None
         out = Path(self.config.out)
         self.tokenizer_dir = out / "tokenizer"
@@ -295,7 +307,7 @@ class Finetuning(core.Recipe):
         model.config.use_cache = False
         self.attn = getattr(model.config, "_attn_implementation", None) or self.attn
         self.train_stream.attn = self.attn
-        if self.config.finetune.mode == "lora":
+        if self.config.finetune.uses_lora:
             model = _lora(self.config, model)
         if self.config.train.zero_stage != 3:
             self.trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
@@ -353,7 +365,7 @@ class Finetuning(core.Recipe):
             "batch": dataclasses.asdict(self.split),
             "trainable_parameters": self.trainable,
         })
-        if c.finetune.mode == "lora":
+        if c.finetune.uses_lora:
             dest = out / "adapter"
             if rank0:
                 engine.module.save_pretrained(str(dest), safe_serialization=True)
@@ -375,12 +387,21 @@ class Finetuning(core.Recipe):
                 print(f"loss {losses[0]:.4f} → {losses[-1]:.4f}; wrote {dest}", flush=True)
 
 
+def recipe_for(config: RunConfig) -> Finetuning:
+    """The fine-tuning recipe `finetune.mode` names: chat SFT (full, lora) or preference tuning (dpo)."""
+    if config.finetune.mode == "dpo":
+        from .dpo import PreferenceTuning
+
+        return PreferenceTuning(config)
+    return Finetuning(config)
+
+
 def finetune(config: RunConfig | dict, *, progress: bool = True) -> dict[str, Any]:
     """Fine-tune on every rank of the current process group (or a group of one). Returns rank 0's
     summary, also written to OUT/finetune_summary.json."""
     if isinstance(config, dict):
         config = build_finetune_config(config)
-    return core.train(Finetuning(config), progress=progress)
+    return core.train(recipe_for(config), progress=progress)
 
 
 if __name__ == "__main__":

@@ -3,8 +3,9 @@ loss curves and, when `log.wandb` names a project, the same scalars in Weights &
 writes any of them.
 
 `metrics.jsonl` has one line per optimizer step (`step`, `loss`, `lr`, `grad_norm`, `tokens_per_s`,
-`skipped`, the time split and, where the peak is known, `mfu`) and one line per validation
-(`step`, `val_loss`, `val_ppl`). After a resume it is cut back to the checkpoint's step, so the file
+`skipped`, the time split and, where the peak is known, `mfu`, plus what the recipe adds, such as
+the preference recipe's rewards, margin and accuracy) and one line per validation (`step`,
+`val_loss` and `val_ppl`, or the recipe's `val_*` metrics). After a resume it is cut back to the checkpoint's step, so the file
 always tells one history: the steps that the model in the newest checkpoint went through.
 """
 
@@ -94,27 +95,57 @@ def truncate_metrics(path: str | Path, last_step: int) -> None:
     os.replace(tmp, path)
 
 
+# Keys of a step row that are bookkeeping rather than curves.
+_NOT_SCALARS = {"step", "skipped", "tokens"}
+# The preference recipe's curves, drawn in a panel of their own beside the loss.
+PREFERENCE_CURVES = ("margin", "accuracy")
+
+
+def _scalars(row: dict) -> dict[str, float]:
+    """A step row's finite numbers (loss, lr, grad norm, throughput, a recipe's metrics), not its times."""
+    return {k: v for k, v in row.items() if k not in _NOT_SCALARS and not k.endswith("_s")
+            and isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)}
+
+
+def _curve(rows: list[dict], key: str) -> list[tuple[int, float]]:
+    return [(r["step"], r[key]) for r in rows if isinstance(r.get(key), (int, float)) and math.isfinite(r[key])]
+
+
 def plot_losses(metrics_path: str | Path, png_path: str | Path) -> Path | None:
-    """The train and validation loss curves as a PNG; None when there is nothing to draw yet."""
+    """The train and validation loss curves as a PNG (and, for preference tuning, the reward margin
+    and accuracy beside them); None when there is nothing to draw yet."""
     rows = read_metrics(metrics_path)
-    train = [(r["step"], r["loss"]) for r in rows if "loss" in r and r.get("loss") is not None and math.isfinite(r["loss"])]
-    val = [(r["step"], r["val_loss"]) for r in rows if "val_loss" in r]
+    train = _curve([r for r in rows if "val_loss" not in r], "loss")
+    val = _curve(rows, "val_loss")
     if not train and not val:
         return None
+    preference = any(_curve(rows, k) for k in PREFERENCE_CURVES)
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
+    fig, axes = plt.subplots(1, 2 if preference else 1, figsize=(12 if preference else 7, 4), dpi=100, squeeze=False)
+    ax = axes[0][0]
     if train:
         ax.plot(*zip(*train), label="train", linewidth=1)
     if val:
         ax.plot(*zip(*val), "o-", label="validation", markersize=3)
     ax.set_xlabel("optimizer step")
-    ax.set_ylabel("loss (nats/token)")
+    ax.set_ylabel("loss" if preference else "loss (nats/token)")
     ax.grid(alpha=0.3)
     ax.legend()
+    if preference:
+        right = axes[0][1]
+        for key in PREFERENCE_CURVES:
+            for name, style in ((key, "-"), (f"val_{key}", "o-")):
+                curve = _curve(rows, name)
+                if curve:
+                    right.plot(*zip(*curve), style, label=name.replace("_", " "), linewidth=1, markersize=3)
+        right.set_xlabel("optimizer step")
+        right.set_ylabel("reward margin / preference accuracy")
+        right.grid(alpha=0.3)
+        right.legend()
     fig.tight_layout()
     png_path = Path(png_path)
     png_path.parent.mkdir(parents=True, exist_ok=True)
@@ -174,14 +205,12 @@ class RunLogger:
             return
         if write:
             self._write(row)
+            scalars = _scalars(row)
             if self._tb is not None:
-                for key in ("loss", "lr", "grad_norm", "tokens_per_s", "mfu"):
-                    value = row.get(key)
-                    if value is not None and math.isfinite(value):
-                        self._tb.add_scalar(f"train/{key}", value, row["step"])
+                for key, value in scalars.items():
+                    self._tb.add_scalar(f"train/{key}", value, row["step"])
             if self._wandb is not None:
-                values = {f"train/{k}": row[k] for k in ("loss", "lr", "grad_norm", "tokens_per_s", "mfu")
-                          if row.get(k) is not None and math.isfinite(row[k])}
+                values = {f"train/{k}": v for k, v in scalars.items()}
                 self._wandb.log({**values, "train/skipped": int(bool(row.get("skipped")))}, step=row["step"])
         if self._bar is not None:
             postfix = {"loss": f"{row['loss']:.4f}", "tok/s": f"{row['tokens_per_s']:.0f}"}
@@ -192,18 +221,29 @@ class RunLogger:
             self._bar.set_postfix(postfix, refresh=False)
             self._bar.update(1)
 
-    def validation(self, step: int, loss: float) -> None:
+    def validation(self, step: int, loss: float, metrics: dict[str, float] | None = None) -> None:
+        """A validation line: the loss and its perplexity, or the loss and a recipe's `val_*` metrics
+        (a preference loss is not nats per token, so it has no perplexity)."""
         if not self.enabled:
             return
-        ppl = math.exp(min(loss, 50.0))  # cap: an untrained model's exp(loss) overflows nothing useful
-        self._write({"step": step, "val_loss": loss, "val_ppl": ppl})
+        if metrics is None:
+            ppl = math.exp(min(loss, 50.0))  # cap: an untrained model's exp(loss) overflows nothing useful
+            metrics = {"val_ppl": ppl}
+            text = f"validation loss {loss:.4f}, perplexity {ppl:.2f}"
+        else:
+            text = f"validation loss {loss:.4f}, " + ", ".join(
+                f"{k.removeprefix('val_').replace('_', ' ')} {v:.4f}" for k, v in metrics.items())
+        row = {"step": step, "val_loss": loss, **metrics}
+        self._write(row)
+        named = {f"val/{k.removeprefix('val_')}": v for k, v in row.items()
+                 if k != "step" and isinstance(v, (int, float)) and math.isfinite(v)}
         if self._tb is not None:
-            self._tb.add_scalar("val/loss", loss, step)
-            self._tb.add_scalar("val/ppl", ppl, step)
+            for key, value in named.items():
+                self._tb.add_scalar(key, value, step)
         if self._wandb is not None:
-            self._wandb.log({"val/loss": loss, "val/ppl": ppl}, step=step)
+            self._wandb.log(named, step=step)
         if self._bar is not None:
-            self._bar.write(f"step {step}: validation loss {loss:.4f}, perplexity {ppl:.2f}")
+            self._bar.write(f"step {step}: {text}")
 
     def message(self, text: str) -> None:
         if not self.enabled:

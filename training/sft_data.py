@@ -192,10 +192,12 @@ def check_messages(record, roles: Sequence[str] = ROLES) -> list[dict]:
 
 
 def render_example(
-    tokenizer, messages: list[dict], max_len: int | None = None, source: str = "", tools: list[dict] | None = None
+    tokenizer, messages: list[dict], max_len: int | None = None, source: str = "", tools: list[dict] | None = None,
+    label_from: int = 0,
 ) -> Example:
     """Token ids of the conversation as the chat template renders it (with `tools` in its system
-    turn), and labels that keep only the assistant turns (content, tool calls, end-of-turn token)."""
+    turn), and labels that keep only the assistant turns (content, tool calls, end-of-turn token)
+    from message `label_from` on (a preference pair's answer after its prompt)."""
 
     def render(part: list[dict], prompt: bool = False) -> str:
         return tokenizer.apply_chat_template(part, tools=tools, tokenize=False, add_generation_prompt=prompt)
@@ -220,7 +222,7 @@ def render_example(
             )
     spans = []
     for i, m in enumerate(messages):
-        if m["role"] != "assistant":
+        if m["role"] != "assistant" or i < label_from:
             continue
         start, end = texts[i], texts[i + 1]
         # The turn's own text starts where the generation prompt (the assistant's header) ends.

@@ -157,7 +157,7 @@ def test_finetune_config_shares_the_sections_and_takes_its_own_defaults(tmp_path
     dump_yaml(resolved_dict(config), tmp_path / "resolved.yaml")
     again = load_config(tmp_path / "resolved.yaml")
     assert again.recipe == "finetune" and resolved_dict(again) == resolved_dict(config)
-    with pytest.raises(ConfigError, match="finetune.mode must be full or lora"):
+    with pytest.raises(ConfigError, match="finetune.mode must be full, lora or dpo"):
         build_config(_chat_config(tmp_path), ["finetune.mode=qlora"], recipe="finetune")
     with pytest.raises(ConfigError, match="train.zero_stage 1 or 2"):
         build_config(_chat_config(tmp_path), ["train.zero_stage=3"], recipe="finetune")
