@@ -468,6 +468,15 @@ def chat_record(case: Case, rng: random.Random) -> dict:
     return {"messages": messages, "family": case.family}
 
 
+def preference_record(case: Case, rng: random.Random) -> dict:
+    """The right answer preferred to a plausible wrong one of the same family (one of the case's
+    distractors), in the conversational preference layout `finetune.mode: dpo` reads."""
+    prompt = [{"role": "system", "content": rng.choice(SYSTEM_PROMPTS)}] if rng.random() < 0.3 else []
+    prompt.append({"role": "user", "content": case.question})
+    return {"prompt": prompt, "chosen": [{"role": "assistant", "content": case.answer}],
+            "rejected": [{"role": "assistant", "content": rng.choice(case.distractors)}], "family": case.family}
+
+
 def mc_record(case: Case, rng: random.Random, position: int) -> dict:
     choices = list(case.distractors)
     choices.insert(position, case.answer)
@@ -538,11 +547,15 @@ def generate(out_dir, seed: int = 0, train: int = 4000, heldout: int = 360, text
 
     write_jsonl("train.jsonl", [chat_record(c, rng) for c in train_cases])
     write_jsonl("heldout_mc.jsonl", [mc_record(c, rng, p) for c, p in zip(held, positions)])
+    # Its own generator: the files above stay what they were before the preference pairs existed.
+    pair_rng = random.Random(seed * 7_717 + 3)
+    write_jsonl("preference.jsonl", [preference_record(c, pair_rng) for c in train_cases])
     (out / "domain.txt").write_text("\n".join(text) + "\n", encoding="utf-8")
     (out / "domain_heldout.txt").write_text("\n".join(prose(c) for c in held) + "\n", encoding="utf-8")
     manifest = {
         "seed": seed,
         "train": len(train_cases),
+        "preference_pairs": len(train_cases),
         "heldout": len(held),
         "domain_text_lines": len(text),
         "train_families": dict(Counter(c.family for c in train_cases)),

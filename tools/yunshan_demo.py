@@ -13,7 +13,10 @@ where a later run finds and reuses it (delete a stage's folder to redo it):
        continued/, continued-hf/ continued pretraining from base-resized, domain : general = 1 : 1
     3. general_chat.jsonl        general instructions (what a standard-library function does)
        sft/                      `pangu-pi finetune`: domain instructions mixed with the general ones
-    4. eval/*.json               held-out multiple-choice accuracy (and bits per character on the
+    4. dpo/                      `pangu-pi finetune` with finetune.mode: dpo from sft/model, on
+                                 demo/preference.jsonl: the right answer against a plausible wrong
+                                 one of the same family (configs/yunshan_dpo_tiny.yaml)
+    5. eval/*.json               held-out multiple-choice accuracy (and bits per character on the
                                  held-out domain prose) before (the base) and after each stage
     summary.json                 the figures, also printed as a table
 """
@@ -99,7 +102,24 @@ def evaluate(model: Path, demo: Path, out: Path, log: Path, limit: int | None) -
     return {"acc": task["acc"], "acc_norm": task["acc_norm"], "n": task["n"], "bits_per_char": ppl["bits_per_char"]}
 
 
-def demo(run_dir: Path, *, base_steps: int, continue_steps: int, sft_steps: int, add_pieces: int,
+def preference_pairs(demo_dir: Path, seed: int) -> Path:
+    """demo/preference.jsonl; a demo folder written before the pairs existed gets them from the same
+    seed (the generator is deterministic, so they are built on the same training cases)."""
+    path = demo_dir / "preference.jsonl"
+    if not path.is_file():
+        import shutil
+        import tempfile
+
+        from domain_demo import generate  # tools/, beside this script
+
+        manifest = json.loads((demo_dir / "manifest.json").read_text())
+        with tempfile.TemporaryDirectory() as tmp:
+            generate(tmp, seed=manifest.get("seed", seed), train=manifest["train"], heldout=manifest["heldout"])
+            shutil.copy2(Path(tmp) / "preference.jsonl", path)
+    return path
+
+
+def demo(run_dir: Path, *, base_steps: int, continue_steps: int, sft_steps: int, dpo_steps: int, add_pieces: int,
          eval_limit: int | None, seed: int) -> dict:
     from pangu_pi.corpus import default_corpus_files
 
@@ -169,9 +189,21 @@ def demo(run_dir: Path, *, base_steps: int, continue_steps: int, sft_steps: int,
     if not _done(sft / "model"):
         run(["finetune", "--config", "configs/yunshan_finetune_tiny.yaml", "--nproc", "2", "--out", str(sft),
              "--no-progress", "--set", f"model.init_from={continued_hf}", "--max-steps", str(sft_steps),
-             "--set", f"data.datasets=[{{path: {demo_dir / 'train.jsonl'}, weight: 0.9}}, {{path: {chat}, weight: 0.1}}]"],
+             "--set", f"data.datasets=[{{path: {demo_dir / 'train.jsonl'}, weight: 0.9}}, {{path: {chat}, weight: 0.1}}]",
+             "--set", f"seed={seed}"],
             log)
     end("instruct")
+
+    # 4. Preference tuning: the right answer preferred to a plausible wrong one, from the SFT model.
+    stage("prefer")
+    pairs = preference_pairs(demo_dir, seed)
+    dpo = run_dir / "dpo"
+    if not _done(dpo / "model"):
+        run(["finetune", "--config", "configs/yunshan_dpo_tiny.yaml", "--nproc", "2", "--out", str(dpo),
+             "--no-progress", "--set", f"model.init_from={sft / 'model'}", "--max-steps", str(dpo_steps),
+             "--set", f"data.datasets=[{{path: {pairs}, weight: 1.0}}]", "--set", f"seed={seed}"], log)
+    dpo_summary = json.loads((dpo / "finetune_summary.json").read_text())
+    end("prefer")
 
     # 4. Held-out accuracy before and after.
     stage("eval")
@@ -179,15 +211,20 @@ def demo(run_dir: Path, *, base_steps: int, continue_steps: int, sft_steps: int,
         "base": evaluate(base_hf, demo_dir, run_dir / "eval" / "base.json", log, eval_limit),
         "continued": evaluate(continued_hf, demo_dir, run_dir / "eval" / "continued.json", log, eval_limit),
         "instruct": evaluate(sft / "model", demo_dir, run_dir / "eval" / "instruct.json", log, eval_limit),
+        "preference": evaluate(dpo / "model", demo_dir, run_dir / "eval" / "preference.json", log, eval_limit),
     }
     end("eval")
     summary = {
         "chance": CHANCE,
+        "seed": seed,
         "before_acc": figures["base"]["acc"],
         "after_acc": figures["instruct"]["acc"],
+        "sft_acc": figures["instruct"]["acc"],
+        "dpo_acc": figures["preference"]["acc"],
+        "dpo_heldout_pairs": {k: dpo_summary.get(k) for k in ("val_loss", "val_accuracy", "val_margin")},
         "stages": figures,
         "seconds": timings,
-        "steps": {"base": base_steps, "continue": continue_steps, "sft": sft_steps},
+        "steps": {"base": base_steps, "continue": continue_steps, "sft": sft_steps, "dpo": dpo_steps},
         "run": str(run_dir),
     }
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
@@ -202,12 +239,21 @@ def report(summary: dict) -> str:
         f"\nheld-out multiple choice ({n} questions, 4 options; chance {100 * summary['chance']:.0f}%):",
         f"  {'model':<36} {'acc':>6} {'acc_norm':>9} {'bits/char':>10}",
     ]
-    names = {"base": "before: base", "continued": "after continued pretraining", "instruct": "after instruction tuning"}
+    names = {"base": "before: base", "continued": "after continued pretraining", "instruct": "after instruction tuning",
+             "preference": "after preference tuning (DPO)"}
     for key, label in names.items():
         r = s[key]
         lines.append(f"  {label:<36} {100 * r['acc']:5.1f}% {100 * r['acc_norm']:8.1f}% {r['bits_per_char']:10.3f}")
     verdict = "beats" if summary["after_acc"] > max(summary["before_acc"], summary["chance"]) + 0.05 else "does NOT clearly beat"
     lines.append(f"after {100 * summary['after_acc']:.1f}% {verdict} before {100 * summary['before_acc']:.1f}% and chance 25%")
+    if "dpo_acc" in summary:
+        change = summary["dpo_acc"] - summary["sft_acc"]
+        word = "rose" if change > 0 else "fell" if change < 0 else "stayed"
+        pairs = summary.get("dpo_heldout_pairs") or {}
+        held = (f"; held-out pairs: preference accuracy {100 * pairs['val_accuracy']:.1f}%, margin {pairs['val_margin']:.3f}"
+                if pairs.get("val_accuracy") is not None else "")
+        lines.append(f"preference tuning: accuracy {word} from {100 * summary['sft_acc']:.1f}% (SFT) to "
+                     f"{100 * summary['dpo_acc']:.1f}% (DPO){held}")
     return "\n".join(lines)
 
 
@@ -217,14 +263,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--base-steps", type=int, default=150, help="pretraining steps of the base model")
     p.add_argument("--continue-steps", type=int, default=100, help="continued-pretraining steps")
     p.add_argument("--sft-steps", type=int, default=120, help="instruction-tuning steps")
+    p.add_argument("--dpo-steps", type=int, default=60, help="preference-tuning (DPO) steps after instruction tuning")
     p.add_argument("--add", type=int, default=500, help="new tokenizer pieces to learn (at most)")
     p.add_argument("--eval-limit", type=int, help="score only the first N held-out questions")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
     summary = demo(Path(args.run), base_steps=args.base_steps, continue_steps=args.continue_steps,
-                   sft_steps=args.sft_steps, add_pieces=args.add, eval_limit=args.eval_limit, seed=args.seed)
+                   sft_steps=args.sft_steps, dpo_steps=args.dpo_steps, add_pieces=args.add, eval_limit=args.eval_limit, seed=args.seed)
     print(json.dumps({"before_acc": round(summary["before_acc"], 4), "after_acc": round(summary["after_acc"], 4),
+                      "sft_acc": round(summary["sft_acc"], 4), "dpo_acc": round(summary["dpo_acc"], 4),
                       "chance": CHANCE}))
     return 0
 

@@ -2,9 +2,12 @@
 float64 computation, the starting point (loss log 2, zero margins), LoRA without a second model,
 malformed pairs counted, a short run raising held-out preference accuracy, and exact resume.
 
-TRL is not installed beside the project's pins (its releases require newer `accelerate`/`datasets`
-than the ones resolved here, and pulling them moves transformers), so the loss is checked against
-the float64 computation written in this file, term by term from the DPO and IPO papers."""
+The loss is checked twice on fixed logits: against a float64 computation written in this file, term
+by term from the DPO and IPO papers, and against TRL's own `DPOTrainer` loss code (TRL installs
+beside the project's pins as a test dependency), called on the same per-token log-probabilities with
+a stand-in for the parts of a trainer it reads (accelerator gathers of one process). What the TRL
+check does not cover is the log-probabilities themselves: TRL computes them in its fused LM head,
+which needs a model TRL wraps; the float64 check covers ours."""
 
 from __future__ import annotations
 
@@ -162,6 +165,63 @@ def test_loss_rewards_and_accuracy_match_an_independent_float64_computation(loss
     assert 0 < want["accuracy"] < 1  # the fixed batch has pairs on both sides
 
 
+def _trl_loss(per_token, ref_logps, completion_mask, beta: float, loss_type: str) -> tuple[float, dict]:
+    """TRL's DPOTrainer._compute_loss on given per-token log-probs (policy) and summed reference log-probs."""
+    from collections import defaultdict
+    from types import SimpleNamespace
+
+    from trl.trainer.dpo_trainer import DPOTrainer
+
+    rows, width = per_token.shape
+    outputs = SimpleNamespace(log_probs=per_token, entropy=torch.zeros(rows, width),
+                              mean_logits=torch.zeros(rows, width), is_top1=torch.zeros(rows, width, dtype=torch.bool))
+    accelerator = SimpleNamespace(device=torch.device("cpu"), gather=lambda t: t, gather_for_metrics=lambda t: t)
+    fake = SimpleNamespace(model=SimpleNamespace(training=True), accelerator=accelerator, aux_loss_enabled=False,
+                           ld_alpha=None, precompute_ref_logps=True, f_divergence_type="reverse_kl",
+                           loss_types=[loss_type], loss_weights=[1.0], beta=beta, label_smoothing=0.0,
+                           use_weighting=False, _metrics={"train": defaultdict(list)}, _total_train_tokens=0,
+                           _tp_size=1, args=SimpleNamespace())
+    n = rows // 2
+    inputs = {"input_ids": torch.zeros(rows, width + 1, dtype=torch.long),
+              "attention_mask": torch.ones(rows, width + 1, dtype=torch.long),
+              "completion_mask": torch.cat([torch.zeros(rows, 1, dtype=torch.long), completion_mask], dim=1),
+              "ref_chosen_logps": ref_logps[:n], "ref_rejected_logps": ref_logps[n:]}
+    loss = DPOTrainer._compute_loss(fake, lambda **kw: outputs, inputs, return_outputs=False)
+    metrics = {k: v[-1] for k, v in fake._metrics["train"].items()}
+    return float(loss), metrics
+
+
+@pytest.mark.parametrize("loss_type", ["sigmoid", "ipo"])
+def test_loss_and_rewards_equal_trls_dpo_trainer_on_the_same_batch(loss_type):
+    from pangu_pi.training.dpo import dpo_loss, sequence_logps
+
+    g = torch.Generator().manual_seed(11)
+    pairs, T, V = 6, 10, 17
+    logits = torch.randn(2 * pairs, T, V, generator=g, dtype=torch.float64) * 2
+    ref_logits = logits + torch.randn(2 * pairs, T, V, generator=g, dtype=torch.float64)
+    labels = torch.randint(0, V, (2 * pairs, T), generator=g)
+    labels[:, :4] = -100
+    labels[2, 7:] = -100
+    sums, counts = sequence_logps(logits, labels)
+    ref_sums, ref_counts = sequence_logps(ref_logits, labels)
+    # TRL's inputs: per-token log-probs of the policy (0 off the completion) and the completion mask.
+    targets = labels[:, 1:]
+    mask = (targets != -100).long()
+    per_token = torch.log_softmax(logits[:, :-1], -1).gather(-1, targets.clamp(min=0)[..., None])[..., 0] * mask
+    trl_loss, trl = _trl_loss(per_token, ref_sums, mask, beta=0.3, loss_type=loss_type)
+
+    sums, ref_sums = sums.double(), ref_sums.double()
+    if loss_type == "ipo":
+        sums, ref_sums = sums / counts, ref_sums / ref_counts
+    loss, m = dpo_loss(*sums.chunk(2), *ref_sums.chunk(2), beta=0.3, loss_type=loss_type)
+    assert loss.item() == pytest.approx(trl_loss, rel=1e-6)
+    if loss_type == "sigmoid":  # TRL logs rewards from summed log-ratios; IPO's are per-token averages here
+        assert m["rewards_chosen"].mean().item() == pytest.approx(trl["rewards/chosen"], rel=1e-6)
+        assert m["rewards_rejected"].mean().item() == pytest.approx(trl["rewards/rejected"], rel=1e-6)
+        assert m["margin"].mean().item() == pytest.approx(trl["rewards/margins"], rel=1e-6)
+        assert m["accuracy"].mean().item() == pytest.approx(trl["rewards/accuracies"], rel=1e-6)
+
+
 def test_policy_equal_to_reference_gives_log2_and_zero_margins():
     from pangu_pi.training.dpo import dpo_loss
 
@@ -316,3 +376,22 @@ def test_dpo_killed_and_resumed_reproduces_the_losses(work, tmp_path, lora):
     for step in range(1, 7):
         assert abs(got[step]["loss"] - want[step]["loss"]) <= 1e-6, step
         assert abs(got[step]["margin"] - want[step]["margin"]) <= 1e-6, step
+
+
+def test_the_domain_demo_writes_pairs_of_the_right_answer_against_a_wrong_one_of_its_family(tmp_path, tokenizer_dir):
+    from domain_demo import generate  # tools/
+
+    from pangu_pi.tokenizer import load_tokenizer
+    from pangu_pi.training.preference_data import PreferenceDataset
+
+    manifest = generate(tmp_path / "demo", seed=2, train=90, heldout=18, text_lines=30)
+    records = [json.loads(line) for line in (tmp_path / "demo" / "preference.jsonl").read_text().splitlines()]
+    chats = [json.loads(line) for line in (tmp_path / "demo" / "train.jsonl").read_text().splitlines()]
+    assert len(records) == manifest["preference_pairs"] == len(chats) == 90
+    # The chosen answer is the training case's own; the rejected one differs but comes from its family.
+    for pair, chat in zip(records, chats):
+        assert pair["family"] == chat["family"]
+        assert pair["prompt"][-1]["content"] == chat["messages"][-2]["content"]
+        assert pair["chosen"][0]["content"] == chat["messages"][-1]["content"] != pair["rejected"][0]["content"]
+    data = PreferenceDataset([str(tmp_path / "demo" / "preference.jsonl")], load_tokenizer(tokenizer_dir), 512)
+    assert len(data) == 90 and not data.records.malformed
