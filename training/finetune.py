@@ -8,7 +8,8 @@ The config is the run config every recipe shares (training/config.py, docs/train
 `model.init_from` is the HF checkpoint to start from, `data.datasets` the chat JSONL files (or
 folders, globs) mixed by weight, `data.seq_len` the packed row length, `batch.*`, `optim.*`,
 `schedule.*`, `train.*`, `checkpoint.*`, `eval.*`, `log.*` as for pretraining; what only
-fine-tuning has sits in `finetune`: `mode` (full | lora), `lora.{r, alpha, dropout, target_modules}`,
+fine-tuning has sits in `finetune`: `mode` (full | lora | dpo, the preference recipe of
+training/dpo.py), `lora.{r, alpha, dropout, target_modules}`, `dpo.{beta, loss_type, ...}`,
 `examples` (drawn into the mixture per epoch) and `epochs` (used when `train.max_steps` is null).
 The flags are pretraining's: --config --out --max-steps --save-every --resume --nproc --set.
 
