@@ -1,17 +1,33 @@
-"""How much memory one GPU needs for a pretraining run, computed from the run config.
+"""How much memory one GPU (or, on a CPU-only machine, one process) needs for a pretraining run,
+computed from the run config and the DeepSpeed config the trainer builds from it.
 
 Usage: `python -m pangu_pi.training.memory --config configs/pangu-pi-7b.yaml --gpus 64`
+(`--device cpu` for a run on processors alone, where the process itself is the device's memory).
 
-The estimate adds, per GPU:
-- model states: weights, gradients and AdamW states (fp32 master copy, m, v), each divided by
-  the data-parallel size where the ZeRO stage partitions it (stage 1: optimizer; 2: + gradients;
-  3: + weights);
+The estimate adds, per GPU, following DeepSpeed's own layout (deepspeed/runtime/zero/stage_1_and_2.py
+and stage3.py):
+- weights in the compute dtype, whole or (ZeRO-3) one partition, and under ZeRO-3 the gathered
+  full weights that may stay live (at most `stage3_max_live_parameters` plus one prefetch bucket);
+- gradients, whole (ZeRO-1) or one partition (ZeRO-2/3);
+- AdamW's states, partitioned at every stage: an fp32 master copy (a separate tensor even when the
+  weights are fp32), m and v (created at the first step, so the first step's peak is the steady one);
+- the flat fp32 gradient the optimizer steps on: DeepSpeed flattens a fresh copy of each group's
+  gradient partition (under ZeRO-3 one `sub_group_size` sub-group at a time);
+- the optimizer's temporaries: none for torch's fused AdamW (the trainer's default), two flat fp32
+  tensors the size of that group (sqrt(v) and its quotient) for the unfused one;
 - activations kept for backward, counted tensor by tensor for a PanGu-π block with fused (SDPA /
   flash) attention, so no seq² term; with activation checkpointing only each block's input is kept,
   plus one block's activations while it is recomputed;
 - the logits and their fp32 loss copies, which at a 100k vocabulary rival a block's activations;
-- DeepSpeed's communication buckets.
-Allocator fragmentation and the CUDA context (~1-3 GiB) come on top; plan for 10-15 % headroom.
+- DeepSpeed's gradient bucket and, under ZeRO-3, the reduce-scatter's interleaved copy of it (each
+  capped by the parameter count: a bucket holds at most every gradient); below ZeRO-3 the all-gather
+  bucket too;
+- on a CPU-only machine, the process's own baseline (the interpreter with torch, DeepSpeed and
+  transformers loaded, their gloo process group: 0.45 GiB measured).
+Measured against a 2-process ZeRO-3 run of the 1B shape on CPU (benchmarks/RESULTS.md, "Real sizes").
+Not counted: allocator fragmentation (glibc's heaps kept ~3 bytes a parameter of freed blocks resident
+until MALLOC_MMAP_THRESHOLD_ was fixed at 1 MiB) and, on a GPU, the CUDA context (~0.5-1 GiB);
+plan for 10-15 % headroom.
 """
 
 from __future__ import annotations
@@ -56,32 +72,47 @@ def activation_elements_per_token_per_layer(config) -> int:
     return attention + shortcut + ffn
 
 
+CPU_PROCESS_BASELINE = int(0.45 * GIB)  # RSS of a rank after imports and init_distributed (gloo), measured
+
+
 @dataclass
 class MemoryEstimate:
     parameters: int
     world_size: int
     zero_stage: int
     weights: float
+    gathered: float
     gradients: float
     optimizer: float
+    gradient_copy: float
+    optimizer_temporaries: float
     activations: float
     logits: float
     buffers: float
+    baseline: float = 0.0
 
     @property
     def total(self) -> float:
-        return self.weights + self.gradients + self.optimizer + self.activations + self.logits + self.buffers
+        return (self.weights + self.gathered + self.gradients + self.optimizer + self.gradient_copy
+                + self.optimizer_temporaries + self.activations + self.logits + self.buffers + self.baseline)
 
     def rows(self) -> list[tuple[str, float]]:
-        return [
+        rows = [
             ("weights", self.weights),
+            ("gathered weights", self.gathered),
             ("gradients", self.gradients),
             ("optimizer states", self.optimizer),
+            ("flat fp32 gradient", self.gradient_copy),
+            ("optimizer temporaries", self.optimizer_temporaries),
             ("activations", self.activations),
             ("logits + loss", self.logits),
             ("communication buckets", self.buffers),
+            ("process baseline", self.baseline),
             ("total", self.total),
         ]
+        # rows that are always zero for this stage or device only clutter the table
+        return [(name, value) for name, value in rows
+                if value or name not in ("gathered weights", "optimizer temporaries", "process baseline")]
 
     def table(self) -> str:
         lines = [f"| {'per GPU':<22} | {'GiB':>7} |", f"|{'-' * 24}|{'-' * 9}|"]
@@ -89,38 +120,58 @@ class MemoryEstimate:
         return "\n".join(lines)
 
 
-def estimate_memory(run_config, world_size: int, vocab_size: int | None = None) -> MemoryEstimate:
-    """Bytes per GPU for `run_config` (a pangu_pi.training.config.RunConfig) on `world_size` GPUs."""
+def estimate_memory(run_config, world_size: int, vocab_size: int | None = None, device: str = "cuda") -> MemoryEstimate:
+    """Bytes per GPU for `run_config` (a pangu_pi.training.config.RunConfig) on `world_size` GPUs;
+    `device="cpu"` for a CPU-only run (DeepSpeed's CPU settings and the process baseline)."""
     from .config import resolve_batch
+    from .core import deepspeed_config
 
     model = run_config.model_config(vocab_size)
     split = resolve_batch(run_config.batch, world_size)
+    on_gpu = device != "cpu"
+    ds = deepspeed_config(run_config, split, on_gpu)  # the trainer's own, with the run's overrides
+    zero = ds.get("zero_optimization", {})
     P = count_parameters(model)["total"]
     stage, n = run_config.train.zero_stage, world_size
     half = run_config.train.precision == "bf16"
-    weight_bytes = 2 if half else 4
-    # AdamW's m and v in fp32, plus an fp32 master copy of the weights (DeepSpeed keeps one for fp32 too).
-    optimizer_bytes = 12
-    weights = weight_bytes * P / (n if stage >= 3 else 1)
-    gradients = weight_bytes * P / (n if stage >= 2 else 1)
-    optimizer = 0.0 if run_config.train.offload_optimizer else optimizer_bytes * P / n
+    b = 2 if half else 4  # compute dtype: weights, gradients, activations, buckets
+    offload = bool(run_config.train.offload_optimizer)
+
+    weights = b * P / (n if stage >= 3 else 1)
+    gradients = b * P / (n if stage >= 2 else 1)
+    gathered = 0.0
+    if stage >= 3:
+        live = float(zero.get("stage3_max_live_parameters", 1e9)) + float(zero.get("stage3_prefetch_bucket_size", 5e7))
+        gathered = b * min(P, live)
+    # fp32 master copy, m and v, always partitioned; in host memory when offloaded
+    optimizer = 0.0 if offload else 12 * P / n
+    # the flat fp32 gradient the optimizer steps on, and the unfused AdamW's two temporaries of that size
+    group = P / n if stage < 3 else min(P / n, float(zero.get("sub_group_size", 1e9)))
+    gradient_copy = 0.0 if offload else 4 * group
+    fused = ds.get("optimizer", {}).get("params", {}).get("fused", False)
+    optimizer_temporaries = 0.0 if offload or fused else 8 * group
 
     tokens = split.micro_batch_size * run_config.data.seq_len
-    per_layer = activation_elements_per_token_per_layer(model) * tokens * weight_bytes
+    per_layer = activation_elements_per_token_per_layer(model) * tokens * b
     layers = model.num_hidden_layers
     if run_config.train.activation_checkpointing:
-        activations = layers * tokens * model.hidden_size * weight_bytes + per_layer
+        activations = layers * tokens * model.hidden_size * b + per_layer
     else:
         activations = layers * per_layer
     # logits in the compute dtype, their fp32 copy for the loss, and that copy's gradient
-    logits = tokens * model.vocab_size * (weight_bytes + 4 + 4)
+    logits = tokens * model.vocab_size * (b + 4 + 4)
 
-    zero = run_config.deepspeed.get("zero_optimization", {})
-    reduce_bucket = float(zero.get("reduce_bucket_size", 5e8))
-    gather_bucket = float(zero.get("allgather_bucket_size", 5e8)) if stage < 3 else float(
-        zero.get("stage3_prefetch_bucket_size", 5e7))
-    buffers = (reduce_bucket + gather_bucket) * weight_bytes
-    return MemoryEstimate(P, n, stage, weights, gradients, optimizer, activations, logits, buffers)
+    # A bucket never holds more than every gradient (or weight), however large it is configured:
+    # DeepSpeed allocates the configured size, but only the part it fills becomes resident.
+    reduce_bucket = min(P, float(zero.get("reduce_bucket_size", 5e8)))
+    if stage >= 3:
+        # the contiguous gradient bucket, and the interleaved copy reduce_scatter_coalesced makes of it
+        buffers = 2 * reduce_bucket * b
+    else:
+        buffers = (reduce_bucket + min(P, float(zero.get("allgather_bucket_size", 5e8)))) * b
+    baseline = 0.0 if on_gpu else float(CPU_PROCESS_BASELINE)
+    return MemoryEstimate(P, n, stage, weights, gathered, gradients, optimizer, gradient_copy,
+                          optimizer_temporaries, activations, logits, buffers, baseline)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -129,10 +180,11 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m pangu_pi.training.memory", description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", required=True)
     parser.add_argument("--gpus", type=int, required=True, help="data-parallel size (all GPUs of all nodes)")
+    parser.add_argument("--device", choices=("cuda", "cpu"), default="cuda", help="cpu: a run on processors alone")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     args = parser.parse_args(argv)
     config = load_config(args.config, args.set)
-    est = estimate_memory(config, args.gpus)
+    est = estimate_memory(config, args.gpus, device=args.device)
     print(f"{args.config}: {est.parameters / 1e9:.2f} B parameters, ZeRO-{est.zero_stage}, "
           f"{config.train.precision}, {args.gpus} GPUs")
     print(est.table())
