@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from .cli import UserError
+from .errors import UserError
 from .config import PanGuPiConfig
 from .modeling import PanGuPiForCausalLM
 

@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from .cli import UserError
+from .errors import UserError
 
 MEASURES = {
     "diversity": "d_M(H) / ||H||_F with d_M(H) = min_x ||H - 1 x^T||_F = ||H - 1 mean(H)^T||_F (0 = all tokens equal)",

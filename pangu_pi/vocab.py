@@ -409,7 +409,7 @@ def extend_tokenizer(
 
 
 def extend_main(argv: list[str]) -> int:
-    from .cli import UserError
+    from .errors import UserError
 
     parser = argparse.ArgumentParser(
         prog="pangu-pi tokenizer extend",
@@ -444,7 +444,7 @@ def extend_main(argv: list[str]) -> int:
 
 def _old_tokenizer_size(model_dir: Path, new_vocab: dict[str, int], tokenizer_dir: Path, config_vocab: int) -> int:
     """How many ids the model's own tokenizer had; checks that the new tokenizer keeps all of them."""
-    from .cli import UserError
+    from .errors import UserError
 
     own = model_dir / "tokenizer.json"
     if own.exists():
@@ -487,7 +487,7 @@ def resize_model(model_dir, tokenizer_dir, out_dir, progress: bool = True, remot
 
     import pangu_pi  # noqa: F401  (registers the model with the Auto classes)
 
-    from .cli import UserError
+    from .errors import UserError
 
     model_dir, tokenizer_dir, out = Path(model_dir), Path(tokenizer_dir), Path(out_dir)
     if not (model_dir / "config.json").exists():

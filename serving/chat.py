@@ -8,14 +8,16 @@ Type a message and Enter; `/reset` starts a new conversation, `/exit` (or Ctrl-D
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 from collections.abc import Iterator
 
-from pangu_pi.cli import UserError
+from pangu_pi.api_client import api_base, connect, user_errors
+from pangu_pi.errors import UserError
 
 from .request_guard import API_KEY_ENV
+
+UNREACHABLE = "is `pangu-pi serve` running there?"
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -30,53 +32,22 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def _error_message(response) -> str:
-    try:
-        return response.json()["error"]["message"]
-    except Exception:  # not OpenAI-shaped: show what the server said
-        return response.text.strip() or f"HTTP {response.status_code}"
-
-
 class ChatClient:
     def __init__(self, url: str, api_key: str | None, timeout: float = 600.0):
-        import httpx
-
-        base = url.rstrip("/")
-        self.base = base if base.endswith("/v1") else base + "/v1"
-        headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-        self.http = httpx.Client(headers=headers, timeout=httpx.Timeout(timeout, connect=10.0))
+        self.base = api_base(url)
+        self.client = connect(url, api_key, timeout=timeout)
 
     def models(self) -> list[str]:
-        import httpx
-
-        try:
-            response = self.http.get(f"{self.base}/models")
-        except httpx.HTTPError as err:
-            raise UserError(f"cannot reach {self.base}: {err}; is `pangu-pi serve` running there?") from None
-        if response.status_code != 200:
-            raise UserError(f"{self.base}/models answered {response.status_code}: {_error_message(response)}")
-        return [m["id"] for m in response.json()["data"]]
+        with user_errors(f"{self.base}/models", UNREACHABLE):
+            return [m.id for m in self.client.models.list().data]
 
     def stream(self, model: str, messages: list[dict], **sampling) -> Iterator[str]:
         """Yield the assistant's text piece by piece as the server sends it (server-sent events)."""
-        body = {"model": model, "messages": messages, "stream": True, **sampling}
-        with self.http.stream("POST", f"{self.base}/chat/completions", json=body) as response:
-            if response.status_code != 200:
-                response.read()
-                raise UserError(f"the server refused the request ({response.status_code}): {_error_message(response)}")
-            for line in response.iter_lines():
-                if not line.startswith("data:"):
-                    continue
-                data = line[len("data:") :].strip()
-                if data == "[DONE]":
-                    return
-                event = json.loads(data)
-                if "error" in event:
-                    raise UserError(f"the server failed mid-answer: {event['error'].get('message', event['error'])}")
-                for choice in event.get("choices", []):
-                    piece = (choice.get("delta") or {}).get("content")
-                    if piece:
-                        yield piece
+        with user_errors(f"{self.base}/chat/completions", UNREACHABLE):
+            for chunk in self.client.chat.completions.create(model=model, messages=messages, stream=True, **sampling):
+                for choice in chunk.choices:
+                    if choice.delta is not None and choice.delta.content:
+                        yield choice.delta.content
 
 
 def main(argv: list[str]) -> int:

@@ -36,7 +36,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from pangu_pi.cli import UserError
+from pangu_pi.errors import UserError
 
 from .request_guard import API_KEY_ENV, Limits
 

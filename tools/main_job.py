@@ -83,18 +83,12 @@ class Server:
         self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True)
 
     def wait_ready(self, timeout: float = 600.0) -> None:
-        import httpx
+        from pangu_pi.net import wait_until_ready
 
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"the server exited with code {self.proc.returncode}; see {self.log.name}")
-            try:
-                if httpx.get(f"{self.url}/v1/models", timeout=2.0).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(2.0)
+        if wait_until_ready(f"{self.url}/v1/models", timeout, process=self.proc, interval=2.0):
+            return
+        if self.proc.poll() is not None:
+            raise RuntimeError(f"the server exited with code {self.proc.returncode}; see {self.log.name}")
         raise TimeoutError(f"the server did not answer within {timeout:.0f} s; see {self.log.name}")
 
     def stop(self) -> None:
@@ -110,36 +104,26 @@ class Server:
 
 def ask(url: str) -> tuple[str, str]:
     """One chat request, and one streaming completion whose pieces are printed as they arrive."""
-    import httpx
+    from pangu_pi.api_client import api_base, connect, user_errors
 
-    chat = httpx.post(
-        f"{url}/v1/chat/completions",
-        json={
-            "model": "pangu-pi-tiny",
-            "messages": [{"role": "user", "content": "Write a Python function that adds two numbers."}],
-            "max_tokens": 48,
-            "temperature": 0.0,
-        },
-        timeout=300,
-    )
-    chat.raise_for_status()
-    answer = chat.json()["choices"][0]["message"]["content"]
+    client = connect(url, timeout=300)
+    with user_errors(f"{api_base(url)}/chat/completions"):
+        chat = client.chat.completions.create(
+            model="pangu-pi-tiny",
+            messages=[{"role": "user", "content": "Write a Python function that adds two numbers."}],
+            max_tokens=48,
+            temperature=0.0,
+        )
+    answer = chat.choices[0].message.content or ""
     print(f"chat answer: {answer!r}")
 
     print("streaming completion: def fibonacci(n):", end="", flush=True)
     pieces = []
-    with httpx.stream(
-        "POST",
-        f"{url}/v1/completions",
-        json={"model": "pangu-pi-tiny", "prompt": "def fibonacci(n):", "max_tokens": 48, "temperature": 0.0,
-              "stream": True},
-        timeout=300,
-    ) as response:
-        response.raise_for_status()
-        for line in response.iter_lines():
-            if not line.startswith("data: ") or line == "data: [DONE]":
-                continue
-            text = json.loads(line[6:])["choices"][0]["text"]
+    with user_errors(f"{api_base(url)}/completions"):
+        stream = client.completions.create(model="pangu-pi-tiny", prompt="def fibonacci(n):", max_tokens=48,
+                                           temperature=0.0, stream=True)  # fmt: skip
+        for chunk in stream:
+            text = chunk.choices[0].text if chunk.choices else ""
             pieces.append(text)
             print(text, end="", flush=True)
     print()
@@ -193,7 +177,7 @@ def main(argv: list[str] | None = None) -> int:
     tokens_per_s = sum(r["tokens_per_s"] for r in steps[1:]) / max(1, len(steps) - 1)
     final_ppl = vals[-1]["val_ppl"] if vals else float("nan")
     start_ppl = math.exp(min(50.0, untrained_val_loss(model_dir, data_dir, seq_len, 32, int(resolved["seed"]))))
-    params = sum(p.numel() for p in __import__("pangu_pi").PanGuPiForCausalLM.from_pretrained(model_dir).parameters())
+    params = __import__("pangu_pi").PanGuPiForCausalLM.from_pretrained(model_dir).num_parameters()
 
     answers = ("", "")
     if not args.no_serve:

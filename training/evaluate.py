@@ -26,8 +26,6 @@ import json
 import math
 import string
 import sys
-import urllib.error
-import urllib.request
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,7 +38,7 @@ GROUP_FIELDS = ("family", "subject", "category")
 
 
 def _user_error(message: str) -> Exception:
-    from pangu_pi.cli import UserError
+    from pangu_pi.errors import UserError
 
     return UserError(message)
 
@@ -205,55 +203,50 @@ class EndpointScorer:
         api_key: str | None = None,
         timeout: float = 600,
     ):
-        url = url.rstrip("/")
-        self.base = url if url.endswith("/v1") else url + "/v1"
-        self.headers = {"Content-Type": "application/json"}
-        if api_key:
-            self.headers["Authorization"] = f"Bearer {api_key}"
-        self.timeout = timeout
+        from pangu_pi.api_client import api_base, connect
+
+        self.base = api_base(url)
+        self.client = connect(url, api_key, timeout=timeout)
         self.batch_size = batch_size
         self.max_len = max_len
         self.model = model or self._first_model()
         self.name = f"{self.model} @ {self.base}"
         self.echo_without_generation = True
 
-    def _call(self, path: str, payload: dict | None = None) -> dict:
-        data = None if payload is None else json.dumps(payload).encode()
-        req = urllib.request.Request(self.base + path, data=data, headers=self.headers)
-        try:
-            with urllib.request.urlopen(req, timeout=self.timeout) as resp:
-                return json.loads(resp.read())
-        except urllib.error.HTTPError as err:
-            body = err.read().decode(errors="replace")[:500]
-            raise _user_error(f"{self.base}{path} answered {err.code}: {body}") from None
-        except urllib.error.URLError as err:
-            raise _user_error(f"cannot reach {self.base}{path} ({err.reason}); is the server running?") from None
-
     def _first_model(self) -> str:
-        models = self._call("/models").get("data", [])
+        from pangu_pi.api_client import user_errors
+
+        with user_errors(f"{self.base}/models"):
+            models = self.client.models.list().data
         if not models:
             raise _user_error(f"{self.base}/models lists no model; pass --model NAME")
-        return models[0]["id"]
+        return models[0].id
+
+    def _completions(self, prompts: list[list[int]], max_tokens: int):
+        from pangu_pi.api_client import user_errors
+
+        with user_errors(f"{self.base}/completions"):
+            return self.client.completions.create(model=self.model, prompt=prompts, echo=True, logprobs=1,
+                                                  temperature=0.0, max_tokens=max_tokens)  # fmt: skip
 
     def _complete(self, prompts: list[list[int]]) -> list[list[float | None]]:
-        payload = {"model": self.model, "prompt": prompts, "echo": True, "logprobs": 1, "temperature": 0.0}
         if self.echo_without_generation:
             try:
-                return self._parse(self._call("/completions", {**payload, "max_tokens": 0}), prompts, 0)
+                return self._parse(self._completions(prompts, 0), prompts, 0)
             except Exception as err:  # servers that refuse max_tokens=0: generate one token and drop it
                 if "max_tokens" not in str(err):
                     raise
                 self.echo_without_generation = False
-        return self._parse(self._call("/completions", {**payload, "max_tokens": 1}), prompts, 1)
+        return self._parse(self._completions(prompts, 1), prompts, 1)
 
     @staticmethod
-    def _parse(response: dict, prompts: list[list[int]], generated: int) -> list[list[float | None]]:
-        choices = sorted(response["choices"], key=lambda c: c["index"])
+    def _parse(response, prompts: list[list[int]], generated: int) -> list[list[float | None]]:
+        choices = sorted(response.choices, key=lambda c: c.index)
         if len(choices) != len(prompts):
             raise _user_error(f"the server answered {len(choices)} choices for {len(prompts)} prompts")
         out = []
         for choice, prompt in zip(choices, prompts):
-            lps = (choice.get("logprobs") or {}).get("token_logprobs")
+            lps = choice.logprobs.token_logprobs if choice.logprobs is not None else None
             if lps is None or len(lps) < len(prompt):
                 raise _user_error("the server did not echo prompt log-probabilities (it needs echo with logprobs)")
             out.append(lps[: len(prompt)])

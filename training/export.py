@@ -18,7 +18,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from pangu_pi.cli import UserError
+from pangu_pi.errors import UserError
 
 from .checkpoint import ENGINE_TAG, resolve_checkpoint
 

@@ -70,7 +70,7 @@ def spawn_local(nproc: int, command: list[str], *, poll_s: float = 0.2) -> int:
     collective. Ctrl-C (or SIGTERM) is passed on to every rank.
     """
     if nproc < 1:
-        from pangu_pi.cli import UserError
+        from pangu_pi.errors import UserError
 
         raise UserError(f"--nproc must be at least 1, got {nproc}")
     port = free_port()

@@ -35,7 +35,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str]) -> int:
-    from pangu_pi.cli import UserError
+    from pangu_pi.errors import UserError
 
     from .shards import DataError
 
