@@ -361,21 +361,28 @@ def _subprocess_run(work: Path, out: Path, *, lora: bool, env: dict | None = Non
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
-def test_dpo_killed_and_resumed_reproduces_the_losses(work, tmp_path, lora):
+@pytest.mark.parametrize("lora,resume_procs", [(False, 2), (True, 1)], ids=["full-1to2", "lora"])
+def test_dpo_killed_and_resumed_reproduces_the_losses(work, tmp_path, lora, resume_procs):
+    """SIGKILL after step 3 (newest checkpoint: step 2), then --resume auto. Full weights resume on 2
+    processes where 1 wrote the checkpoint (DeepSpeed's universal checkpoint; the stored reference
+    log-probs travel with it): losses within float reduction order. LoRA: same count, exactly."""
     ref, out = tmp_path / "ref", tmp_path / "run"
     assert _subprocess_run(work, ref, lora=lora) == 0, (tmp_path / "ref.log").read_text()[-3000:]
     code = _subprocess_run(work, out, lora=lora, env={"PANGU_PI_TEST_KILL_AFTER_STEP": "3"})
     assert code == -signal.SIGKILL
-    assert _subprocess_run(work, out, lora=lora, extra=("--resume", "auto")) == 0, (tmp_path / "run.log").read_text()[-3000:]
+    resume = ("--resume", "auto") + (("--nproc", str(resume_procs)) if resume_procs > 1 else ())
+    assert _subprocess_run(work, out, lora=lora, extra=resume) == 0, (tmp_path / "run.log").read_text()[-3000:]
     log = (tmp_path / "run.log").read_text()
     assert "resumed from" in log and "(step 2)" in log
+    if resume_procs > 1:
+        assert "written by 1 processes" in log
+    tolerance = 1e-6 if resume_procs == 1 else 1e-4
     want = {r["step"]: r for r in _rows(ref) if "loss" in r}
     got = {r["step"]: r for r in _rows(out) if "loss" in r}
     assert sorted(got) == list(range(1, 7))
     for step in range(1, 7):
-        assert abs(got[step]["loss"] - want[step]["loss"]) <= 1e-6, step
-        assert abs(got[step]["margin"] - want[step]["margin"]) <= 1e-6, step
+        assert abs(got[step]["loss"] - want[step]["loss"]) <= tolerance, step
+        assert abs(got[step]["margin"] - want[step]["margin"]) <= tolerance, step
 
 
 def test_the_domain_demo_writes_pairs_of_the_right_answer_against_a_wrong_one_of_its_family(tmp_path, tokenizer_dir):
