@@ -89,15 +89,60 @@ class Timed:
         return time.perf_counter() - start
 
 
-def interleaved(models: dict[str, Timed], what: str, ids, warmup: int, repeats: int) -> dict[str, float]:
-    for timed in models.values():  # allocator, compilation, autotuning
-        for _ in range(warmup):
-            getattr(timed, what)(ids)
+@contextlib.contextmanager
+def pangu_variant(model, shortcut: bool = True, siaf: bool = True):
+    """PanGu-π with its augmented shortcuts taken out and/or its SIAF replaced by LLaMA's SiLU(gate)·up,
+    on the same weights: what is left of the gap to LLaMA once an addition is gone is not its cost."""
+    saved = []
+    for layer in model.model.layers:
+        saved.append(layer.augmented_shortcuts)
+        if not shortcut:
+            layer.augmented_shortcuts = torch.nn.ModuleList()
+        if not siaf:
+            layer.mlp.siaf.forward = lambda gate, up: torch.nn.functional.silu(gate) * up
+    try:
+        yield
+    finally:
+        for layer, shortcuts in zip(model.model.layers, saved):
+            layer.augmented_shortcuts = shortcuts
+            layer.mlp.siaf.__dict__.pop("forward", None)
+
+
+class Variant:
+    """A `Timed` model run under `pangu_variant` (a second view of the same model, no second copy)."""
+
+    def __init__(self, timed: Timed, **switches):
+        self.timed, self.switches = timed, switches
+
+    def train_step(self, ids) -> float:
+        with pangu_variant(self.timed.model, **self.switches):
+            return self.timed.train_step(ids)
+
+    def forward(self, ids) -> float:
+        with pangu_variant(self.timed.model, **self.switches):
+            return self.timed.forward(ids)
+
+
+def interleaved(models: dict, what: str, ids, warmup: int, repeats: int) -> tuple[dict[str, float], dict[str, list]]:
+    """Median time per model, and every repeat's times.
+
+    The order reverses from one repeat to the next (A B, B A, A B, ...): a model that always ran
+    first, or always right after the other freed its gradients, would carry that position's cost.
+    """
+    names = list(models)
+    for r in range(warmup):  # allocator, compilation, autotuning
+        for name in names if r % 2 == 0 else names[::-1]:
+            getattr(models[name], what)(ids)
     times = {name: [] for name in models}
-    for _ in range(repeats):
-        for name, timed in models.items():
-            times[name].append(getattr(timed, what)(ids))
-    return {name: statistics.median(t) for name, t in times.items()}
+    for r in range(repeats):
+        for name in names if r % 2 == 0 else names[::-1]:
+            times[name].append(getattr(models[name], what)(ids))
+    return {name: statistics.median(t) for name, t in times.items()}, times
+
+
+def paired_ratio(times: dict[str, list], name: str, base: str = "llama") -> float:
+    """Median over repeats of this repeat's time ratio: each pair ran back to back, under the same load."""
+    return statistics.median(a / b for a, b in zip(times[name], times[base]))
 
 
 def parse_args(argv=None):
@@ -114,11 +159,22 @@ def parse_args(argv=None):
     ap.add_argument("--optimizer", action="store_true", help="include an AdamW step in the training step")
     ap.add_argument("--no-forward", action="store_true", help="time the training step only")
     ap.add_argument("--peak-flops", type=float, default=None, help="device peak FLOP/s for MFU (CPU has none)")
+    ap.add_argument("--ablate", action="store_true",
+                    help="also time PanGu-π without its shortcuts, with SiLU for SIAF, and with neither "
+                    "(same weights)")
+    ap.add_argument("--llama-first", action="store_true", help="build (allocate) LLaMA before PanGu-π")
     args = ap.parse_args(argv)
     tiny = args.preset == "tiny"
     args.batch = args.batch or (8 if tiny else 1)
     args.repeats = args.repeats or (15 if tiny else 5)
     return args
+
+
+def _loadavg() -> float | None:
+    try:
+        return float(Path("/proc/loadavg").read_text().split()[0])
+    except OSError:
+        return None
 
 
 def main(argv=None) -> dict:
@@ -129,15 +185,22 @@ def main(argv=None) -> dict:
     torch.manual_seed(0)
     config = PanGuPiConfig.from_preset(args.preset, siaf_backend=args.siaf_backend)
     config._attn_implementation = args.attn
-    models = {
-        "pangu": Timed(PanGuPiForCausalLM(config), args, device),
-        "llama": Timed(llama_like(config, args.attn), args, device),
-    }
+    build = {"pangu": lambda: PanGuPiForCausalLM(config), "llama": lambda: llama_like(config, args.attn)}
+    order = ["llama", "pangu"] if args.llama_first else ["pangu", "llama"]
+    built = {name: Timed(build[name](), args, device) for name in order}
+    models = {"pangu": built["pangu"], "llama": built["llama"]}
     ids = torch.randint(0, config.vocab_size, (args.batch, args.seq_len), device=device)
     tokens = args.batch * args.seq_len
+    timing = models
+    if args.ablate:
+        timing = {**models, "pangu_no_shortcut": Variant(models["pangu"], shortcut=False),
+                  "pangu_silu": Variant(models["pangu"], siaf=False),
+                  "pangu_silu_no_shortcut": Variant(models["pangu"], shortcut=False, siaf=False)}  # fmt: skip
 
-    step = interleaved(models, "train_step", ids, args.warmup, args.repeats)
-    fwd = {} if args.no_forward else interleaved(models, "forward", ids, args.warmup, args.repeats)
+    load = [_loadavg()]
+    step, step_times = interleaved(timing, "train_step", ids, args.warmup, args.repeats)
+    fwd, fwd_times = ({}, {}) if args.no_forward else interleaved(timing, "forward", ids, args.warmup, args.repeats)
+    load.append(_loadavg())
 
     peak = peak_flops(args.peak_flops, args.dtype) if device.type == "cuda" or args.peak_flops else None
     no_shortcut = copy.deepcopy(config)
@@ -145,7 +208,8 @@ def main(argv=None) -> dict:
     flops = {"pangu": flops_per_token(config, args.seq_len), "llama": flops_per_token(no_shortcut, args.seq_len)}
     result = {"preset": args.preset, "device": str(device), "dtype": args.dtype, "batch": args.batch,
               "seq_len": args.seq_len, "tokens": tokens, "siaf_backend": args.siaf_backend,
-              "optimizer": args.optimizer}
+              "optimizer": args.optimizer, "threads": torch.get_num_threads(), "built_first": order[0],
+              "load_average_start": load[0], "load_average_end": load[1]}
     print(f"{args.preset}, {device}, {args.dtype}, batch {args.batch} × {args.seq_len}, "
           f"training step{' with AdamW' if args.optimizer else ''}; median of {args.repeats}")
     for name, timed in models.items():
@@ -163,10 +227,26 @@ def main(argv=None) -> dict:
             line += f"  inference forward {fwd[name] * 1e3:9.1f} ms"
         print(line)
     result["pangu_vs_llama_time"] = round(step["pangu"] / step["llama"], 4)
-    print(f"PanGu-π / LLaMA training-step time: {result['pangu_vs_llama_time']:.3f}x  (paper at 1B: 1.04x)")
+    result["pangu_vs_llama_time_paired"] = round(paired_ratio(step_times, "pangu"), 4)
+    print(f"PanGu-π / LLaMA training-step time: {result['pangu_vs_llama_time']:.3f}x  (paper at 1B: 1.04x); "
+          f"median of per-repeat ratios {result['pangu_vs_llama_time_paired']:.3f}x")
     if fwd:
         result["pangu_vs_llama_forward"] = round(fwd["pangu"] / fwd["llama"], 4)
-        print(f"PanGu-π / LLaMA inference-forward time: {result['pangu_vs_llama_forward']:.3f}x")
+        result["pangu_vs_llama_forward_paired"] = round(paired_ratio(fwd_times, "pangu"), 4)
+        print(f"PanGu-π / LLaMA inference-forward time: {result['pangu_vs_llama_forward']:.3f}x; "
+              f"median of per-repeat ratios {result['pangu_vs_llama_forward_paired']:.3f}x")
+    for name in timing:
+        if name.startswith("pangu_"):  # the ablations: what is left of the gap without each addition
+            result[f"{name}_vs_llama_time"] = round(paired_ratio(step_times, name), 4)
+            line = f"  {name:24s} / LLaMA: training step {result[f'{name}_vs_llama_time']:.3f}x"
+            if fwd:
+                result[f"{name}_vs_llama_forward"] = round(paired_ratio(fwd_times, name), 4)
+                line += f", inference forward {result[f'{name}_vs_llama_forward']:.3f}x"
+            print(line + " (per-repeat ratios, median)")
+    for what, times in (("training step", step_times), ("inference forward", fwd_times)):
+        for name, ts in times.items():  # every repeat, in the order run (A B, B A, ...), for the record
+            print(f"  {what} ms, {name}: {' '.join(f'{t * 1e3:.1f}' for t in ts)}")
+    print(f"  load average at start and end: {load[0]} {load[1]}; {torch.get_num_threads()} threads")
     print(json.dumps(result))
     return result
 

@@ -10,13 +10,19 @@ best case: no HTTP, no tokenizer round trip).
 
     python tools/bench_serve.py                      # tiny checkpoints built on the fly
     python tools/bench_serve.py --model DIR          # an existing PanGu-π checkpoint
+    python tools/bench_serve.py --preset pangu-pi-1b --one-at-a-time --skip hf direct \
+        --concurrency 1 8 --prompt-tokens 32 --max-tokens 32      # the 1B shape, one engine in memory at a time
 
 `pangu-pi serve` puts a gateway in front of its engines; the same engine is also measured directly
 on its loopback port ("pangu-pi-direct", with the internal key read from the engine process), which
 gives the gateway's cost as `gateway_vs_direct_tokens_per_s_cN` (1.0 = free).
 
-The last line printed is JSON, with `vs_hf_tokens_per_s_c8`, `vs_llama_tokens_per_s_c8` and
-`gateway_vs_direct_tokens_per_s_c8`.
+A decode step reads every weight once, so at the lowest concurrency the checkpoint's bytes times
+decode steps per second (`weight_bytes_per_s`) is put beside the machine's read bandwidth, measured
+by tools/bench_membw.py before any engine starts (`memory_bandwidth_bytes_per_s`, all threads).
+
+The last line printed is JSON, with `vs_hf_tokens_per_s_c8`, `vs_llama_tokens_per_s_c8`,
+`gateway_vs_direct_tokens_per_s_c8`, `weight_bytes_per_s` and `memory_bandwidth_bytes_per_s`.
 """
 
 from __future__ import annotations
@@ -37,6 +43,7 @@ from tqdm.auto import tqdm
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tools"))
 
 LAUNCH = "import sys; from pangu_pi.cli import main; sys.exit(main(sys.argv[1:]))"
 
@@ -56,6 +63,11 @@ def parse_args() -> argparse.Namespace:
                    help="extra argument for the vLLM engines (repeatable; default: --enforce-eager)")  # fmt: skip
     p.add_argument("--rounds", type=int, default=3, help="turns per system at each concurrency (median reported)")
     p.add_argument("--skip", nargs="*", default=[], choices=["hf", "llama", "direct"], help="systems to leave out")
+    p.add_argument("--one-at-a-time", action="store_true",
+                   help="keep one model in memory at a time: each turn starts its system, runs every concurrency "
+                   "and stops it (for models whose engines do not fit side by side, e.g. 1B in fp32); "
+                   "turns still alternate, round after round")  # fmt: skip
+    p.add_argument("--no-bandwidth", action="store_true", help="skip measuring the memory bandwidth")
     return p.parse_args()
 
 
@@ -85,11 +97,15 @@ def combine(name: str, c: int, rounds: list[dict]) -> dict:
         "concurrency": c,
         "tokens_per_s": float(np.median(rates)),
         "tokens_per_s_rounds": [round(x, 1) for x in rates],
+        "load_average_rounds": [r.get("load") for r in rounds],  # 1-minute load average as each turn began
         "ttft_p50_ms": pct(ttft, 50),
         "ttft_p99_ms": pct(ttft, 99),
         "itl_p50_ms": pct(itl, 50),
         "itl_p99_ms": pct(itl, 99),
         "output_tokens": sum(r["tokens"] for r in rounds),
+        # Per request: decode steps a second after its first token (at c=1, the engine's step rate).
+        "decode_steps_per_s": (sum(r["decode_steps"] for r in rounds) / max(1e-9, sum(r["decode_s"] for r in rounds))
+                               if all("decode_s" in r for r in rounds) else float("nan")),
     }
 
 
@@ -165,6 +181,18 @@ class Server:
         except subprocess.TimeoutExpired:
             os.killpg(self.process.pid, signal.SIGKILL)
             self.process.wait()
+        # The engines are the gateway's children in its session: wait until they are gone too, so the
+        # next system's engine never shares the memory with this one's.
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                os.killpg(self.process.pid, 0)
+            except ProcessLookupError:
+                return
+            if time.monotonic() > deadline:
+                os.killpg(self.process.pid, signal.SIGKILL)
+                deadline = float("inf")
+            time.sleep(0.5)
 
 
 class Direct:
@@ -194,7 +222,7 @@ async def run_vllm_round(server: Server, prompts: list[list[int]], c: int, total
     import httpx
 
     queue = list(range(total))
-    ttft, itl, tokens = [], [], 0
+    ttft, itl, tokens, steps = [], [], 0, [0, 0.0]
 
     async def client_loop(client):
         nonlocal tokens
@@ -207,6 +235,10 @@ async def run_vllm_round(server: Server, prompts: list[list[int]], c: int, total
             tokens += n
             ttft.append(stamps[0] - start)
             itl.extend(np.diff(stamps).tolist())
+            # Decode steps after the first token, by the clock of the first and last events: a stream
+            # may carry several tokens in one event, which the ITL percentiles cannot see.
+            steps[0] += n - 1
+            steps[1] += stamps[-1] - stamps[0]
 
     limits = httpx.Limits(max_connections=c + 4)
     async with httpx.AsyncClient(timeout=None, limits=limits) as client:
@@ -214,7 +246,7 @@ async def run_vllm_round(server: Server, prompts: list[list[int]], c: int, total
         t0 = time.perf_counter()
         await asyncio.gather(*(client_loop(client) for _ in range(c)))
         wall = time.perf_counter() - t0
-    return {"tokens": tokens, "wall": wall, "ttft": ttft, "itl": itl}
+    return {"tokens": tokens, "wall": wall, "ttft": ttft, "itl": itl, "decode_steps": steps[0], "decode_s": steps[1]}
 
 
 # ------------------------------------------------------------------------------------------ HF side
@@ -268,6 +300,67 @@ def run_hf_round(model, prompts: list[list[int]], c: int, total: int, max_tokens
 # --------------------------------------------------------------------------------------------- main
 
 
+def start_systems(specs, args: argparse.Namespace, workdir: Path, prompts) -> tuple[list, dict]:
+    """Bring up the named systems; returns the vLLM servers (PanGu-π's first) and every target by name."""
+    systems: dict[str, object] = {}
+    servers = []
+    try:
+        for name, path in specs:
+            if name != "hf-generate":
+                print(f"starting vLLM for {name} ({path})", flush=True)
+                servers.append(Server(path, name, args, dict(os.environ), workdir / f"{name}.log"))
+        for server in servers:
+            server.wait()
+            systems[server.name] = server
+            if server.name == "pangu-pi" and "direct" not in args.skip:
+                systems["pangu-pi-direct"] = server.direct()
+        if any(name == "hf-generate" for name, _ in specs):
+            import torch
+
+            from pangu_pi import PanGuPiForCausalLM
+
+            path = dict(specs)["hf-generate"]
+            model = PanGuPiForCausalLM.from_pretrained(str(path), dtype=getattr(torch, args.dtype)).eval()
+            run_hf_round(model, prompts, 1, 1, 8)  # warm-up
+            systems["hf-generate"] = model
+    except BaseException:
+        stop_systems(servers, systems)
+        raise
+    return servers, systems
+
+
+def stop_systems(servers: list, systems: dict) -> None:
+    for server in servers:
+        server.stop()
+    systems.clear()  # drops the in-process HF model, if any
+
+
+def measure_turn(name: str, target, servers: list, prompts, c: int, total: int, args: argparse.Namespace) -> dict:
+    """One round of one system at concurrency c."""
+    load = float(Path("/proc/loadavg").read_text().split()[0]) if Path("/proc/loadavg").exists() else float("nan")
+    sample = _measure_turn(name, target, servers, prompts, c, total, args)
+    sample["load"] = load
+    return sample
+
+
+def _measure_turn(name: str, target, servers: list, prompts, c: int, total: int, args: argparse.Namespace) -> dict:
+    if name == "hf-generate":
+        return run_hf_round(target, prompts, c, total, args.max_tokens)
+    # The gateway's CPU is read from PanGu-π's server (the first), whichever system's turn it is.
+    gateway = servers[0] if servers and servers[0].name == "pangu-pi" else None
+    before = gateway.cpu_seconds() if gateway else (0.0, 0.0)
+    sample = asyncio.run(run_vllm_round(target, prompts, c, total, args.max_tokens))
+    after = gateway.cpu_seconds() if gateway else (0.0, 0.0)
+    sample["gateway_cpu_s"], sample["engine_cpu_s"] = (a - b for a, b in zip(after, before))
+    return sample
+
+
+def _weight_bytes(model_dir: Path) -> int:
+    """Bytes of the checkpoint's tensors (safetensors files; their JSON headers are a few kB)."""
+    return sum(f.stat().st_size for f in Path(model_dir).glob("*.safetensors"))
+
+
+
 def main() -> int:
     args = parse_args()
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="bench_serve_"))
@@ -295,63 +388,63 @@ def main() -> int:
     totals = {c: max(4, c * args.requests_per_client) for c in args.concurrency}
     prompts = make_prompts(tokenizer, max(totals.values()), args.prompt_tokens)
 
-    # All systems stay up and take turns, round after round: on a machine whose load changes (other
-    # jobs, thermal limits), measuring one system after the other would compare the load, not them.
-    # An idle vLLM server costs ~1% of a core, so keeping the other one up does not disturb a turn.
-    systems: dict[str, object] = {}
-    servers = []
-    try:
-        for name, path in [("pangu-pi", pangu_dir)] + ([] if "llama" in args.skip else [("llama", llama_dir)]):
-            print(f"starting vLLM for {name} ({path})", flush=True)
-            servers.append(Server(path, name, args, dict(os.environ), workdir / f"{name}.log"))
-        for server in servers:
-            server.wait()
-            systems[server.name] = server
-        if "direct" not in args.skip:
-            systems["pangu-pi-direct"] = servers[0].direct()
-        if "hf" not in args.skip:
-            import torch
+    bandwidth = None
+    if not args.no_bandwidth:
+        # Before any engine is up, so the measurement sees the machine's memory, not the engines' traffic.
+        from bench_membw import measure
 
-            from pangu_pi import PanGuPiForCausalLM
-
-            model = PanGuPiForCausalLM.from_pretrained(str(pangu_dir), dtype=getattr(torch, args.dtype)).eval()
-            run_hf_round(model, prompts, 1, 1, 8)  # warm-up
-            systems["hf-generate"] = model
-        results = []
-        levels = [(c, r) for c in args.concurrency for r in range(args.rounds)]
-        samples: dict[tuple[str, int], list[dict]] = {}
-        for c, r in tqdm(levels, desc="benchmark rounds", unit="round"):
-            names = list(systems)
-            names = names[r % len(names) :] + names[: r % len(names)]  # rotate who goes first
-            for name in names:
-                target = systems[name]
-                if name == "hf-generate":
-                    sample = run_hf_round(target, prompts, c, totals[c], args.max_tokens)
-                else:
-                    before = servers[0].cpu_seconds()
-                    sample = asyncio.run(run_vllm_round(target, prompts, c, totals[c], args.max_tokens))
-                    after = servers[0].cpu_seconds()
-                    sample["gateway_cpu_s"], sample["engine_cpu_s"] = (a - b for a, b in zip(after, before))
-                samples.setdefault((name, c), []).append(sample)
-        for (name, c), rounds in samples.items():
-            results.append(combine(name, c, rounds))
-            if name == "pangu-pi":
-                # What the gateway costs, whatever else the machine runs: its share of the CPU that
-                # serving took (on a machine the engine keeps busy, throughput loses about as much).
-                gateway, engine = sum(r["gateway_cpu_s"] for r in rounds), sum(r["engine_cpu_s"] for r in rounds)
-                results[-1]["gateway_cpu_share"] = gateway / max(1e-9, gateway + engine)
-                results[-1]["gateway_cpu_us_per_token"] = gateway / sum(r["tokens"] for r in rounds) * 1e6
-        if "pangu-pi-direct" in systems:
-            for c in args.concurrency:
-                # Rounds of the two run back to back: their ratio, round by round, is less exposed to
-                # the machine's load changing than the ratio of the two medians.
-                pairs = zip(samples[("pangu-pi", c)], samples[("pangu-pi-direct", c)])
-                paired = [(g["tokens"] / g["wall"]) / (d["tokens"] / d["wall"]) for g, d in pairs]
-                results.append({"system": "gateway-vs-direct", "concurrency": c, "paired_ratio_median": float(np.median(paired)),
-                                "paired_ratios": [round(x, 3) for x in paired]})  # fmt: skip
-    finally:
-        for server in servers:
-            server.stop()
+        bandwidth = measure(gib=1.0, repeats=5)
+    specs = [("pangu-pi", pangu_dir)] + ([] if "llama" in args.skip else [("llama", llama_dir)])
+    specs += [] if "hf" in args.skip else [("hf-generate", pangu_dir)]
+    samples: dict[tuple[str, int], list[dict]] = {}
+    if args.one_at_a_time:
+        # One model in memory at a time: each turn brings its system up, runs every level and takes it
+        # down again; turns alternate (the first rotates) so a change of load falls on both systems.
+        for r in tqdm(range(args.rounds), desc="benchmark rounds", unit="round"):
+            for name, path in specs[r % len(specs) :] + specs[: r % len(specs)]:
+                servers, systems = start_systems([(name, path)], args, workdir, prompts)
+                try:
+                    for c in args.concurrency:
+                        for target_name, target in systems.items():
+                            sample = measure_turn(target_name, target, servers, prompts, c, totals[c], args)
+                            samples.setdefault((target_name, c), []).append(sample)
+                finally:
+                    stop_systems(servers, systems)
+    else:
+        # All systems stay up and take turns, round after round: on a machine whose load changes (other
+        # jobs, thermal limits), measuring one system after the other would compare the load, not them.
+        # An idle vLLM server costs ~1% of a core, so keeping the other one up does not disturb a turn.
+        servers, systems = start_systems(specs, args, workdir, prompts)
+        try:
+            levels = [(c, r) for c in args.concurrency for r in range(args.rounds)]
+            for c, r in tqdm(levels, desc="benchmark rounds", unit="round"):
+                names = list(systems)
+                names = names[r % len(names) :] + names[: r % len(names)]  # rotate who goes first
+                for name in names:
+                    sample = measure_turn(name, systems[name], servers, prompts, c, totals[c], args)
+                    samples.setdefault((name, c), []).append(sample)
+        finally:
+            stop_systems(servers, systems)
+    results = []
+    for (name, c), rounds in samples.items():
+        results.append(combine(name, c, rounds))
+        if name == "pangu-pi":
+            # What the gateway costs, whatever else the machine runs: its share of the CPU that
+            # serving took (on a machine the engine keeps busy, throughput loses about as much).
+            gateway, engine = sum(r["gateway_cpu_s"] for r in rounds), sum(r["engine_cpu_s"] for r in rounds)
+            results[-1]["gateway_cpu_share"] = gateway / max(1e-9, gateway + engine)
+            results[-1]["gateway_cpu_us_per_token"] = gateway / sum(r["tokens"] for r in rounds) * 1e6
+    if ("pangu-pi-direct", args.concurrency[0]) in samples:
+        for c in args.concurrency:
+            # Rounds of the two run back to back: their ratio, round by round, is less exposed to
+            # the machine's load changing than the ratio of the two medians.
+            pairs = zip(samples[("pangu-pi", c)], samples[("pangu-pi-direct", c)])
+            paired = [(g["tokens"] / g["wall"]) / (d["tokens"] / d["wall"]) for g, d in pairs]
+            results.append({"system": "gateway-vs-direct", "concurrency": c,
+                            "paired_ratio_median": float(np.median(paired)),
+                            "paired_ratios": [round(x, 3) for x in paired]})  # fmt: skip
+    args.weight_bytes = {"pangu-pi": _weight_bytes(pangu_dir), "llama": _weight_bytes(llama_dir)}
+    args.bandwidth = bandwidth
     order = {"pangu-pi": 0, "pangu-pi-direct": 1, "llama": 2, "hf-generate": 3, "gateway-vs-direct": 4}
     results.sort(key=lambda r: (order[r["system"]], r["concurrency"]))
     return report(results, args)
@@ -386,6 +479,26 @@ def report(results: list[dict], args: argparse.Namespace) -> int:
         if paired := by.get(("gateway-vs-direct", c)):
             ratios[f"gateway_vs_direct_paired_c{c}"] = paired["paired_ratio_median"]
             print(f"  c={c:<3} gateway vs direct, round by round: median {paired['paired_ratio_median']:.2f}x")
+    # A decode step reads every weight once: the checkpoint's bytes times decode steps per second (one
+    # request, so one step per inter-token interval) against the machine's memory bandwidth.
+    c1 = min(args.concurrency)
+    for system, prefix in (("pangu-pi", ""), ("llama", "llama_")):
+        if (row := by.get((system, c1))) and args.weight_bytes.get(system):
+            rate = args.weight_bytes[system] * row["decode_steps_per_s"]
+            ratios[f"{prefix}weight_bytes"] = args.weight_bytes[system]
+            ratios[f"{prefix}decode_steps_per_s_c{c1}"] = row["decode_steps_per_s"]
+            ratios[f"{prefix}weight_bytes_per_s"] = rate
+            print(f"  {system}: {args.weight_bytes[system] / 1e9:.2f} GB of weights, {row['decode_steps_per_s']:.2f} "
+                  f"decode steps/s at c={c1}: {rate / 1e9:.1f} GB/s of weights")  # fmt: skip
+    if args.bandwidth:
+        ratios["memory_bandwidth_bytes_per_s"] = args.bandwidth["read_bytes_per_s_all"]
+        ratios["memory_bandwidth_1t_bytes_per_s"] = args.bandwidth["read_bytes_per_s_1t"]
+        ratios["memory_bandwidth"] = args.bandwidth
+        print(f"  memory bandwidth (read): {args.bandwidth['read_bytes_per_s_1t'] / 1e9:.1f} GB/s one thread, "
+              f"{args.bandwidth['read_bytes_per_s_all'] / 1e9:.1f} GB/s all threads")  # fmt: skip
+        if "weight_bytes_per_s" in ratios:
+            share = ratios["weight_bytes_per_s"] / ratios["memory_bandwidth_bytes_per_s"]
+            ratios["weight_bytes_per_s_vs_bandwidth"] = share
     print(json.dumps({**ratios, "prompt_tokens": args.prompt_tokens, "max_tokens": args.max_tokens, "results": results}))
     return 0
 
