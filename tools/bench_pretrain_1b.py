@@ -10,6 +10,11 @@ peak resident memory (VmHWM) of every training process is read from /proc; after
 set beside `pangu_pi.training.memory.estimate_memory` for the same run and world size, and beside the
 trainer's own tokens/s and MFU from metrics.jsonl. The last line is JSON: `peak_gib_per_process`,
 `estimate_gib`, `estimate_over_measured`, `tokens_per_s`, `mfu`.
+
+Two ranks of this shape fit in 24 GiB (8.0 GiB each) with DeepSpeed's live parameters, buckets and
+optimizer sub-groups cut below their GPU-sized defaults (the `deepspeed.*` settings below) and glibc's
+mmap threshold fixed at 1 MiB for the ranks (`--mmap-threshold`); benchmarks/RESULTS.md ("Real
+sizes") has the measured phases behind each setting.
 """
 
 from __future__ import annotations
@@ -93,6 +98,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--seq-len", type=int, default=256)
     ap.add_argument("--micro-batch", type=int, default=1)
     ap.add_argument("--vocab-size", type=int, default=8192, help="of the tokenizer trained for the run")
+    ap.add_argument("--mmap-threshold", type=int, default=1 << 20, help="glibc's MALLOC_MMAP_THRESHOLD_ for the ranks (bytes)")
     args = ap.parse_args(argv)
 
     out = Path(args.out)
@@ -114,11 +120,15 @@ def main(argv=None) -> dict:
         "checkpoint.save_every": 10**6,  # the last step is saved anyway
         "checkpoint.resume": "none",
         # DeepSpeed's defaults keep up to 1e9 gathered parameters alive (4 GB in fp32) and use 5e8-element
-        # buckets (2 GB): sized for an 80 GB GPU, they do not leave two ranks of this shape room in 24 GiB.
+        # buckets (2 GB touched, and as much again for the reduce-scatter's interleaved copy): sized for an
+        # 80 GB GPU, they do not leave two ranks of this shape room in 24 GiB.
         "deepspeed.zero_optimization.stage3_max_live_parameters": 1e8,
         "deepspeed.zero_optimization.stage3_max_reuse_distance": 1e8,
         "deepspeed.zero_optimization.stage3_prefetch_bucket_size": 5e7,
         "deepspeed.zero_optimization.reduce_bucket_size": 5e7,
+        # The optimizer gets its gradient as a fresh flat fp32 copy of each sub-group: by default one
+        # sub-group holds the whole partition (1.2 GiB here); 5e7 elements bound that copy to 0.2 GiB.
+        "deepspeed.zero_optimization.sub_group_size": 5e7,
     }
     cmd = [sys.executable, "-m", "pangu_pi.cli", "pretrain", "--config", args.config,
            "--nproc", str(args.nproc), "--out", str(out), "--max-steps", str(args.steps)]
@@ -130,7 +140,12 @@ def main(argv=None) -> dict:
         shutil.rmtree(out)
     print("running:", " ".join(cmd), flush=True)
     start = time.time()
-    proc = subprocess.Popen(cmd, cwd=ROOT, start_new_session=True)
+    env = dict(os.environ)
+    # glibc serves blocks under its mmap threshold (which grows to 32 MiB as large blocks are freed)
+    # from heaps that keep freed memory: the gathered 16 MiB weights and activations left ~3 bytes a
+    # parameter resident that no tensor used (measured at 3 layers). A fixed 1 MiB threshold returns them.
+    env.setdefault("MALLOC_MMAP_THRESHOLD_", str(args.mmap_threshold))
+    proc = subprocess.Popen(cmd, cwd=ROOT, start_new_session=True, env=env)
     watcher = PeakWatcher(proc.pid)
     watcher.start()
     try:
@@ -155,7 +170,10 @@ def main(argv=None) -> dict:
     from pangu_pi.training.memory import estimate_memory
 
     resolved = load_config(out / "config.yaml") if (out / "config.yaml").exists() else None
-    est = estimate_memory(resolved, args.nproc) if resolved is not None else None
+    import torch
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    est = estimate_memory(resolved, args.nproc, device=device) if resolved is not None else None
     peaks = sorted(watcher.peaks.values(), reverse=True)[: args.nproc]
     print(f"\n{args.nproc} processes, ZeRO-{args.zero_stage}, fp32, {args.micro_batch} × {args.seq_len} tokens each, "
           f"{len(steps)} steps in {wall:.0f} s (set-up included)")
