@@ -115,7 +115,8 @@ class MemoryEstimate:
                 if value or name not in ("gathered weights", "optimizer temporaries", "process baseline")]
 
     def table(self) -> str:
-        lines = [f"| {'per GPU':<22} | {'GiB':>7} |", f"|{'-' * 24}|{'-' * 9}|"]
+        unit = "per process" if self.baseline else "per GPU"  # only CPU runs carry the process baseline
+        lines = [f"| {unit:<22} | {'GiB':>7} |", f"|{'-' * 24}|{'-' * 9}|"]
         lines += [f"| {name:<22} | {value / GIB:7.1f} |" for name, value in self.rows()]
         return "\n".join(lines)
 
@@ -186,7 +187,7 @@ def main(argv: list[str] | None = None) -> int:
     config = load_config(args.config, args.set)
     est = estimate_memory(config, args.gpus, device=args.device)
     print(f"{args.config}: {est.parameters / 1e9:.2f} B parameters, ZeRO-{est.zero_stage}, "
-          f"{config.train.precision}, {args.gpus} GPUs")
+          f"{config.train.precision}, {args.gpus} {'processes' if args.device == 'cpu' else 'GPUs'}")
     print(est.table())
     return 0
 
