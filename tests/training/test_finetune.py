@@ -90,7 +90,7 @@ def _logits(model, ids):
 @pytest.fixture(scope="module")
 def full_run(base_dir, chat_file, tmp_path_factory):
     from pangu_pi.training.finetune import finetune
-    from pangu_pi.training.launch import free_port
+    from pangu_pi.net import free_port
 
     mp = pytest.MonkeyPatch()
     for key, value in dict(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1",
@@ -216,7 +216,7 @@ def test_lora_adapter_saves_in_the_served_layout_and_changes_the_output(base_dir
         ("optim.lrr=1e-3", "did you mean 'optim.lr'"),
         ("finetune.lora.rank=4", "did you mean 'finetune.lora.r'"),
         ("warmup_steps=3", "did you mean 'schedule.warmup_steps'"),
-        ("finetune.mode=qlora", "finetune.mode must be full or lora"),
+        ("finetune.mode=qlora", "finetune.mode must be full, lora or dpo"),
         ("finetune.lora.target_modules=[q_prj]", "did you mean 'q_proj'"),
     ],
 )
