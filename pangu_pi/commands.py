@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 from .errors import UserError
+from .folders import has_tokenizer, is_checkpoint
 
 
 def parse_overrides(pairs: list[str]) -> dict:
@@ -43,7 +44,7 @@ def count_parameters(config) -> int:
 
     with torch.device("meta"):
         model = PanGuPiForCausalLM(config)
-    return sum(p.numel() for p in model.parameters())
+    return model.num_parameters()
 
 
 def info_main(argv: list[str]) -> int:
@@ -115,7 +116,7 @@ def template_main(argv: list[str]) -> int:
     stale = 0
     for folder in args.dirs:
         path = Path(folder)
-        if not (path / "tokenizer.json").is_file() and not (path / "tokenizer_config.json").is_file():
+        if not has_tokenizer(path):
             raise UserError(f"{folder} holds no tokenizer (no tokenizer.json); pass a tokenizer or checkpoint folder")
         if args.check:
             status = template_status(folder_chat_template(path))
@@ -147,7 +148,7 @@ def generate_main(argv: list[str]) -> int:
     ap.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
-    if not (Path(args.model) / "config.json").exists():
+    if not is_checkpoint(args.model):
         raise UserError(f"{args.model} holds no checkpoint (config.json missing)")
     tok = load_tokenizer(args.model)
     model = AutoModelForCausalLM.from_pretrained(args.model).eval()
@@ -171,7 +172,7 @@ def init_main(argv: list[str]) -> int:
 
     from .config import PanGuPiConfig
     from .modeling import PanGuPiForCausalLM
-    from .tokenizer import load_tokenizer
+    from .tokenizer import load_tokenizer, stop_token_ids
 
     ap = argparse.ArgumentParser(prog="pangu-pi init", description="Create a randomly initialised checkpoint.")
     ap.add_argument("--preset", default="tiny")
@@ -190,10 +191,10 @@ def init_main(argv: list[str]) -> int:
     )
     torch.manual_seed(args.seed)
     model = PanGuPiForCausalLM(config)
-    model.generation_config.eos_token_id = [tok.eos_token_id, tok.convert_tokens_to_ids("<|im_end|>")]
+    model.generation_config.eos_token_id = stop_token_ids(tok)
     model.generation_config.pad_token_id = tok.pad_token_id
     tok.save_pretrained(args.out)  # first, so the model card describes it
     model.save_pretrained(args.out, remote_code=not args.no_remote_code)
-    params = sum(p.numel() for p in model.parameters())
+    params = model.num_parameters()
     print(f"{args.preset} model, {params:,} parameters, written to {args.out}")
     return 0

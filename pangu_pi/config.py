@@ -15,7 +15,6 @@ from transformers import PretrainedConfig
 
 from .kernels import ACTIVATIONS
 
-SHORTCUT_ACTIVATIONS = ("gelu", "gelu_tanh", "silu", "relu", "tanh", "sigmoid")
 ATTENTION_BACKENDS = ("eager", "sdpa", "flash_attention_2")
 # RoPE variants: the ones transformers implements for LLaMA (its ROPE_INIT_FUNCTIONS) that vLLM's
 # get_rope builds too. The formulas live in those libraries; the model only names the variant.
@@ -132,8 +131,8 @@ class PanGuPiConfig(PretrainedConfig):
             f"shortcut_ratio ({self.shortcut_ratio}) leaves no bottleneck width for hidden_size {self.hidden_size}",
         )
         need(
-            self.shortcut_activation in SHORTCUT_ACTIVATIONS,
-            f"shortcut_activation {self.shortcut_activation!r} is unknown; choose one of {list(SHORTCUT_ACTIVATIONS)}",
+            self.shortcut_activation in ACTIVATIONS,  # the shortcut's σ is any of SIAF's activations
+            f"shortcut_activation {self.shortcut_activation!r} is unknown; choose one of {sorted(ACTIVATIONS)}",
         )
         self.check_rope()
 

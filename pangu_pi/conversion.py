@@ -14,8 +14,9 @@ from pathlib import Path
 
 import torch
 
-from .errors import UserError
 from .config import PanGuPiConfig
+from .errors import UserError
+from .folders import is_checkpoint
 from .modeling import PanGuPiForCausalLM
 
 TOKENIZER_FILES = (
@@ -126,7 +127,7 @@ def convert_llama(src: str | Path, out: str | Path, dtype: str | None = None, *,
     from transformers import AutoConfig, LlamaForCausalLM
 
     src, out = Path(src), Path(out)
-    if not (src / "config.json").exists():
+    if not is_checkpoint(src):
         raise UserError(f"{src} holds no transformers checkpoint (config.json missing)")
     src_config = AutoConfig.from_pretrained(src)
     if src_config.model_type != "llama":

@@ -31,6 +31,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .errors import UserError
+from .folders import is_checkpoint
 
 MEASURES = {
     "diversity": "d_M(H) / ||H||_F with d_M(H) = min_x ||H - 1 x^T||_F = ||H - 1 mean(H)^T||_F (0 = all tokens equal)",
@@ -184,7 +185,7 @@ def check_checkpoint_dir(path: str | Path) -> Path:
     path = Path(path)
     if not path.is_dir():
         raise FileNotFoundError(f"model {str(path)!r} is not a folder; pass an HF checkpoint folder (with config.json)")
-    if not (path / "config.json").exists():
+    if not is_checkpoint(path):
         raise FileNotFoundError(
             f"no config.json in {path}; pass an HF checkpoint folder (`pangu-pi export` writes one)"
         )
@@ -236,7 +237,7 @@ def describe(model) -> dict:
         "architecture": type(model).__name__,
         "num_hidden_layers": cfg.num_hidden_layers,
         "hidden_size": cfg.hidden_size,
-        "parameters": sum(p.numel() for p in model.parameters()),
+        "parameters": model.num_parameters(),
     }
 
 

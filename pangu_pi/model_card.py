@@ -397,8 +397,10 @@ def write_model_card(folder: str | os.PathLike, model=None, run: dict | None = N
 
 def add_evaluation(folder: str | os.PathLike, results: dict) -> Path | None:
     """Merge `pangu-pi eval` results into the card of the checkpoint in `folder` (tasks by name)."""
+    from .folders import is_checkpoint
+
     folder = Path(folder)
-    if not (folder / "config.json").is_file():
+    if not is_checkpoint(folder):
         return None
     if json.loads((folder / "config.json").read_text(encoding="utf-8")).get("model_type") != "pangu_pi":
         return None  # another architecture's folder: its card is not ours to write

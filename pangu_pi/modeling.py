@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import copy
 import os
-from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -34,19 +33,9 @@ from transformers.utils.output_capturing import capture_outputs
 
 from .config import PanGuPiConfig
 from .kernels import siaf_and_mul
-from .kernels.reference import identity_init, siaf_and_mul_reference, spread_init
+from .kernels.reference import ACTIVATIONS, identity_init, siaf_and_mul_reference, spread_init
 
 logger = logging.get_logger(__name__)
-
-SHORTCUT_ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
-    "gelu": F.gelu,
-    "gelu_tanh": lambda x: F.gelu(x, approximate="tanh"),
-    "silu": F.silu,
-    "relu": F.relu,
-    "tanh": torch.tanh,
-    "sigmoid": torch.sigmoid,
-}
-
 
 class PanGuPiRMSNorm(nn.Module):
     def __init__(self, hidden_size: int, eps: float = 1e-6):
@@ -186,7 +175,7 @@ class PanGuPiShortcut(nn.Module):
         self.squeeze = nn.Linear(config.hidden_size, config.shortcut_width, bias=False)  # W1
         self.expand = nn.Linear(config.shortcut_width, config.hidden_size, bias=False)  # W2
         self.expand.zero_init = True  # read by _init_weights, which visits this Linear after us
-        self.act = SHORTCUT_ACTIVATIONS[config.shortcut_activation]
+        self.act = ACTIVATIONS[config.shortcut_activation]  # σ from the same table as SIAF's
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.expand(self.act(self.squeeze(x)))

@@ -145,7 +145,7 @@ def modeling_source() -> str:
         {
             "from .config import PanGuPiConfig": "from .configuration_pangu_pi import PanGuPiConfig",
             "from .kernels import siaf_and_mul": "",
-            "from .kernels.reference import identity_init, siaf_and_mul_reference, spread_init": "",
+            "from .kernels.reference import ACTIVATIONS, identity_init, siaf_and_mul_reference, spread_init": "",
         },
         "pangu_pi/modeling.py",
     )

@@ -217,6 +217,19 @@ def train_tokenizer(
     return out
 
 
+def stop_token_ids(tokenizer) -> list[int]:
+    """The ids generation stops at: end of text and end of a chat turn (<|im_end|>), as many of the two
+    as the vocabulary has. `tokenizer` is a transformers tokenizer or a `tokenizers.Tokenizer`."""
+    from tokenizers import Tokenizer
+
+    if isinstance(tokenizer, Tokenizer):  # the raw tokenizer.json, as a run folder keeps it
+        ids = [tokenizer.token_to_id(EOS), tokenizer.token_to_id(IM_END)]
+    else:
+        vocab = tokenizer.get_vocab()  # added tokens included; an absent one is None, not <unk>'s id
+        ids = [vocab.get(tokenizer.eos_token or EOS), vocab.get(IM_END)]
+    return list(dict.fromkeys(i for i in ids if i is not None))
+
+
 def load_tokenizer(path: str | Path):
     """The tokenizer saved in `path`; a chat template of an earlier release is replaced by
     CHAT_TEMPLATE (same text for the chats it could render, plus tools), so whatever is saved from
@@ -259,8 +272,10 @@ def folder_chat_template(folder: str | Path) -> str | None:
 def write_chat_template(folder: str | Path, backup: bool = True) -> str:
     """Install CHAT_TEMPLATE in a tokenizer or checkpoint folder; returns the status the folder had
     before (see `template_status`). A custom template is kept beside it as chat_template.previous.jinja."""
+    from .folders import has_tokenizer
+
     folder = Path(folder)
-    if not (folder / "tokenizer.json").is_file() and not (folder / "tokenizer_config.json").is_file():
+    if not has_tokenizer(folder):
         raise FileNotFoundError(
             f"{folder} holds no tokenizer (no tokenizer.json or tokenizer_config.json); pass a tokenizer folder "
             "or a checkpoint folder with its tokenizer saved in it"

@@ -488,9 +488,10 @@ def resize_model(model_dir, tokenizer_dir, out_dir, progress: bool = True, remot
     import pangu_pi  # noqa: F401  (registers the model with the Auto classes)
 
     from .errors import UserError
+    from .folders import is_checkpoint
 
     model_dir, tokenizer_dir, out = Path(model_dir), Path(tokenizer_dir), Path(out_dir)
-    if not (model_dir / "config.json").exists():
+    if not is_checkpoint(model_dir):
         raise FileNotFoundError(f"no model in {model_dir} (config.json missing); pass a saved checkpoint folder")
     if not (tokenizer_dir / "tokenizer.json").exists():
         raise FileNotFoundError(f"no tokenizer in {tokenizer_dir} (tokenizer.json missing)")

@@ -28,7 +28,6 @@ import os
 import re
 import secrets
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -37,6 +36,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from pangu_pi.errors import UserError
+from pangu_pi.folders import has_tokenizer, is_checkpoint
+from pangu_pi.net import answers, free_port
 
 from .request_guard import API_KEY_ENV, Limits
 
@@ -166,10 +167,10 @@ def _split_passthrough(argv: list[str]) -> tuple[list[str], str, list[str]]:
 
 
 def _check_checkpoint(what: str, path: Path) -> None:
-    if not (path / "config.json").is_file():
+    if not is_checkpoint(path):
         raise FileNotFoundError(f"{what} {path} is not a checkpoint folder (no config.json); pass the folder "
                                 "`save_pretrained` or `pangu-pi export` wrote")
-    if not (path / "tokenizer.json").is_file() and not (path / "tokenizer_config.json").is_file():
+    if not has_tokenizer(path):
         raise FileNotFoundError(f"{what} {path} has no tokenizer; save the tokenizer into the checkpoint folder")
 
 
@@ -203,12 +204,6 @@ def plan_engines(args: argparse.Namespace) -> tuple[list[Engine], bool]:
     engines = [Engine(base_name, args.model_dir, "127.0.0.1", free_port(), loras)]
     engines += [Engine(name, path, "127.0.0.1", free_port()) for name, path in variants]
     return engines, True
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 # ------------------------------------------------------------------------------------------- device
@@ -427,7 +422,6 @@ def engine_failure(engine: Engine, what: str) -> str:
 
 
 def wait_until_healthy(engines: list[Engine], timeout: float) -> None:
-    import httpx
     from tqdm.auto import tqdm
 
     deadline = time.monotonic() + timeout
@@ -439,11 +433,10 @@ def wait_until_healthy(engines: list[Engine], timeout: float) -> None:
                 if code is not None:
                     time.sleep(0.5)  # let the relay thread write the last lines
                     raise UserError(engine_failure(engine, "exited during startup"))
-                with contextlib.suppress(httpx.HTTPError):
-                    if httpx.get(f"{engine.url}/health", timeout=2.0).status_code == 200:
-                        pending.remove(engine)
-                        engine.state, engine.up_since = "up", time.monotonic()
-                        bar.update(1)
+                if answers(f"{engine.url}/health"):
+                    pending.remove(engine)
+                    engine.state, engine.up_since = "up", time.monotonic()
+                    bar.update(1)
             if pending and time.monotonic() > deadline:
                 names = ", ".join(f"{e.name} ({e.log_path})" for e in pending)
                 raise UserError(f"engines not ready after {timeout:.0f} s: {names}; raise --startup-timeout or read their logs")
@@ -563,18 +556,12 @@ class Supervisor:
             self._check_start(engine, now)
 
     def _check_start(self, engine: Engine, now: float) -> None:
-        import httpx
-
         if engine.process.poll() is not None:
             time.sleep(0.5)  # the relay thread's last lines
             self._died(engine, now, "exited during a restart")
             return
         _snapshot_descendants(engine)
-        try:
-            healthy = httpx.get(f"{engine.url}/health", timeout=0.5).status_code == 200
-        except httpx.HTTPError:
-            healthy = False
-        if healthy:
+        if answers(f"{engine.url}/health", timeout=0.5):
             engine.state, engine.up_since = "up", now
             problems = []
             if self.gateway is not None and self.gateway.loop is not None:

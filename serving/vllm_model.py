@@ -56,7 +56,6 @@ from vllm.sequence import IntermediateTensors
 from pangu_pi import kernels
 from pangu_pi.config import PanGuPiConfig
 from pangu_pi.kernels.reference import ACTIVATIONS
-from pangu_pi.modeling import SHORTCUT_ACTIVATIONS
 
 SIAF_OP_NAME = "pangu_pi_siaf_and_mul"
 logger = init_logger(__name__)
@@ -238,7 +237,7 @@ class PanGuPiShortcut(nn.Module):
             quant_config=quant_config,
             prefix=f"{prefix}.expand",
         )
-        self.act = SHORTCUT_ACTIVATIONS[config.shortcut_activation]
+        self.act = ACTIVATIONS[config.shortcut_activation]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         hidden, _ = self.squeeze(x)

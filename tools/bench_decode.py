@@ -96,7 +96,7 @@ def main(argv=None) -> dict:
     for kind in ("pangu", "llama"):
         t0 = time.perf_counter()
         model, config = build(kind, args, dtype)
-        params = sum(p.numel() for p in model.parameters())
+        params = model.num_parameters()
         built = time.perf_counter() - t0
         ms, all_ms = decode_ms(model, config.vocab_size, args.prompt, args.tokens, args.warmup)
         weight_gb = params * torch.finfo(dtype).bits / 8 / 1e9

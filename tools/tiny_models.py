@@ -14,15 +14,14 @@ from pathlib import Path
 
 import torch
 
-EOS_IDS = [2, 5]  # </s> and <|im_end|>: a chat turn ends at either
-
-
 def _save_generation_config(out: Path, tokenizer) -> None:
+    from pangu_pi.tokenizer import stop_token_ids
+
     (out / "generation_config.json").write_text(
         json.dumps(
             {
                 "bos_token_id": tokenizer.bos_token_id,
-                "eos_token_id": EOS_IDS,
+                "eos_token_id": stop_token_ids(tokenizer),  # </s> and <|im_end|>: a chat turn ends at either
                 "pad_token_id": tokenizer.pad_token_id,
                 "do_sample": False,
             },
@@ -56,14 +55,14 @@ def build_pangu(out_dir: str | Path, tokenizer_dir: str | Path, seed: int = 0, p
                 **config_overrides) -> Path:
     """Save a PanGu-π of `preset` ("tiny" unless named; the tokenizer's vocabulary) with its tokenizer into `out_dir`."""
     from pangu_pi import PanGuPiConfig, PanGuPiForCausalLM
-    from pangu_pi.tokenizer import load_tokenizer
+    from pangu_pi.tokenizer import load_tokenizer, stop_token_ids
 
     tokenizer = load_tokenizer(tokenizer_dir)
     config = PanGuPiConfig.from_preset(
         preset,
         vocab_size=len(tokenizer),
         bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=EOS_IDS,
+        eos_token_id=stop_token_ids(tokenizer),
         pad_token_id=tokenizer.pad_token_id,
         **config_overrides,
     )

@@ -37,7 +37,6 @@ import os
 import random
 import re
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -48,6 +47,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from domain_demo import GLOSSARY, NAMES, money  # noqa: E402  (tools/, beside this script)
+
+from pangu_pi.folders import is_checkpoint  # noqa: E402
+from pangu_pi.net import free_port  # noqa: E402
 
 CONTEXT = 1024  # tokens: the model's context and the rows fine-tuning packs
 SYSTEM = "You are a finance assistant. Use a calculator for any arithmetic, then give the result."
@@ -291,12 +293,6 @@ def run(args: list[str], log: Path) -> None:
         raise SystemExit(f"tool-use demo: `pangu-pi {args[0]}` failed (exit {code}); see {log}")
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 class Server:
     """`pangu-pi serve` of the fine-tuned model (and the base as a variant) while in a `with`."""
 
@@ -430,14 +426,14 @@ def demo(run_dir: Path, steps: int, train: int, heldout: int, seed: int) -> dict
         run(["tokenizer", "train", "--input", str(data / "text.txt"), *corpus, "--vocab-size", "4096",
              "--out", str(tokenizer)], log)  # fmt: skip
     base = run_dir / "base"
-    if not (base / "config.json").is_file():
+    if not is_checkpoint(base):
         # The tiny preset with a context of 1024: three tool schemas alone take ~350 tokens.
         run(["init", "--preset", "tiny", "--tokenizer", str(tokenizer), "--seed", str(seed), "--out", str(base),
              "--set", f"model.max_position_embeddings={CONTEXT}"], log)  # fmt: skip
     seconds["prepare"] = round(time.perf_counter() - t0, 1)
     t0 = time.perf_counter()
     sft = run_dir / "sft"
-    if not (sft / "model" / "config.json").is_file():
+    if not is_checkpoint(sft / "model"):
         run(["finetune", "--config", "configs/tool_use_tiny.yaml", "--nproc", "2", "--out", str(sft), "--no-progress",
              "--max-steps", str(steps), "--set", f"model.init_from={base}", "--set", f"seed={seed}",
              "--set", f"data.datasets=[{{path: {data / 'train.jsonl'}, weight: 1.0}}]"], log)  # fmt: skip

@@ -202,8 +202,10 @@ SHAPE_KEYS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_laye
 
 def _checkpoint_model_config(init_from: str, overrides: dict, vocab_size: int | None) -> PanGuPiConfig:
     """`model.init_from`: the base checkpoint's own config, with only shape-neutral overrides."""
+    from pangu_pi.folders import is_checkpoint
+
     path = Path(init_from)
-    if not (path / "config.json").is_file():
+    if not is_checkpoint(path):
         raise FileNotFoundError(
             f"model.init_from {init_from!r} is not an HF checkpoint (no config.json); "
             "name the folder `pangu-pi export` or `pangu-pi resize` wrote"

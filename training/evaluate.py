@@ -32,6 +32,8 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
+from pangu_pi.folders import is_checkpoint
+
 LETTERS = string.ascii_uppercase
 DEFAULT_PROMPT = "Question: {question}\nAnswer:"
 GROUP_FIELDS = ("family", "subject", "category")
@@ -155,7 +157,7 @@ class LocalScorer:
 
         import pangu_pi  # noqa: F401  (registers the model with the Auto classes)
 
-        if not (Path(model_dir) / "config.json").exists():
+        if not is_checkpoint(model_dir):
             raise FileNotFoundError(f"no checkpoint in {model_dir} (config.json missing); pass an HF checkpoint folder")
         if device == "auto":
             device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -427,7 +429,7 @@ def evaluate(
         import pangu_pi  # noqa: F401
 
         max_len = 4096
-        if (Path(model) / "config.json").exists():
+        if is_checkpoint(model):
             max_len = int(getattr(AutoConfig.from_pretrained(model), "max_position_embeddings", max_len))
         scorer = EndpointScorer(url, served_model, batch_size, max_len, os.environ.get("OPENAI_API_KEY"))
     else:
@@ -502,7 +504,7 @@ def main(argv: list[str] | None = None) -> int:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(results, ensure_ascii=False, indent=2) + "\n", encoding="utf-8")
         print(f"wrote {args.out}")
-    if not args.url and not args.no_card and (Path(args.model) / "config.json").is_file():
+    if not args.url and not args.no_card and is_checkpoint(args.model):
         # Scores of these very weights (not of a server's model): they belong in the checkpoint's card.
         from pangu_pi.model_card import add_evaluation
 

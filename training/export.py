@@ -47,7 +47,7 @@ def export_checkpoint(ckpt: str | os.PathLike, out: str | os.PathLike, *, dtype:
     from transformers import GenerationConfig
 
     from pangu_pi import PanGuPiConfig, PanGuPiForCausalLM
-    from pangu_pi.tokenizer import EOS, IM_END, PAD, folder_chat_template, template_status, write_chat_template
+    from pangu_pi.tokenizer import PAD, folder_chat_template, stop_token_ids, template_status, write_chat_template
 
     path = resolve_checkpoint(ckpt)
     out = Path(out)
@@ -95,7 +95,7 @@ def export_checkpoint(ckpt: str | os.PathLike, out: str | os.PathLike, *, dtype:
             from tokenizers import Tokenizer
 
             tok = Tokenizer.from_file(str(tok_src / "tokenizer.json"))
-            eos = [i for i in (tok.token_to_id(EOS), tok.token_to_id(IM_END)) if i is not None]
+            eos = stop_token_ids(tok)
             pad = tok.token_to_id(PAD)
         else:
             eos = [config.eos_token_id] if isinstance(config.eos_token_id, int) else list(config.eos_token_id)

@@ -93,8 +93,10 @@ def base_tokenizer(config: RunConfig):
     """The tokenizer a fine-tuning run renders its data with: data.tokenizer, else model.init_from's."""
     from pangu_pi.tokenizer import load_tokenizer
 
+    from pangu_pi.folders import is_checkpoint
+
     base = config.model["init_from"]
-    if not (Path(base) / "config.json").is_file():
+    if not is_checkpoint(base):
         raise FileNotFoundError(
             f"model.init_from {base!r} is not an HF checkpoint (no config.json); "
             "export one with `pangu-pi export RUN OUT` and set model.init_from=OUT"
@@ -236,7 +238,7 @@ def _save_full(config: RunConfig, state: dict, tokenizer, dest: Path) -> None:
     from transformers import GenerationConfig
 
     from pangu_pi import PanGuPiConfig, PanGuPiForCausalLM
-    from pangu_pi.tokenizer import EOS, IM_END
+    from pangu_pi.tokenizer import stop_token_ids
 
     base = config.model["init_from"]
     model_config = PanGuPiConfig.from_pretrained(base)
@@ -249,8 +251,7 @@ def _save_full(config: RunConfig, state: dict, tokenizer, dest: Path) -> None:
         shutil.copy2(base_generation, dest / "generation_config.json")
     else:
         # Stop at EOS and at the end of a chat turn: a tuned model ends its answer with <|im_end|>.
-        eos = [i for i in (tokenizer.convert_tokens_to_ids(EOS), tokenizer.convert_tokens_to_ids(IM_END)) if i is not None]
-        GenerationConfig(bos_token_id=model_config.bos_token_id, eos_token_id=eos,
+        GenerationConfig(bos_token_id=model_config.bos_token_id, eos_token_id=stop_token_ids(tokenizer),
                          pad_token_id=tokenizer.pad_token_id).save_pretrained(dest)
 
 

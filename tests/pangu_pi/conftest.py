@@ -37,7 +37,7 @@ def checkpoints(tokenizer_dir, tmp_path_factory) -> dict[str, Path]:
     assert cli(["convert-llama", str(root / "llama"), str(root / "converted")]) == 0
 
     from pangu_pi.training.finetune import finetune
-    from pangu_pi.training.launch import free_port
+    from pangu_pi.net import free_port
 
     chat = root / "chat.jsonl"
     chat.write_text("".join(json.dumps({"messages": [{"role": "user", "content": f"What is {a} plus {a}?"},

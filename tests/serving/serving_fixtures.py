@@ -10,19 +10,13 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from pangu_pi.net import free_port
+
 API_KEY = "test-key-3f9a"
 # The console script, not `python -m pangu_pi.cli`: run as __main__, cli.py would define a second
 # UserError class and print tracebacks for the errors it means to print in one line.
 PANGU_PI = str(Path(sys.executable).with_name("pangu-pi"))
 STARTUP_TIMEOUT_S = 420
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @dataclass

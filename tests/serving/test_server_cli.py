@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from pangu_pi.cli import UserError
+from pangu_pi.net import free_port
 from pangu_pi.serving import server
 from pangu_pi.serving.request_guard import API_KEY_ENV
 
@@ -122,7 +123,7 @@ def test_detects_the_cpu_build_here():
 
 
 def test_chat_client_says_when_nothing_listens():
-    port = server.free_port()
+    port = free_port()
     result = subprocess.run([PANGU_PI, "chat", "--url", f"http://127.0.0.1:{port}"], input="", capture_output=True,
                             text=True, timeout=120)  # fmt: skip
     assert result.returncode == 2
@@ -199,7 +200,7 @@ def test_an_engine_that_cannot_start_is_one_line_naming_the_cause_and_the_log(ba
     env = {**serve_env, server.KV_CACHE_ENV: "100"}  # more KV cache than this machine has
     logs = tmp_path / "logs"
     result = subprocess.run(
-        [PANGU_PI, "serve", str(base_dir), "--name", "pangu", "--port", str(server.free_port()), "--dtype", "float32",
+        [PANGU_PI, "serve", str(base_dir), "--name", "pangu", "--port", str(free_port()), "--dtype", "float32",
          "--max-model-len", "128", "--log-dir", str(logs), "--", "--enforce-eager"],
         capture_output=True, text=True, env=env, timeout=600,
     )  # fmt: skip

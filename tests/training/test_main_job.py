@@ -9,14 +9,9 @@ from pathlib import Path
 import pytest
 
 from pangu_pi.corpus import default_corpus_files
+from pangu_pi.net import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.mark.slow
