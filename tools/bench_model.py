@@ -60,6 +60,8 @@ class Timed:
             fused = device.type == "cuda"
             self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=1e-5, fused=fused)
 
+    clock = staticmethod(time.perf_counter)  # set to time.process_time by --clock cpu
+
     def _sync(self):
         if self.device.type == "cuda":
             torch.cuda.synchronize()
@@ -67,14 +69,14 @@ class Timed:
     def train_step(self, ids) -> float:
         self.model.train()
         self._sync()
-        start = time.perf_counter()
+        start = self.clock()
         with self.autocast:
             loss = self.model(ids, labels=ids, use_cache=False).loss
         loss.backward()
         if self.optimizer is not None:
             self.optimizer.step()
         self._sync()
-        elapsed = time.perf_counter() - start
+        elapsed = self.clock() - start
         self.model.zero_grad(set_to_none=True)
         return elapsed
 
@@ -82,11 +84,11 @@ class Timed:
     def forward(self, ids) -> float:
         self.model.eval()
         self._sync()
-        start = time.perf_counter()
+        start = self.clock()
         with self.autocast:
             self.model(ids, use_cache=False)
         self._sync()
-        return time.perf_counter() - start
+        return self.clock() - start
 
 
 @contextlib.contextmanager
@@ -162,6 +164,10 @@ def parse_args(argv=None):
     ap.add_argument("--ablate", action="store_true",
                     help="also time PanGu-π without its shortcuts, with SiLU for SIAF, and with neither "
                     "(same weights)")
+    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's, one per core)")
+    ap.add_argument("--clock", default="wall", choices=("wall", "cpu"),
+                    help="cpu: the process's CPU time instead of wall time; with --threads 1, a step's own work, "
+                    "which the machine's other load barely changes (CPU device only)")
     ap.add_argument("--llama-first", action="store_true", help="build (allocate) LLaMA before PanGu-π")
     args = ap.parse_args(argv)
     tiny = args.preset == "tiny"
@@ -182,6 +188,12 @@ def main(argv=None) -> dict:
     device = torch.device(
         ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
     )
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.clock == "cpu":
+        if device.type != "cpu":
+            raise SystemExit("--clock cpu measures CPU time: only for --device cpu")
+        Timed.clock = staticmethod(time.process_time)
     torch.manual_seed(0)
     config = PanGuPiConfig.from_preset(args.preset, siaf_backend=args.siaf_backend)
     config._attn_implementation = args.attn
@@ -208,7 +220,7 @@ def main(argv=None) -> dict:
     flops = {"pangu": flops_per_token(config, args.seq_len), "llama": flops_per_token(no_shortcut, args.seq_len)}
     result = {"preset": args.preset, "device": str(device), "dtype": args.dtype, "batch": args.batch,
               "seq_len": args.seq_len, "tokens": tokens, "siaf_backend": args.siaf_backend,
-              "optimizer": args.optimizer, "threads": torch.get_num_threads(), "built_first": order[0],
+              "optimizer": args.optimizer, "threads": torch.get_num_threads(), "built_first": order[0], "clock": args.clock,
               "load_average_start": load[0], "load_average_end": load[1]}
     print(f"{args.preset}, {device}, {args.dtype}, batch {args.batch} × {args.seq_len}, "
           f"training step{' with AdamW' if args.optimizer else ''}; median of {args.repeats}")
