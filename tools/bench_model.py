@@ -220,8 +220,8 @@ def main(argv=None) -> dict:
     flops = {"pangu": flops_per_token(config, args.seq_len), "llama": flops_per_token(no_shortcut, args.seq_len)}
     result = {"preset": args.preset, "device": str(device), "dtype": args.dtype, "batch": args.batch,
               "seq_len": args.seq_len, "tokens": tokens, "siaf_backend": args.siaf_backend,
-              "optimizer": args.optimizer, "threads": torch.get_num_threads(), "built_first": order[0], "clock": args.clock,
-              "load_average_start": load[0], "load_average_end": load[1]}
+              "optimizer": args.optimizer, "threads": torch.get_num_threads(), "built_first": order[0],
+              "clock": args.clock, "load_average_start": load[0], "load_average_end": load[1]}
     print(f"{args.preset}, {device}, {args.dtype}, batch {args.batch} × {args.seq_len}, "
           f"training step{' with AdamW' if args.optimizer else ''}; median of {args.repeats}")
     for name, timed in models.items():
