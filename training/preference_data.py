@@ -26,7 +26,6 @@ longest row; `index` names each pair, for the reference log-probabilities stored
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -43,6 +42,7 @@ from .sft_data import (
     _spec,
     check_messages,
     mix,
+    read_records,
     record_tools,
     render_example,
 )
@@ -110,24 +110,7 @@ def render_pair(tokenizer, record, max_len: int, source: str = "") -> Pair:
 
 def read_preference_jsonl(path, tokenizer, max_len: int, stats: RecordStats | None = None) -> tuple[list[Pair], RecordStats]:
     stats = stats if stats is not None else RecordStats()
-    pairs = []
-    with open(path, encoding="utf-8", errors="replace") as f:
-        for lineno, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            stats.read += 1
-            where = f"{path}:{lineno}"
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as err:
-                stats.reject("bad_json", where, err.msg)
-                continue
-            try:
-                pairs.append(render_pair(tokenizer, record, max_len, str(path)))
-                stats.kept += 1
-            except MalformedRecord as err:
-                stats.reject(err.reason, where, err.detail)
-    return pairs, stats
+    return read_records(path, lambda record: render_pair(tokenizer, record, max_len, str(path)), stats), stats
 
 
 class PreferenceDataset(torch.utils.data.Dataset):

@@ -29,14 +29,16 @@ import json
 import logging
 import random
 from collections import Counter, defaultdict
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 import torch
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 IGNORE_INDEX = -100
 ROLES = ("system", "user", "assistant", "tool")
@@ -257,11 +259,10 @@ def render_example(
     return Example(ids, labels, source)
 
 
-def read_chat_jsonl(
-    path, tokenizer, max_len: int, stats: RecordStats | None = None, roles: Sequence[str] = ROLES
-) -> tuple[list[Example], RecordStats]:
-    stats = stats if stats is not None else RecordStats()
-    examples = []
+def read_records(path, render: Callable[[dict], T], stats: RecordStats) -> list[T]:
+    """`render` applied to each record of a JSONL file. A line that is not JSON, or a record `render`
+    refuses with MalformedRecord, is counted in `stats` under its reason and place, and skipped."""
+    out = []
     with open(path, encoding="utf-8", errors="replace") as f:
         for lineno, line in enumerate(f, start=1):
             if not line.strip():
@@ -274,12 +275,23 @@ def read_chat_jsonl(
                 stats.reject("bad_json", where, err.msg)
                 continue
             try:
-                messages, tools = check_messages(record, roles), record_tools(record)
-                examples.append(render_example(tokenizer, messages, max_len, str(path), tools))
+                out.append(render(record))
                 stats.kept += 1
             except MalformedRecord as err:
                 stats.reject(err.reason, where, err.detail)
-    return examples, stats
+    return out
+
+
+def read_chat_jsonl(
+    path, tokenizer, max_len: int, stats: RecordStats | None = None, roles: Sequence[str] = ROLES
+) -> tuple[list[Example], RecordStats]:
+    stats = stats if stats is not None else RecordStats()
+
+    def render(record: dict) -> Example:
+        messages, tools = check_messages(record, roles), record_tools(record)
+        return render_example(tokenizer, messages, max_len, str(path), tools)
+
+    return read_records(path, render, stats), stats
 
 
 # --- mixing ------------------------------------------------------------------------------------------
