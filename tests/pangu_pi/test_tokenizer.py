@@ -5,7 +5,7 @@ import pytest
 from transformers import AutoTokenizer
 
 from pangu_pi.corpus import default_corpus_files
-from pangu_pi.tokenizer import IM_END, IM_START, load_tokenizer, train_tokenizer
+from pangu_pi.tokenizer import EOS, IM_END, IM_START, load_tokenizer, stop_token_ids, train_tokenizer
 
 
 def test_loads_with_auto_tokenizer_and_knows_its_specials(tokenizer_dir):
@@ -34,6 +34,19 @@ def test_special_tokens_are_single_ids_and_skippable(tokenizer_dir):
     ids = tok.encode(text, add_special_tokens=False)
     assert ids[0] == 4 and 5 in ids
     assert tok.decode(ids, skip_special_tokens=True) == "user\nhello\n"
+
+
+def test_stop_ids_are_eos_and_end_of_turn_from_either_tokenizer_class(tokenizer_dir, tmp_path):
+    from tokenizers import Tokenizer
+
+    tok = load_tokenizer(tokenizer_dir)
+    want = tok.convert_tokens_to_ids([EOS, IM_END])
+    assert stop_token_ids(tok) == want and len(set(want)) == 2
+    assert stop_token_ids(Tokenizer.from_file(str(tokenizer_dir / "tokenizer.json"))) == want
+    # A vocabulary without <|im_end|> (as an imported tokenizer may be) stops at EOS alone, not at <unk>.
+    text = (tokenizer_dir / "tokenizer.json").read_text()
+    (tmp_path / "tokenizer.json").write_text(text.replace(json.dumps(IM_END), json.dumps("<|end|>")))
+    assert stop_token_ids(Tokenizer.from_file(str(tmp_path / "tokenizer.json"))) == want[:1]
 
 
 def test_chat_template_renders_chatml(tokenizer_dir):
