@@ -13,8 +13,7 @@ from pathlib import Path
 from pangu_pi.net import free_port
 
 API_KEY = "test-key-3f9a"
-# The console script, not `python -m pangu_pi.cli`: run as __main__, cli.py would define a second
-# UserError class and print tracebacks for the errors it means to print in one line.
+# The console script, as a user runs it (`python -m pangu_pi.cli` reports errors the same way).
 PANGU_PI = str(Path(sys.executable).with_name("pangu-pi"))
 STARTUP_TIMEOUT_S = 420
 
