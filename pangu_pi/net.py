@@ -2,12 +2,36 @@
 
 from __future__ import annotations
 
+import random
 import socket
 import time
 
 
+def _ephemeral_range() -> tuple[int, int]:
+    try:
+        from pathlib import Path
+
+        low, high = map(int, Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split())
+        return low, high
+    except (OSError, ValueError):
+        return 32768, 60999  # Linux's default
+
+
 def free_port(host: str = "127.0.0.1") -> int:
-    """A TCP port nothing listens on right now (the system picks it; another process may still take it)."""
+    """A TCP port nothing listens on right now, taken below the system's ephemeral range: the kernel
+    hands ports of that range to every outgoing connection, so a port picked there (as binding port 0
+    does) is often gone by the time a server or a process group binds it on a busy machine. Another
+    process may still take it; the chance is small, not zero."""
+    low, _ = _ephemeral_range()
+    rng = random.SystemRandom()
+    for _ in range(64):
+        port = rng.randrange(20000, low) if low > 20001 else 0
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            try:
+                s.bind((host, port))
+            except OSError:
+                continue
+            return s.getsockname()[1]
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind((host, 0))
         return s.getsockname()[1]

@@ -39,7 +39,7 @@ from pangu_pi.errors import UserError
 
 from . import core
 from .config import RunConfig
-from .finetune import Finetuning, RowStream, base_tokenizer, split_rows
+from .finetune import Finetuning, RowStream, load_data, split_rows
 from .sft_data import IGNORE_INDEX
 
 REFERENCE_FILE = "dpo_reference.pt"
@@ -90,13 +90,7 @@ def load_pairs(config: RunConfig):
     """(tokenizer, PreferenceDataset) for the run; user-fixable problems become UserError."""
     from .preference_data import PreferenceDataset
 
-    tokenizer = base_tokenizer(config)
-    try:
-        data = PreferenceDataset(config.data.datasets, tokenizer, config.data.seq_len,
-                                 total=config.finetune.examples, seed=config.seed)
-    except ValueError as err:
-        raise UserError(str(err)) from None
-    return tokenizer, data
+    return load_data(config, PreferenceDataset)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -108,14 +108,15 @@ def base_tokenizer(config: RunConfig):
     return tokenizer
 
 
-def load_data(config: RunConfig):
-    """(tokenizer, packed dataset) for the run; user-fixable problems become UserError."""
+def load_data(config: RunConfig, dataset=None):
+    """(tokenizer, dataset) for the run: packed chat rows, or `dataset` (a class taking the same
+    arguments, such as the preference recipe's pairs); user-fixable problems become UserError."""
     from .sft_data import PackedSFTDataset
 
     tokenizer = base_tokenizer(config)
     try:
-        data = PackedSFTDataset(config.data.datasets, tokenizer, config.data.seq_len,
-                                total=config.finetune.examples, seed=config.seed)
+        data = (dataset or PackedSFTDataset)(config.data.datasets, tokenizer, config.data.seq_len,
+                                             total=config.finetune.examples, seed=config.seed)
     except ValueError as err:
         raise UserError(str(err)) from None
     return tokenizer, data
