@@ -81,7 +81,8 @@ def ddp_worker(config_path: str, out_path: str) -> None:
     model = PanGuPiForCausalLM(model_config)
     ddp = DistributedDataParallel(model)
     o = config.optim
-    opt = torch.optim.AdamW(param_groups(model, o.weight_decay), lr=o.lr, betas=tuple(o.betas), eps=o.eps)
+    # The trainer's optimizer: torch's fused AdamW (training/core.py), so the comparison is of the loops.
+    opt = torch.optim.AdamW(param_groups(model, o.weight_decay), lr=o.lr, betas=tuple(o.betas), eps=o.eps, fused=True)
     sched = lr_scheduler(opt, make_schedule(config.schedule, config.train.max_steps))
     data = PackedMixture(plan.datasets, split="train", seq_len=config.data.seq_len, eos_id=plan.eos_id,
                          vocab_size=plan.vocab_size, tokenizer_hash=plan.tokenizer_hash,
