@@ -314,6 +314,7 @@ def train(recipe: Recipe, *, progress: bool = True) -> dict:
         raise ConfigError("set `out` (the run folder) in the config or pass --out")
     quiet_libraries()
     recipe.progress = progress
+    env = None if launch.in_distributed_launch() else launch.single_process_env()
     d = init_distributed()
     try:
         plan = d.share_from_rank0(lambda: recipe.plan(d.world, progress))
@@ -321,6 +322,8 @@ def train(recipe: Recipe, *, progress: bool = True) -> dict:
         return _loop(recipe, d, progress)
     finally:
         _end_distributed()
+        if env is not None:
+            launch.restore_env(env)
 
 
 def _end_distributed() -> None:

@@ -32,14 +32,30 @@ def in_distributed_launch() -> bool:
     return "RANK" in os.environ and "WORLD_SIZE" in os.environ
 
 
-def single_process_env() -> None:
-    """The environment of a one-process group, for a plain `pangu-pi pretrain` without a launcher."""
+GROUP_ENV = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+
+
+def single_process_env() -> dict[str, str | None]:
+    """The environment of a one-process group, for a plain `pangu-pi pretrain` without a launcher.
+    Returns the variables as they were, for `restore_env` once the group is gone."""
+    before = {k: os.environ.get(k) for k in GROUP_ENV}
     os.environ.setdefault("RANK", "0")
     os.environ.setdefault("LOCAL_RANK", "0")
     os.environ.setdefault("WORLD_SIZE", "1")
     os.environ.setdefault("LOCAL_WORLD_SIZE", "1")
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
     os.environ.setdefault("MASTER_PORT", str(free_port()))
+    return before
+
+
+def restore_env(before: dict[str, str | None]) -> None:
+    """Put back what `single_process_env` changed: a later run in this process (a notebook, a test
+    session) picks a fresh port, and child processes do not inherit a finished group's rank."""
+    for key, value in before.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
 
 
 def rank_env(rank: int, nproc: int, port: int, threads: int) -> dict[str, str]:
