@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 
@@ -32,3 +33,16 @@ def test_one_failing_rank_stops_the_others():
     start = time.monotonic()
     assert launch.spawn_local(2, [sys.executable, "-c", code]) == 3
     assert time.monotonic() - start < 30
+
+
+def test_a_one_process_group_environment_is_put_back_afterwards(monkeypatch):
+    from pangu_pi.training import launch
+
+    for key in launch.GROUP_ENV:
+        monkeypatch.delenv(key, raising=False)
+    monkeypatch.setenv("MASTER_ADDR", "10.0.0.7")  # a user's own value survives
+    before = launch.single_process_env()
+    assert launch.in_distributed_launch() and os.environ["WORLD_SIZE"] == "1" and os.environ["MASTER_PORT"]
+    launch.restore_env(before)
+    assert not launch.in_distributed_launch()
+    assert "MASTER_PORT" not in os.environ and os.environ["MASTER_ADDR"] == "10.0.0.7"
