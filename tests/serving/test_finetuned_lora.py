@@ -28,7 +28,7 @@ def finetuned_adapter(base_dir, tmp_path_factory):
     config.write_text(yaml.safe_dump({
         "model": str(base_dir), "out": str(root / "run"), "datasets": [{"path": str(chat)}],
         "seq_len": 128, "max_steps": 30, "batch": {"micro_batch_size": 4},
-        "optim": {"lr": 1e-2}, "schedule": {"warmup_steps": 2, "kind": "constant"},
+        "optim": {"lr": 1e-2}, "schedule": {"warmup_steps": 2, "kind": "cosine", "min_lr_ratio": 0.0},
         "mode": "lora", "lora": {"r": 8, "alpha": 16, "dropout": 0.0},
         "log": {"tensorboard": False, "plot": False},
     }))
