@@ -39,7 +39,7 @@ from pangu_pi.errors import UserError
 
 from . import core
 from .config import RunConfig
-from .finetune import Finetuning, RowStream, load_data, split_rows
+from .finetune import Finetuning, RowStream, load_data
 from .sft_data import IGNORE_INDEX
 
 REFERENCE_FILE = "dpo_reference.pt"
@@ -63,7 +63,6 @@ def sequence_logps(logits, labels):
 def dpo_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected, *, beta: float,
              loss_type: str = "sigmoid", label_smoothing: float = 0.0):
     """(mean loss, per-pair metrics) from per-pair log-probs (summed for sigmoid, token-averaged for ipo)."""
-    import torch
     import torch.nn.functional as F
 
     h = (policy_chosen - policy_rejected) - (ref_chosen - ref_rejected)
@@ -163,15 +162,15 @@ class PreferenceTuning(Finetuning):
         bar = tqdm(total=per_rank, desc="reference log-probs", unit="pair", disable=d.rank != 0 or not self.progress)
         with torch.no_grad():
             for start in range(0, per_rank, micro):
+                # A process with fewer pairs repeats its last one so every process runs this forward;
+                # only the first `real` rows of the batch are its own new pairs.
                 idx = [mine[min(k, len(mine) - 1)] if mine else 0 for k in range(start, min(start + micro, per_rank))]
-                real = [start + j < len(mine) for j in range(len(idx))]
+                real = max(0, min(len(idx), len(mine) - start))
                 batch = self.train_stream.collate([self.data[i] for i in idx])
                 sums, counts = self._logps(engine, batch, d, adapters=True)
                 k = len(idx)
                 rows = torch.stack([sums[:k], sums[k:], counts[:k], counts[k:]], dim=1).double()
-                for j, i in enumerate(idx):
-                    if real[j]:
-                        out[i] = rows[j]
+                out[idx[:real]] = rows[:real]
                 bar.update(len(idx))
         bar.close()
         engine.train()
@@ -266,15 +265,3 @@ class PreferenceTuning(Finetuning):
                           "pairs": len(self.data), "train_pairs": len(self.train_stream.rows),
                           "val_pairs": len(self.val_rows)}
         super().finish(engine, d, summary)
-
-
-def preference_tune(config: RunConfig | dict, *, progress: bool = True) -> dict:
-    """DPO on every rank of the current process group (or a group of one); rank 0's summary."""
-    from .finetune import build_finetune_config
-
-    if isinstance(config, dict):
-        config = build_finetune_config(config)
-    return core.train(PreferenceTuning(config), progress=progress)
-
-
-__all__ = ["PreferenceTuning", "dpo_loss", "load_pairs", "preference_tune", "sequence_logps", "split_rows"]
