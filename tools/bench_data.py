@@ -54,7 +54,7 @@ def bench_write(tokenizer_dir: Path, work: Path, workers: int) -> dict:
     for w in sorted({1, workers}):
         out = work / f"shards-w{w}"
         shutil.rmtree(out, ignore_errors=True)
-        _, wall, cpu = timed(lambda: prepare_shards(tokenizer_dir, None, out, workers=w, progress=False))
+        _, wall, cpu = timed(lambda: prepare_shards(tokenizer_dir, None, out, workers=w, progress=False))  # noqa: B023 (called here)
         rows[f"prepare_shards, {w} worker{'s' * (w > 1)}"] = (wall, cpu)
         info = verify_dataset(out, vocab_size=2**32, tokenizer_hash=None)
         assert info.num_tokens == n_tokens + info.num_docs, "shards hold the encoded text plus one EOS per document"

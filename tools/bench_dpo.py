@@ -111,7 +111,8 @@ def main(argv: list[str] | None = None) -> int:
     torch.manual_seed(0)
     model_config = PanGuPiConfig.from_preset("tiny", vocab_size=len(tokenizer), hidden_size=args.hidden,
                                              intermediate_size=args.hidden * 11 // 4, num_hidden_layers=args.layers,
-                                             num_attention_heads=args.hidden // 64, num_key_value_heads=args.hidden // 64)
+                                             num_attention_heads=args.hidden // 64,
+                                             num_key_value_heads=args.hidden // 64)
     model = PanGuPiForCausalLM(model_config)
     n_params = sum(t.numel() for t in model.parameters())
     model.save_pretrained(work / "base")
@@ -120,7 +121,8 @@ def main(argv: list[str] | None = None) -> int:
 
     pairs = _pairs(args.pairs)
     (work / "pairs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in pairs))
-    (work / "chats.jsonl").write_text("".join(json.dumps({"messages": r["prompt"] + r["chosen"]}) + "\n" for r in pairs))
+    chats = (json.dumps({"messages": r["prompt"] + r["chosen"]}) + "\n" for r in pairs)
+    (work / "chats.jsonl").write_text("".join(chats))
 
     def config(data: str, **finetune) -> dict:
         return {"model": {"init_from": str(work / "base")}, "data": {"datasets": [str(work / data)], "seq_len": 128},

@@ -91,14 +91,16 @@ class PeakWatcher(threading.Thread):
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default=str(ROOT / "runs" / "pretrain-1b"))
-    ap.add_argument("--config", default=str(ROOT / "configs" / "pangu-pi-1b.yaml"), help="another preset's recipe, for a smoke test")
+    ap.add_argument("--config", default=str(ROOT / "configs" / "pangu-pi-1b.yaml"),
+                    help="another preset's recipe, for a smoke test")
     ap.add_argument("--nproc", type=int, default=2)
     ap.add_argument("--zero-stage", type=int, default=3)
     ap.add_argument("--steps", type=int, default=4)
     ap.add_argument("--seq-len", type=int, default=256)
     ap.add_argument("--micro-batch", type=int, default=1)
     ap.add_argument("--vocab-size", type=int, default=8192, help="of the tokenizer trained for the run")
-    ap.add_argument("--mmap-threshold", type=int, default=1 << 20, help="glibc's MALLOC_MMAP_THRESHOLD_ for the ranks (bytes)")
+    ap.add_argument("--mmap-threshold", type=int, default=1 << 20,
+                    help="glibc's MALLOC_MMAP_THRESHOLD_ for the ranks (bytes)")
     args = ap.parse_args(argv)
 
     out = Path(args.out)

@@ -220,11 +220,13 @@ def main() -> int:
     for name in ("ddp", "pretrain"):
         s = best[name]
         label = "plain DDP" if name == "ddp" else f"pangu-pi ZeRO-{args.stage}"
-        print(f"{label:<18}{s['tokens_per_s']:>10.0f}{s['step_ms']:>9.1f}" + "".join(f"{s[p + '_ms']:>14.1f}" for p in PARTS))
+        parts = "".join(f"{s[p + '_ms']:>14.1f}" for p in PARTS)
+        print(f"{label:<18}{s['tokens_per_s']:>10.0f}{s['step_ms']:>9.1f}" + parts)
     print(f"pretrain / DDP tokens/s: {ratio:.3f}x")
     print(f"first-step loss: DDP {best['ddp']['first_loss']:.6f}, pretrain {best['pretrain']['first_loss']:.6f} "
           "(same weights, same samples)")
-    print(f"start-up per run (s): DDP {statistics.fmean(startup['ddp']):.1f}, pretrain {statistics.fmean(startup['pretrain']):.1f}")
+    print(f"start-up per run (s): DDP {statistics.fmean(startup['ddp']):.1f}, "
+          f"pretrain {statistics.fmean(startup['pretrain']):.1f}")
     print(json.dumps({
         "vs_ddp_tokens_per_s": round(ratio, 4),
         "pretrain_tokens_per_s": round(best["pretrain"]["tokens_per_s"], 1),

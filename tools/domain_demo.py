@@ -509,7 +509,7 @@ def generate(out_dir, seed: int = 0, train: int = 4000, heldout: int = 360, text
     families = list(FAMILIES.items())
     held_keys: set = set()
     held: list[Case] = []
-    for i, (name, fam) in enumerate(families):
+    for i, (_name, fam) in enumerate(families):
         share = heldout // len(families) + (i < heldout % len(families))
         held += _draw(fam, rng, held_keys, share)
     rng.shuffle(held)  # families interleaved, so any prefix (eval --limit) is a fair sample
@@ -535,7 +535,7 @@ def generate(out_dir, seed: int = 0, train: int = 4000, heldout: int = 360, text
 
     text_cases = []
     text_keys = set(held_keys)
-    for i, (name, fam) in enumerate(families):
+    for _name, fam in families:
         share = (text_lines * 3 // 4) // len(families)
         text_cases += [c for c in (fam(rng) for _ in range(share * 3)) if c.key not in text_keys][:share]
     text = [prose(c) for c in text_cases] + glossary_lines(rng, text_lines - len(text_cases))

@@ -189,7 +189,8 @@ def demo(run_dir: Path, *, base_steps: int, continue_steps: int, sft_steps: int,
     if not _done(sft / "model"):
         run(["finetune", "--config", "configs/yunshan_finetune_tiny.yaml", "--nproc", "2", "--out", str(sft),
              "--no-progress", "--set", f"model.init_from={continued_hf}", "--max-steps", str(sft_steps),
-             "--set", f"data.datasets=[{{path: {demo_dir / 'train.jsonl'}, weight: 0.9}}, {{path: {chat}, weight: 0.1}}]",
+             "--set",
+             f"data.datasets=[{{path: {demo_dir / 'train.jsonl'}, weight: 0.9}}, {{path: {chat}, weight: 0.1}}]",
              "--set", f"seed={seed}"],
             log)
     end("instruct")
@@ -244,13 +245,16 @@ def report(summary: dict) -> str:
     for key, label in names.items():
         r = s[key]
         lines.append(f"  {label:<36} {100 * r['acc']:5.1f}% {100 * r['acc_norm']:8.1f}% {r['bits_per_char']:10.3f}")
-    verdict = "beats" if summary["after_acc"] > max(summary["before_acc"], summary["chance"]) + 0.05 else "does NOT clearly beat"
-    lines.append(f"after {100 * summary['after_acc']:.1f}% {verdict} before {100 * summary['before_acc']:.1f}% and chance 25%")
+    clear_win = summary["after_acc"] > max(summary["before_acc"], summary["chance"]) + 0.05
+    verdict = "beats" if clear_win else "does NOT clearly beat"
+    lines.append(f"after {100 * summary['after_acc']:.1f}% {verdict} before {100 * summary['before_acc']:.1f}% "
+                 "and chance 25%")
     if "dpo_acc" in summary:
         change = summary["dpo_acc"] - summary["sft_acc"]
         word = "rose" if change > 0 else "fell" if change < 0 else "stayed"
         pairs = summary.get("dpo_heldout_pairs") or {}
-        held = (f"; held-out pairs: preference accuracy {100 * pairs['val_accuracy']:.1f}%, margin {pairs['val_margin']:.3f}"
+        held = (f"; held-out pairs: preference accuracy {100 * pairs['val_accuracy']:.1f}%, "
+                f"margin {pairs['val_margin']:.3f}"
                 if pairs.get("val_accuracy") is not None else "")
         lines.append(f"preference tuning: accuracy {word} from {100 * summary['sft_acc']:.1f}% (SFT) to "
                      f"{100 * summary['dpo_acc']:.1f}% (DPO){held}")
@@ -270,7 +274,8 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
     summary = demo(Path(args.run), base_steps=args.base_steps, continue_steps=args.continue_steps,
-                   sft_steps=args.sft_steps, dpo_steps=args.dpo_steps, add_pieces=args.add, eval_limit=args.eval_limit, seed=args.seed)
+                   sft_steps=args.sft_steps, dpo_steps=args.dpo_steps, add_pieces=args.add, eval_limit=args.eval_limit,
+                   seed=args.seed)
     print(json.dumps({"before_acc": round(summary["before_acc"], 4), "after_acc": round(summary["after_acc"], 4),
                       "sft_acc": round(summary["sft_acc"], 4), "dpo_acc": round(summary["dpo_acc"], 4),
                       "chance": CHANCE}))
