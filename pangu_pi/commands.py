@@ -36,19 +36,9 @@ def parse_overrides(pairs: list[str]) -> dict:
     return out
 
 
-def count_parameters(config) -> int:
-    """Parameters of the model `config` describes, counted on the meta device (no memory spent)."""
-    import torch
-
-    from .modeling import PanGuPiForCausalLM
-
-    with torch.device("meta"):
-        model = PanGuPiForCausalLM(config)
-    return model.num_parameters()
-
-
 def info_main(argv: list[str]) -> int:
     from .config import PanGuPiConfig
+    from .parameters import count_parameters
 
     ap = argparse.ArgumentParser(prog="pangu-pi info", description="Print a preset's config and parameter count.")
     ap.add_argument("--preset", required=True, help="tiny | pangu-pi-1b | pangu-pi-7b")
@@ -58,7 +48,7 @@ def info_main(argv: list[str]) -> int:
     args = ap.parse_args(argv)
     overrides = parse_overrides(args.set)
     config = PanGuPiConfig.from_preset(args.preset, **overrides)
-    params = count_parameters(config)
+    params = count_parameters(config)["total"]
     if args.json:
         print(json.dumps({"preset": args.preset, "parameters": params, "config": config.to_diff_dict()}, indent=2))
     else:

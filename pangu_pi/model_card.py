@@ -16,6 +16,8 @@ import os
 from pathlib import Path
 from typing import Any
 
+from .parameters import count_parameters
+
 CARD_FILE = "README.md"
 CHAT_END = "<|im_end|>"
 
@@ -44,12 +46,6 @@ CONFIG_FIELDS = (
 
 
 # --- what the folder and its run know ---------------------------------------------------------------
-
-
-def count_parameters(config) -> int:
-    from .commands import count_parameters as count
-
-    return count(config)
 
 
 def tokenizer_facts(folder: str | os.PathLike | None) -> dict[str, Any] | None:
@@ -379,7 +375,7 @@ def write_model_card(folder: str | os.PathLike, model=None, run: dict | None = N
     values = config.to_dict()
     facts = {
         "architecture": "PanGuPiForCausalLM",
-        "parameters": count_parameters(config),
+        "parameters": count_parameters(config)["total"],
         "config": {k: values.get(k) for k in CONFIG_FIELDS},
         "tokenizer": tokenizer_facts(tokenizer_folder) or previous.get("tokenizer"),
         "remote_code": (folder / "modeling_pangu_pi.py").is_file(),

@@ -1,7 +1,7 @@
 import pytest
 
 from pangu_pi import ConfigError, PanGuPiConfig
-from pangu_pi.commands import count_parameters
+from pangu_pi.parameters import count_parameters
 
 
 def test_presets_match_the_paper_shapes():
@@ -19,7 +19,7 @@ def test_presets_match_the_paper_shapes():
 
 @pytest.mark.parametrize("preset, low, high", [("pangu-pi-1b", 0.9e9, 1.15e9), ("pangu-pi-7b", 6.5e9, 7.0e9)])
 def test_preset_parameter_counts(preset, low, high):
-    assert low <= count_parameters(PanGuPiConfig.from_preset(preset)) <= high
+    assert low <= count_parameters(PanGuPiConfig.from_preset(preset))["total"] <= high
 
 
 def test_unknown_preset_suggests_the_nearest():
