@@ -93,4 +93,8 @@ def siaf_and_mul(
     return siaf_and_mul_reference(gate, up, scale, shift, weight, activation)
 
 
-__all__ = ["ACTIVATIONS", "BACKENDS", "ENV_BACKEND", "resolve_backend", "siaf_and_mul", "siaf_and_mul_reference"]
+# The LM head's fused loss (plain torch, one path for CPU and GPU): the trainer's `train.fused_loss`.
+from .linear_cross_entropy import linear_cross_entropy  # noqa: E402
+
+__all__ = ["ACTIVATIONS", "BACKENDS", "ENV_BACKEND", "linear_cross_entropy", "resolve_backend", "siaf_and_mul",
+           "siaf_and_mul_reference"]
