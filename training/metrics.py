@@ -2,8 +2,9 @@
 loss curves and, when `log.wandb` names a project, the same scalars in Weights & Biases. Only rank 0
 writes any of them.
 
-`metrics.jsonl` has one line per optimizer step (`step`, `loss`, `lr`, `grad_norm`, `tokens_per_s`,
-`skipped`, the time split and, where the peak is known, `mfu`, plus what the recipe adds, such as
+`metrics.jsonl` has one line per optimizer step (`step`, `loss`, `lr`, `grad_norm`, `tokens_per_s` of
+all processes, `tokens_per_s_per_gpu` of one, `skipped`, the time split and, where the peak is known,
+`mfu` (training/flops.py; the formula is in docs/training.md), plus what the recipe adds, such as
 the preference recipe's rewards, margin and accuracy) and one line per validation (`step`,
 `val_loss` and `val_ppl`, or the recipe's `val_*` metrics). After a resume it is cut back to the checkpoint's step, so the file
 always tells one history: the steps that the model in the newest checkpoint went through.
@@ -21,52 +22,10 @@ from typing import Any
 METRICS_FILE = "metrics.jsonl"
 PLOT_FILE = "loss_curves.png"
 
-# Dense peak FLOP/s per device, (bf16, fp32), from the vendors' data sheets. fp32 on these GPUs runs
-# its matmuls as TF32 under PyTorch's defaults for DeepSpeed, so its peak is the TF32 one.
-PEAK_FLOPS = {
-    "H200": (989e12, 495e12),
-    "H100": (989e12, 495e12),
-    "H800": (989e12, 495e12),
-    "A100": (312e12, 156e12),
-    "A800": (312e12, 156e12),
-    "L40S": (362e12, 183e12),
-    "V100": (125e12, 15.7e12),
-}
-
-
-def flops_per_token(config, seq_len: int) -> float:
-    """Training FLOPs per token: 6 per weight of every matmul, plus attention over the context.
-
-    6·N (forward 2, backward 4) counts the matmul weights (embedding lookups are not matmuls);
-    attention's score and value products add 12·layers·heads·head_dim·seq_len (PaLM, appendix B).
-    The SIAF and the norms are elementwise and left out, as activations are in the usual count.
-    """
-    d, f, L = config.hidden_size, config.intermediate_size, config.num_hidden_layers
-    q_width = config.num_attention_heads * config.head_dim
-    kv_width = config.num_key_value_heads * config.head_dim
-    attention = d * q_width * 2 + d * kv_width * 2  # q, o and k, v projections
-    shortcut = config.shortcut_count * 2 * d * config.shortcut_width
-    mlp = 3 * d * f
-    matmul_weights = L * (attention + shortcut + mlp) + d * config.vocab_size  # + the LM head
-    return 6.0 * matmul_weights + 12.0 * L * q_width * seq_len
-
-
-def peak_flops(configured: float | None, precision: str) -> float | None:
-    """Peak FLOP/s of one device: the configured value, else looked up from the GPU's name."""
-    if configured:
-        return float(configured)
-    try:
-        import torch
-
-        if not torch.cuda.is_available():
-            return None
-        name = torch.cuda.get_device_name()
-    except Exception:
-        return None
-    for key, (bf16, fp32) in PEAK_FLOPS.items():
-        if key in name:
-            return bf16 if precision == "bf16" else fp32
-    return None
+# The FLOP formula and the table of device peaks live in training/flops.py; imported here, where
+# the core and the benchmarks have always found them.
+from .flops import PEAK_FLOPS_TABLE as PEAK_FLOPS  # noqa: E402, F401
+from .flops import flops_per_token, peak_flops  # noqa: E402, F401
 
 
 def read_metrics(path: str | Path) -> list[dict]:
@@ -214,6 +173,8 @@ class RunLogger:
                 self._wandb.log({**values, "train/skipped": int(bool(row.get("skipped")))}, step=row["step"])
         if self._bar is not None:
             postfix = {"loss": f"{row['loss']:.4f}", "tok/s": f"{row['tokens_per_s']:.0f}"}
+            if row.get("tokens_per_s_per_gpu") is not None and row["tokens_per_s_per_gpu"] != row["tokens_per_s"]:
+                postfix["tok/s/gpu"] = f"{row['tokens_per_s_per_gpu']:.0f}"
             if row.get("mfu") is not None:
                 postfix["mfu"] = f"{100 * row['mfu']:.1f}%"
             if row.get("skipped"):
