@@ -31,8 +31,8 @@ def parse_overrides(pairs: list[str]) -> dict:
         # rope_parameters is itself a mapping (--set model.rope_parameters.factor=4.0); no other field is.
         if key not in fields or (isinstance(value, dict) and key != "rope_parameters"):
             close = difflib.get_close_matches(str(key), fields, n=1)
-            raise UserError(f"unknown config key {'model.' + str(key)!r}"
-                            + (f"; did you mean {'model.' + close[0]!r}?" if close else "; see `pangu-pi info --preset tiny`"))
+            hint = f"; did you mean {'model.' + close[0]!r}?" if close else "; see `pangu-pi info --preset tiny`"
+            raise UserError(f"unknown config key {'model.' + str(key)!r}{hint}")
     return out
 
 

@@ -24,7 +24,6 @@ generation with an error, so a change to the modules cannot silently produce cod
 from __future__ import annotations
 
 import ast
-import inspect
 import json
 import os
 from pathlib import Path
@@ -55,8 +54,12 @@ def _header(sources: list[str]) -> str:
     )
 
 
-def _source(module) -> str:
-    return inspect.getsource(module)
+def _source(name: str) -> str:
+    """The text of this package's module file `name` (e.g. "kernels/reference.py").
+
+    Read from disk rather than through `inspect.getsource(module)`: the model calls this module from
+    `save_pretrained`, so importing the model here would close an import circle."""
+    return (Path(__file__).parent / name).read_text(encoding="utf-8")
 
 
 def _strip_docstring_and_future(text: str) -> str:
@@ -115,12 +118,11 @@ def _drop_method(text: str, class_name: str, method: str) -> str:
 
 
 def configuration_source() -> str:
-    from . import config
     from .kernels import reference
 
     names = tuple(reference.ACTIVATIONS)
     body = _replace_imports(
-        _strip_docstring_and_future(_source(config)),
+        _strip_docstring_and_future(_source("config.py")),
         {"from .kernels import ACTIVATIONS": f"ACTIVATIONS = {names!r}  # the SIAF activations the model builds"},
         "pangu_pi/config.py",
     )
@@ -128,12 +130,9 @@ def configuration_source() -> str:
 
 
 def modeling_source() -> str:
-    from . import modeling
-    from .kernels import reference
-
-    kernel = _strip_docstring_and_future(_source(reference))
+    kernel = _strip_docstring_and_future(_source("kernels/reference.py"))
     kernel = _replace_imports(kernel, {}, "pangu_pi/kernels/reference.py")
-    model = _strip_docstring_and_future(_source(modeling))
+    model = _strip_docstring_and_future(_source("modeling.py"))
     model = _drop_method(model, "PanGuPiPreTrainedModel", "save_pretrained")
     dispatch = (
         "\n\ndef siaf_and_mul(gate, up, scale, shift, weight=None, *, activation=\"silu\", backend=\"auto\"):\n"
@@ -149,7 +148,7 @@ def modeling_source() -> str:
         },
         "pangu_pi/modeling.py",
     )
-    docstring = ast.get_docstring(ast.parse(_source(modeling))) or ""
+    docstring = ast.get_docstring(ast.parse(_source("modeling.py"))) or ""
     return (
         _header(["modeling.py", "kernels/reference.py"])
         + FUTURE
