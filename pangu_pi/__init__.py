@@ -15,8 +15,8 @@ _checkout = _Path(__file__).resolve().parent.parent
 if (_checkout / "pyproject.toml").is_file() and (_checkout / "training" / "__init__.py").is_file():
     __path__.append(str(_checkout))  # noqa: F821 (the package's own search path)
 
-from .config import PRESETS, ConfigError, PanGuPiConfig
-from .modeling import PanGuPiForCausalLM, PanGuPiModel, PanGuPiPreTrainedModel
+from .config import PRESETS, ConfigError, PanGuPiConfig  # noqa: E402 (after the search path is set)
+from .modeling import PanGuPiForCausalLM, PanGuPiModel, PanGuPiPreTrainedModel  # noqa: E402
 
 AutoConfig.register(PanGuPiConfig.model_type, PanGuPiConfig, exist_ok=True)
 AutoModel.register(PanGuPiConfig, PanGuPiModel, exist_ok=True)

@@ -12,7 +12,8 @@ import sys
 # name → (module, function taking argv, one-line help)
 COMMANDS: dict[str, tuple[str, str, str]] = {
     "info": ("pangu_pi.commands", "info_main", "print a preset's config and parameter count"),
-    "tokenizer": ("pangu_pi.commands", "tokenizer_main", "train or extend a SentencePiece BPE tokenizer; update its chat template"),
+    "tokenizer": ("pangu_pi.commands", "tokenizer_main",
+                  "train or extend a SentencePiece BPE tokenizer; update its chat template"),
     "init": ("pangu_pi.commands", "init_main", "write a freshly initialised checkpoint for a preset"),
     "convert-llama": ("pangu_pi.conversion", "convert_main", "turn a LLaMA checkpoint into a PanGu-π one"),
     "generate": ("pangu_pi.commands", "generate_main", "sample text from a checkpoint"),

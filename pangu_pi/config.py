@@ -120,7 +120,8 @@ class PanGuPiConfig(PretrainedConfig):
             self.siaf_param_shape in ("channel", "scalar"),
             f"siaf_param_shape must be 'channel' or 'scalar', got {self.siaf_param_shape!r}",
         )
-        need(self.siaf_init in ("spread", "identity"), f"siaf_init must be 'spread' or 'identity', got {self.siaf_init!r}")
+        need(self.siaf_init in ("spread", "identity"),
+             f"siaf_init must be 'spread' or 'identity', got {self.siaf_init!r}")
         need(
             self.siaf_init != "identity" or self.siaf_learn_weight or self.siaf_terms == 1,
             "siaf_init='identity' with several terms needs siaf_learn_weight=True (c = (1, 0, ...))",

@@ -157,7 +157,8 @@ def fast_tokenizer_from_spm(spm_path: str | Path):
     # whole pieces but decode as text.
     from tokenizers import AddedToken
 
-    backend.add_special_tokens([AddedToken(p.piece, special=True, normalized=False) for p in proto.pieces if p.type == 3])
+    specials = [p.piece for p in proto.pieces if p.type == 3]
+    backend.add_special_tokens([AddedToken(piece, special=True, normalized=False) for piece in specials])
     backend.add_tokens([AddedToken(p.piece, special=False, normalized=False) for p in proto.pieces if p.type == 4])
     tok = PreTrainedTokenizerFast(
         tokenizer_object=backend,

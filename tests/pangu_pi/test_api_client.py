@@ -43,7 +43,8 @@ class Fake(BaseHTTPRequestHandler):
         self.send_header("Content-Type", "text/event-stream")
         self.end_headers()
         for piece in ("Hel", "lo"):
-            chunk = {"id": "c", "object": "chat.completion.chunk", "choices": [{"index": 0, "delta": {"content": piece}}]}
+            choices = [{"index": 0, "delta": {"content": piece}}]
+            chunk = {"id": "c", "object": "chat.completion.chunk", "choices": choices}
             self.wfile.write(f"data: {json.dumps(chunk)}\n\n".encode())
         if body["messages"][-1]["content"] == "fail":
             self.wfile.write(b'data: {"error": {"message": "the engine died"}}\n\n')
@@ -72,7 +73,8 @@ def test_answers_stream_and_errors_become_one_line(url):
         assert chat("hi") == ["Hel", "lo"]
     with pytest.raises(UserError, match=r"failed mid-answer: the engine died$"), user_errors(url):
         chat("fail")
-    with pytest.raises(UserError, match=r"/v1/models answered 401: Incorrect API key$"), user_errors(f"{url}/v1/models"):
+    refused = pytest.raises(UserError, match=r"/v1/models answered 401: Incorrect API key$")
+    with refused, user_errors(f"{url}/v1/models"):
         connect(url, api_key="wrong").models.list()
     nobody = f"http://127.0.0.1:{free_port()}"
     with pytest.raises(UserError, match=r"^cannot reach .*; is it up\?$"), user_errors(nobody, "is it up?"):

@@ -84,7 +84,8 @@ def test_tools_without_a_system_message_get_a_system_turn(tok):
 def test_what_a_client_adds_does_not_change_the_prompt(tok):
     # vLLM passes tools as model_dump()s (nulls included) and tool-call arguments parsed to objects.
     dumped = [
-        {"type": "function", "function": {**t["function"], "strict": None, "description": t["function"].get("description")}}
+        {"type": "function",
+         "function": {**t["function"], "strict": None, "description": t["function"].get("description")}}
         for t in TOOLS
     ]
     parsed = [dict(m) for m in CONVERSATION]
