@@ -33,6 +33,7 @@ from transformers.utils.output_capturing import capture_outputs
 
 from .config import PanGuPiConfig
 from .kernels import siaf_and_mul
+from .kernels.linear_cross_entropy import linear_cross_entropy
 from .kernels.reference import ACTIVATIONS, identity_init, siaf_and_mul_reference, spread_init
 
 logger = logging.get_logger(__name__)
@@ -392,6 +393,10 @@ class PanGuPiModel(PanGuPiPreTrainedModel):
 
 class PanGuPiForCausalLM(PanGuPiPreTrainedModel, GenerationMixin):
     _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
+    # With labels, compute the loss with the fused LM head + cross-entropy (kernels/linear_cross_entropy.py)
+    # and return no logits: the full-vocabulary logits are never formed. The trainer sets it
+    # (`train.fused_loss`); it is not part of the config, so saved checkpoints do not carry it.
+    fused_loss: bool = False
 
     def __init__(self, config: PanGuPiConfig):
         super().__init__(config)
@@ -412,6 +417,8 @@ class PanGuPiForCausalLM(PanGuPiPreTrainedModel, GenerationMixin):
         logits_to_keep: int | torch.Tensor = 0,
         **kwargs,
     ) -> CausalLMOutputWithPast:
+        # Labels already shifted (shift_labels[t] = the id of token t+1), as transformers' losses take them.
+        shift_labels = kwargs.pop("shift_labels", None)
         out = self.model(
             input_ids=input_ids,
             attention_mask=attention_mask,
@@ -423,10 +430,19 @@ class PanGuPiForCausalLM(PanGuPiPreTrainedModel, GenerationMixin):
             **kwargs,
         )
         hidden = out.last_hidden_state
+        if self.fused_loss and (labels is not None or shift_labels is not None):
+            if shift_labels is None:  # labels[t] is token t's own id; the loss predicts the next one
+                shift_labels = F.pad(labels, (0, 1), value=-100)[..., 1:]
+            loss = linear_cross_entropy(hidden, self.lm_head.weight, shift_labels,
+                                        num_items_in_batch=kwargs.get("num_items_in_batch"))
+            return CausalLMOutputWithPast(loss=loss, logits=None, past_key_values=out.past_key_values,
+                                          hidden_states=out.hidden_states, attentions=out.attentions)
         keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
         logits = self.lm_head(hidden[:, keep, :])
         loss = None
-        if labels is not None:
+        if labels is not None or shift_labels is not None:
+            if shift_labels is not None:
+                kwargs["shift_labels"] = shift_labels.contiguous()  # transformers' loss views it flat
             loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
         return CausalLMOutputWithPast(
             loss=loss,

@@ -138,12 +138,19 @@ def modeling_source() -> str:
         "\n\ndef siaf_and_mul(gate, up, scale, shift, weight=None, *, activation=\"silu\", backend=\"auto\"):\n"
         "    # The checkpoint's code carries the reference op only; pangu-pi's fused kernels need the package.\n"
         "    return siaf_and_mul_reference(gate, up, scale, shift, weight, activation)\n"
+        "\n\ndef linear_cross_entropy(hidden, weight, labels, *, num_items_in_batch=None):\n"
+        "    # pangu-pi's trainer switches its fused loss on (fused_loss); here, the same loss the plain way.\n"
+        "    logits = (hidden @ weight.t()).float()\n"
+        "    reduction = \"mean\" if num_items_in_batch is None else \"sum\"\n"
+        "    loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), reduction=reduction)\n"
+        "    return loss if num_items_in_batch is None else loss / num_items_in_batch\n"
     )
     model = _replace_imports(
         model,
         {
             "from .config import PanGuPiConfig": "from .configuration_pangu_pi import PanGuPiConfig",
             "from .kernels import siaf_and_mul": "",
+            "from .kernels.linear_cross_entropy import linear_cross_entropy": "",
             "from .kernels.reference import ACTIVATIONS, identity_init, siaf_and_mul_reference, spread_init": "",
         },
         "pangu_pi/modeling.py",

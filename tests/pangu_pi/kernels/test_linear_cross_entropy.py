@@ -171,3 +171,32 @@ def test_bad_arguments_are_refused():
         linear_cross_entropy(h, w, torch.zeros(5, dtype=torch.long))
     with pytest.raises(ValueError, match="vocab"):
         linear_cross_entropy(h, torch.randn(10, 7), torch.zeros(4, dtype=torch.long))
+
+
+@pytest.mark.parametrize("how", ["labels", "shift_labels"])
+def test_the_model_with_fused_loss_gives_the_plain_loss_and_gradients(seed, how):
+    from pangu_pi import PanGuPiConfig, PanGuPiForCausalLM
+
+    config = PanGuPiConfig.from_preset("tiny", vocab_size=300, num_hidden_layers=2, siaf_backend="reference")
+    model = PanGuPiForCausalLM(config)
+    ids = torch.randint(0, 300, (2, 17))
+    labels = ids.clone()
+    labels[0, :5] = IGNORE_INDEX  # a prompt that is not trained on
+    kwargs = {"labels": labels} if how == "labels" else {"shift_labels": labels[:, 1:]}
+    if how == "shift_labels":
+        ids = ids[:, :-1]
+    results = []
+    for fused in (False, True):
+        model.zero_grad()
+        model.fused_loss = fused
+        out = model(input_ids=ids, **kwargs)
+        out.loss.backward()
+        assert (out.logits is None) == fused  # the fused loss forms no logits
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        results.append((out.loss.detach(), grads))
+    (plain, plain_grads), (fused, fused_grads) = results
+    torch.testing.assert_close(fused, plain, atol=1e-5, rtol=1e-5, msg=f"seed {seed}")
+    assert fused_grads.keys() == plain_grads.keys() and "lm_head.weight" in fused_grads
+    for name in plain_grads:
+        torch.testing.assert_close(fused_grads[name], plain_grads[name], atol=1e-5, rtol=1e-4,
+                                   msg=f"{name}, seed {seed}")
