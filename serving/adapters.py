@@ -24,11 +24,20 @@ class AdapterProblem(ValueError):
     """An adapter that cannot be served by this engine; the message says why and what to do."""
 
 
+MAX_HEADER_BYTES = 100 * 1024 * 1024  # the safetensors format's own bound on a header
+
+
 def safetensors_shapes(path: Path) -> dict[str, list[int]]:
-    with open(path, "rb") as f:
-        (size,) = struct.unpack("<Q", f.read(8))
-        header = json.loads(f.read(size))
-    return {name: entry["shape"] for name, entry in header.items() if name != "__metadata__"}
+    """Each tensor's shape from a safetensors file's header; AdapterProblem when it is not one."""
+    try:
+        with open(path, "rb") as f:
+            (size,) = struct.unpack("<Q", f.read(8))
+            if size > MAX_HEADER_BYTES:
+                raise ValueError(f"a header of {size} bytes")
+            header = json.loads(f.read(size))
+        return {name: list(entry["shape"]) for name, entry in header.items() if name != "__metadata__"}
+    except (struct.error, ValueError, TypeError, KeyError, AttributeError, OSError) as err:
+        raise AdapterProblem(f"{path} is not a safetensors file ({type(err).__name__}: {err})") from None
 
 
 @functools.lru_cache(maxsize=16)
@@ -46,7 +55,7 @@ def lora_rank(path: Path) -> int:
         raise AdapterProblem(f"{path} is not a peft LoRA adapter folder (it has no adapter_config.json)")
     try:
         return int(json.loads(config.read_text()).get("r", 0))
-    except (ValueError, TypeError) as err:
+    except (ValueError, TypeError, AttributeError, OSError) as err:
         raise AdapterProblem(f"{config} is not a valid adapter config ({err})") from None
 
 
@@ -77,6 +86,8 @@ def check_adapter(path: Path, model_dir: Path | None, max_rank: int | None) -> N
     if not base:
         return
     for key, shape in safetensors_shapes(weights).items():
+        if not isinstance(shape, list) or not all(isinstance(d, int) for d in shape):
+            raise AdapterProblem(f"{weights}: `{key}` has no valid shape")
         match = _LORA_KEY.match(key)
         if match is None:
             _check_other_weight(key, shape, base)
@@ -89,6 +100,8 @@ def check_adapter(path: Path, model_dir: Path | None, max_rank: int | None) -> N
                 f"for another model"
             )
         # lora_A is (rank, in_features), lora_B is (out_features, rank); the weight is (out, in).
+        if len(shape) != 2 or len(target) != 2:
+            raise AdapterProblem(f"the adapter's `{key}` is not a matrix (shape {shape})")
         got, want = (shape[1], target[1]) if match["part"] == "A" else (shape[0], target[0])
         if len(shape) != 2 or got != want:
             side = "inputs" if match["part"] == "A" else "outputs"
@@ -105,6 +118,8 @@ def _check_other_weight(key: str, shape: list[int], base: dict[str, list[int]]) 
         target = base.get(f"{match['module']}.weight")
         if target is None:
             raise AdapterProblem(f"the adapter changes `{match['module']}`, which the served model does not have")
+        if len(shape) != 2 or len(target) != 2:
+            raise AdapterProblem(f"the adapter's `{key}` is not a matrix (shape {shape})")
         got, want, what = (shape[1], target[0], "vocabulary") if match["part"] == "A" else (shape[0], target[1], "width")
         if got != want:
             raise AdapterProblem(

@@ -114,7 +114,7 @@ def combine(name: str, c: int, rounds: list[dict]) -> dict:
 
 class Server:
     def __init__(self, model: Path, name: str, args: argparse.Namespace, env: dict, log: Path):
-        from pangu_pi.serving.server import free_port
+        from pangu_pi.net import free_port
 
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
@@ -163,15 +163,16 @@ class Server:
         """The engine behind this server's gateway, at its own port with its internal key."""
         import psutil
 
+        from pangu_pi.serving.engines import VLLM_SERVER_MODULE
         from pangu_pi.serving.request_guard import API_KEY_ENV
-        from pangu_pi.serving.server import VLLM_SERVER_MODULE
 
         for child in psutil.Process(self.process.pid).children():
             cmd = child.cmdline()
             if VLLM_SERVER_MODULE in cmd:
-                port = int(cmd[cmd.index("--port") + 1])
+                # The engines listen on Unix sockets in the server's private folder (same user here).
+                uds = cmd[cmd.index("--uds") + 1]
                 key = child.environ()[API_KEY_ENV]
-                return Direct(f"http://127.0.0.1:{port}", self.name, {"Authorization": f"Bearer {key}"})
+                return Direct("http://engine", self.name, {"Authorization": f"Bearer {key}"}, uds)
         raise SystemExit(f"no engine process under {self.name}'s server")
 
     def stop(self) -> None:
@@ -196,8 +197,8 @@ class Server:
 
 
 class Direct:
-    def __init__(self, url: str, name: str, headers: dict[str, str]):
-        self.url, self.name, self.headers = url, name, headers
+    def __init__(self, url: str, name: str, headers: dict[str, str], uds: str | None = None):
+        self.url, self.name, self.headers, self.uds = url, name, headers, uds
 
 
 async def _stream_one(client, url: str, name: str, prompt: list[int], max_tokens: int, headers=None):
@@ -241,7 +242,9 @@ async def run_vllm_round(server: Server, prompts: list[list[int]], c: int, total
             steps[1] += stamps[-1] - stamps[0]
 
     limits = httpx.Limits(max_connections=c + 4)
-    async with httpx.AsyncClient(timeout=None, limits=limits) as client:
+    uds = getattr(server, "uds", None)  # an engine measured directly, on its socket
+    transport = httpx.AsyncHTTPTransport(uds=uds, limits=limits) if uds else None
+    async with httpx.AsyncClient(timeout=None, limits=limits, transport=transport) as client:
         await _stream_one(client, server.url, server.name, prompts[0], 8, server.headers)  # warm-up
         t0 = time.perf_counter()
         await asyncio.gather(*(client_loop(client) for _ in range(c)))

@@ -12,8 +12,10 @@ import pytest
 
 from pangu_pi.cli import UserError
 from pangu_pi.net import free_port
-from pangu_pi.serving import server
-from pangu_pi.serving.request_guard import API_KEY_ENV
+from pangu_pi.serving import engines as server
+from pangu_pi.serving import kv_cache
+from pangu_pi.serving.config import parse_args
+from pangu_pi.serving.request_guard import API_KEY_ENV, LIMITS_ENV, Limits
 
 PANGU_PI = str(Path(sys.executable).with_name("pangu-pi"))
 
@@ -31,8 +33,8 @@ def adapter(path: Path, rank: int) -> Path:
     return path
 
 
-def plan(argv):
-    return server.plan_engines(server.parse_args(argv))
+def plan(argv, sockets=Path("/run/engines")):
+    return server.plan_engines(parse_args(argv), sockets)
 
 
 def test_a_missing_checkpoint_is_one_line_on_the_command_line(tmp_path):
@@ -42,24 +44,54 @@ def test_a_missing_checkpoint_is_one_line_on_the_command_line(tmp_path):
     assert "Traceback" not in result.stderr
 
 
-def test_a_single_engine_sits_behind_the_gateway_too(tmp_path):
-    # The gateway is what answers (503) while an engine restarts, so even one engine has it.
+def test_a_single_engine_has_a_socket_in_the_private_folder(tmp_path):
     base = checkpoint(tmp_path / "pangu-1b")
     lora = adapter(tmp_path / "law", 8)
-    engines, gateway = plan([str(base), "--lora", f"law={lora}", "--port", "9001"])
-    assert gateway and len(engines) == 1
-    assert (engines[0].name, engines[0].host) == ("pangu-1b", "127.0.0.1") and engines[0].port != 9001
-    assert engines[0].loras == {"law": lora}
+    engines = plan([str(base), "--lora", f"law={lora}", "--port", "9001"], tmp_path / "sockets")
+    assert len(engines) == 1
+    assert engines[0].name == "pangu-1b" and engines[0].socket.parent == tmp_path / "sockets"
+    assert engines[0].loras == {"law": lora} and engines[0].state.startup_adapters == {"law"}
 
 
-def test_variants_get_loopback_engines_on_their_own_ports(tmp_path):
+def test_variants_get_engines_on_sockets_of_their_own(tmp_path):
     base = checkpoint(tmp_path / "base")
     ys = checkpoint(tmp_path / "ys")
-    engines, gateway = plan([str(base), "--name", "pangu", "--variant", f"yunshan={ys}", "--host", "0.0.0.0", "--port", "9002"])
-    assert gateway
+    engines = plan([str(base), "--name", "pangu", "--variant", f"yunshan={ys}", "--host", "0.0.0.0", "--port", "9002"])
     assert [e.name for e in engines] == ["pangu", "yunshan"]
-    assert all(e.host == "127.0.0.1" and e.port != 9002 for e in engines)
-    assert engines[0].port != engines[1].port
+    assert engines[0].socket != engines[1].socket and engines[1].state.startup_adapters == frozenset()
+
+
+def test_the_socket_folder_is_private():
+    import stat
+
+    folder = server.private_folder("pangu-pi-test-")
+    try:
+        assert stat.S_IMODE(folder.stat().st_mode) == 0o700 and folder.stat().st_uid == __import__("os").geteuid()
+        assert len(str(folder / "engine-0.sock")) < 100
+    finally:
+        folder.rmdir()
+
+
+def test_a_log_dir_serve_did_not_create_is_refused_unless_forced(tmp_path):
+    base = checkpoint(tmp_path / "base")
+    theirs = tmp_path / "theirs"
+    theirs.mkdir()
+    (theirs / "important.txt").write_text("keep me")
+    with pytest.raises(UserError, match="--force"):
+        server.prepare_log_dir(parse_args([str(base), "--log-dir", str(theirs)]))
+    assert server.prepare_log_dir(parse_args([str(base), "--log-dir", str(theirs), "--force"])) == theirs
+    assert (theirs / "important.txt").read_text() == "keep me"
+    ours = server.prepare_log_dir(parse_args([str(base), "--log-dir", str(tmp_path / "new" / "logs")]))
+    (ours / "pangu.log").write_text("an earlier run")
+    assert server.prepare_log_dir(parse_args([str(base), "--log-dir", str(ours)])) == ours  # ours again: fine
+    link = tmp_path / "link"
+    link.symlink_to(ours)
+    with pytest.raises(UserError, match="symlink"):
+        server.prepare_log_dir(parse_args([str(base), "--log-dir", str(link)]))
+    # The default is a new private folder each time, not a name another user could take first.
+    first, second = (server.prepare_log_dir(parse_args([str(base)])) for _ in range(2))
+    assert first != second and (first.stat().st_mode & 0o777) == 0o700
+    first.rmdir(), second.rmdir()
 
 
 @pytest.mark.parametrize(
@@ -91,10 +123,12 @@ def test_engine_command_line(tmp_path):
     base = checkpoint(tmp_path / "base")
     argv = [str(base), "--lora", f"a={adapter(tmp_path / 'a', 12)}", "--lora", f"b={adapter(tmp_path / 'b', 4)}",
             "--max-model-len", "1024", "--api-key", "secret", "-tp", "2", "--", "--enforce-eager"]  # fmt: skip
-    args = server.parse_args(argv)
-    engines, _ = server.plan_engines(args)
+    args = parse_args(argv)
+    engines = server.plan_engines(args, tmp_path / "sockets")
     cmd = server.engine_command(engines[0], args)
     assert cmd[1:3] == ["-m", "vllm.entrypoints.openai.api_server"]
+    assert cmd[cmd.index("--uds") + 1] == str(tmp_path / "sockets" / "engine-0.sock")
+    assert "--port" not in cmd and "--host" not in cmd  # nothing listens on the network but the gateway
     flag = lambda name: cmd[cmd.index(name) + 1]  # noqa: E731
     assert flag("--max-lora-rank") == "16"  # vLLM's next allowed rank above the largest adapter's 12
     assert flag("--max-loras") == "4" and flag("--max-model-len") == "1024" and flag("--tensor-parallel-size") == "2"
@@ -112,6 +146,9 @@ def test_engine_environment(monkeypatch):
     assert API_KEY_ENV not in env and env["VLLM_TARGET_DEVICE"] == "cpu"
     assert env["VLLM_ALLOW_RUNTIME_LORA_UPDATING"] == "True"  # /v1/load_lora_adapter exists on the engine
     assert server.engine_env("cuda", "k")[API_KEY_ENV] == "k"
+    monkeypatch.setenv("PANGU_PI_ADMIN_API_KEY", "admin")
+    limited = server.engine_env("cpu", "k", limits_json=Limits(max_n=3).to_env())
+    assert "PANGU_PI_ADMIN_API_KEY" not in limited and Limits(**json.loads(limited[LIMITS_ENV])).max_n == 3
     assert server.engine_env("cpu", "k", tensor_parallel_size=2)["VLLM_CPU_OMP_THREADS_BIND"] == "0,1|2,3"
     assert "VLLM_CPU_OMP_THREADS_BIND" not in server.engine_env("cuda", "k", tensor_parallel_size=2)
     with pytest.raises(UserError, match="cores"):
@@ -134,8 +171,8 @@ def test_lora_is_on_for_run_time_adapters_unless_turned_off(tmp_path):
     base = checkpoint(tmp_path / "base")
 
     def command(*extra):
-        args = server.parse_args([str(base), *extra])
-        return server.engine_command(server.plan_engines(args)[0][0], args)
+        args = parse_args([str(base), *extra])
+        return server.engine_command(server.plan_engines(args, tmp_path)[0], args)
 
     plain = command()
     assert plain[plain.index("--max-lora-rank") + 1] == "16" and "--lora-modules" not in plain
@@ -145,14 +182,19 @@ def test_lora_is_on_for_run_time_adapters_unless_turned_off(tmp_path):
         command("--max-lora-rank", "4096")
 
 
-def test_limit_flags_default_and_must_be_positive(tmp_path):
+def test_limit_and_backpressure_flags_default_and_must_be_positive(tmp_path):
     base = checkpoint(tmp_path / "base")
-    args = server.parse_args([str(base)])
-    assert server._check_limits(args) == server.Limits(16, 2 * 1024 * 1024, 16, 128)
-    raised = server.parse_args([str(base), "--max-n", "64", "--max-body-bytes", "9000000", "--max-stop", "40", "--max-tools", "500"])
-    assert server._check_limits(raised) == server.Limits(64, 9_000_000, 40, 500)
-    with pytest.raises(UserError, match="--max-n"):
-        server._check_limits(server.parse_args([str(base), "--max-n", "0"]))
+    args = parse_args([str(base)])
+    assert args.limits == Limits(16, 2 * 1024 * 1024, 16, 128, 64, 30.0)
+    assert (args.max_concurrency, args.max_connections, args.header_timeout, args.queue_timeout) == (512, 1024, 10.0, 30.0)
+    assert args.slots_per_engine == 256 and parse_args([str(base), "--", "--max-num-seqs", "8"]).slots_per_engine == 8
+    raised = parse_args([str(base), "--max-n", "64", "--max-body-bytes", "9000000", "--max-stop", "40", "--max-tools", "500",
+                         "--max-json-depth", "100", "--body-timeout", "5", "--max-concurrency", "3", "--engine-concurrency", "2"])  # fmt: skip
+    assert raised.limits == Limits(64, 9_000_000, 40, 500, 100, 5.0)
+    assert raised.max_concurrency == 3 and raised.slots_per_engine == 2
+    for flag in ("--max-n", "--max-concurrency", "--header-timeout", "--max-json-depth"):
+        with pytest.raises(UserError, match=flag):
+            parse_args([str(base), flag, "0"])
 
 
 def test_kv_cache_is_chosen_to_fit_free_memory_unless_set(tmp_path, monkeypatch):
@@ -161,22 +203,22 @@ def test_kv_cache_is_chosen_to_fit_free_memory_unless_set(tmp_path, monkeypatch)
                                                   "max_position_embeddings": 2048, "dtype": "float32"}))  # fmt: skip
     (base / "model.safetensors").write_bytes(b"\0" * 1000)
     monkeypatch.delenv(server.KV_CACHE_ENV, raising=False)
-    args = server.parse_args([str(base), "--dtype", "float32"])
-    engines, _ = server.plan_engines(args)
+    args = parse_args([str(base), "--dtype", "float32"])
+    engines = server.plan_engines(args, tmp_path)
     gib = 1 << 30
-    monkeypatch.setattr(server, "node_memory", lambda: (64 * gib, 40 * gib))
-    chosen, line = server.choose_kv_cache(engines, args, "cpu")
+    monkeypatch.setattr(kv_cache, "node_memory", lambda: (64 * gib, 40 * gib))
+    chosen, line = kv_cache.choose_kv_cache(engines, args, "cpu")
     # (40 GiB - 3 processes × 0.5 GiB) / 2, for a model whose 256 full contexts would need 192 GiB.
     assert chosen == 19 and "19 GiB" in line and "VLLM_CPU_KVCACHE_SPACE" in line
-    small = server.parse_args([str(base), "--dtype", "float32", "--max-model-len", "128", "--", "--max-num-seqs", "8"])
-    assert server.choose_kv_cache(engines, small, "cpu")[0] == 1  # 8 × 128 tokens need far less than a GiB
-    monkeypatch.setattr(server, "node_memory", lambda: (8 * gib, 1 * gib))
-    chosen, line = server.choose_kv_cache(engines, args, "cpu")
+    small = parse_args([str(base), "--dtype", "float32", "--max-model-len", "128", "--", "--max-num-seqs", "8"])
+    assert kv_cache.choose_kv_cache(engines, small, "cpu")[0] == 1  # 8 × 128 tokens need far less than a GiB
+    monkeypatch.setattr(kv_cache, "node_memory", lambda: (8 * gib, 1 * gib))
+    chosen, line = kv_cache.choose_kv_cache(engines, args, "cpu")
     assert chosen == 1 and "memory is short" in line
-    assert server.choose_kv_cache(engines, args, "cuda") == (None, "")
-    assert server.choose_kv_cache(engines, server.parse_args([str(base), "--", "--gpu-memory-utilization", "0.5"]), "cpu")[0] is None
+    assert kv_cache.choose_kv_cache(engines, args, "cuda") == (None, "")
+    assert kv_cache.choose_kv_cache(engines, parse_args([str(base), "--", "--gpu-memory-utilization", "0.5"]), "cpu")[0] is None
     monkeypatch.setenv(server.KV_CACHE_ENV, "3")
-    assert server.choose_kv_cache(engines, args, "cpu") == (None, "")
+    assert kv_cache.choose_kv_cache(engines, args, "cpu") == (None, "")
 
 
 def test_root_cause_is_the_error_that_says_why_not_the_last_line():

@@ -199,12 +199,13 @@ def test_key_and_request_checks_stay_in_front(server, client):
     assert_valid_call(reply["tool_calls"][0], "set_unit")  # and it keeps serving
 
 
-def test_engines_get_the_tool_parser_and_compact_json_unless_told_otherwise(base_dir):
-    from pangu_pi.serving import server
+def test_engines_get_the_tool_parser_and_compact_json_unless_told_otherwise(base_dir, tmp_path):
+    from pangu_pi.serving import engines as server
+    from pangu_pi.serving.config import parse_args
 
     def command(*extra: str) -> list[str]:
-        args = server.parse_args([str(base_dir), *extra])
-        return server.engine_command(server.plan_engines(args)[0][0], args)
+        args = parse_args([str(base_dir), *extra])
+        return server.engine_command(server.plan_engines(args, tmp_path)[0], args)
 
     default = command()
     assert default[default.index("--tool-call-parser") + 1] == "hermes" and "--enable-auto-tool-choice" in default
