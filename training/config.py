@@ -40,6 +40,7 @@ RECIPES = ("pretrain", "finetune")
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 FINETUNE_MODES = ("full", "lora", "dpo")
 DPO_LOSSES = ("sigmoid", "ipo")
+OPTIMIZER_IMPLEMENTATIONS = ("torch", "deepspeed")
 
 
 @dataclass
@@ -77,6 +78,9 @@ class OptimConfig:
     eps: float = 1e-8
     weight_decay: float = 0.1
     grad_clip: float = 1.0  # on the global gradient norm; 0 turns clipping off
+    # AdamW's implementation: torch (torch.optim.AdamW, fused) | deepspeed (DeepSpeed's FusedAdam on a
+    # GPU; on CPU its C++ Adam, built at first use). Which is faster on a GPU: to be measured there.
+    implementation: str = "torch"
 
 
 @dataclass
@@ -93,7 +97,12 @@ class TrainConfig:
     precision: str = "bf16"  # bf16 | fp32
     zero_stage: int = 2
     offload_optimizer: bool = False  # ZeRO optimizer state in host memory
-    activation_checkpointing: bool = False
+    # none | full | selective (training/speed.py; true/false still mean full/none). selective keeps
+    # every matmul's and attention's output and recomputes the elementwise ops in backward.
+    activation_checkpointing: bool | str = False
+    compile: bool = False  # torch.compile each decoder block (training/speed.py); GPU default: to be measured
+    # The LM head + cross-entropy fused and chunked over tokens: the full-vocabulary logits are never formed.
+    fused_loss: bool = True
     max_bad_steps: int = 5  # stop after this many optimizer steps in a row skipped for a non-finite loss/grad
     log_every: int = 1  # write a metrics line every this many optimizer steps
 
@@ -117,6 +126,10 @@ class LogConfig:
     plot: bool = True
     # Peak FLOP/s of one device for MFU; None = looked up from the GPU's name (unknown devices show no MFU).
     peak_flops_per_device: float | None = None
+    # Time the step's phases (data, forward, backward, optimizer; `*_s` in metrics.jsonl). Off by
+    # default: on a GPU the loop then never waits for the device; on, it records CUDA events and
+    # reads them once per logged step.
+    phase_times: bool = False
     # A Weights & Biases project to log the metrics to (rank 0); null = off. WANDB_MODE=offline
     # writes the run under OUT/wandb with no network, for `wandb sync` later.
     wandb: str | None = None
@@ -278,7 +291,13 @@ def _coerce(path: str, value: Any, tp) -> Any:
     if isinstance(tp, types.UnionType) or typing.get_origin(tp) is typing.Union:
         if value is None and type(None) in args:
             return None
-        (tp,) = [a for a in args if a is not type(None)]
+        options = [a for a in args if a is not type(None)]
+        for option in options[:-1]:  # `bool | str`: the first type that reads the value wins
+            try:
+                return _coerce(path, value, option)
+            except ConfigError:
+                pass
+        tp = options[-1]
     if dataclasses.is_dataclass(tp):
         return _build(tp, value, path + ".")
     if tp is bool:
@@ -543,6 +562,11 @@ def check(config: RunConfig, check_paths: bool = True) -> None:
     need(t.zero_stage in (1, 2, 3), f"train.zero_stage must be 1, 2 or 3, got {t.zero_stage}")
     need(t.max_bad_steps >= 1, f"train.max_bad_steps must be at least 1, got {t.max_bad_steps}")
     need(t.log_every >= 1, f"train.log_every must be at least 1, got {t.log_every}")
+    need(t.activation_checkpointing in (True, False, "none", "full", "selective"),
+         f"train.activation_checkpointing must be none, full or selective (true/false mean full/none), "
+         f"got {t.activation_checkpointing!r}")
+    need(o.implementation in OPTIMIZER_IMPLEMENTATIONS,
+         f"optim.implementation must be {' or '.join(OPTIMIZER_IMPLEMENTATIONS)}, got {o.implementation!r}")
     need(config.checkpoint.save_every >= 1, f"checkpoint.save_every must be at least 1, got {config.checkpoint.save_every}")
     need(
         config.checkpoint.keep_last is None or config.checkpoint.keep_last >= 1,
@@ -660,5 +684,10 @@ def resolved_dict(config: RunConfig, split: BatchSplit | None = None, vocab_size
     return out
 
 
+def yaml_text(data: dict) -> str:
+    """A config as YAML, in the order it was built (what `load_config` reads back)."""
+    return yaml.safe_dump(data, sort_keys=False, allow_unicode=True)
+
+
 def dump_yaml(data: dict, path: str | Path) -> None:
-    Path(path).write_text(yaml.safe_dump(data, sort_keys=False, allow_unicode=True))
+    Path(path).write_text(yaml_text(data))

@@ -35,29 +35,12 @@ from __future__ import annotations
 import argparse
 from dataclasses import dataclass
 
+from pangu_pi.parameters import count_parameters
+
+from .config import resolve_batch
+from .engine import deepspeed_config
+
 GIB = 1024**3
-
-
-def count_parameters(config) -> dict[str, int]:
-    """Parameters of a PanGuPiForCausalLM from its config alone (under ZeRO-3 the model's own tensors are empty)."""
-    d, f, L, V = config.hidden_size, config.intermediate_size, config.num_hidden_layers, config.vocab_size
-    q = config.num_attention_heads * config.head_dim
-    kv = config.num_key_value_heads * config.head_dim
-    siaf_shape = f if config.siaf_param_shape == "channel" else 1
-    siaf = config.siaf_terms * siaf_shape * (3 if config.siaf_learn_weight else 2)
-    per_layer = {
-        "attention": 2 * d * q + 2 * d * kv,
-        "shortcuts": config.shortcut_count * 2 * d * config.shortcut_width,
-        "mlp": 3 * d * f,
-        "siaf": siaf,
-        "norms": 2 * d,
-    }
-    counts = {name: L * n for name, n in per_layer.items()}
-    counts["embedding"] = V * d
-    counts["lm_head"] = 0 if config.tie_word_embeddings else V * d
-    counts["final_norm"] = d
-    counts["total"] = sum(counts.values())
-    return counts
 
 
 def activation_elements_per_token_per_layer(config) -> int:
@@ -124,9 +107,6 @@ class MemoryEstimate:
 def estimate_memory(run_config, world_size: int, vocab_size: int | None = None, device: str = "cuda") -> MemoryEstimate:
     """Bytes per GPU for `run_config` (a pangu_pi.training.config.RunConfig) on `world_size` GPUs;
     `device="cpu"` for a CPU-only run (DeepSpeed's CPU settings and the process baseline)."""
-    from .config import resolve_batch
-    from .core import deepspeed_config
-
     model = run_config.model_config(vocab_size)
     split = resolve_batch(run_config.batch, world_size)
     on_gpu = device != "cpu"
@@ -155,12 +135,26 @@ def estimate_memory(run_config, world_size: int, vocab_size: int | None = None, 
     tokens = split.micro_batch_size * run_config.data.seq_len
     per_layer = activation_elements_per_token_per_layer(model) * tokens * b
     layers = model.num_hidden_layers
-    if run_config.train.activation_checkpointing:
+    from .speed import ac_mode, selective_elements_per_token_per_layer
+
+    checkpointing = ac_mode(run_config.train.activation_checkpointing)
+    if checkpointing == "full":
         activations = layers * tokens * model.hidden_size * b + per_layer
+    elif checkpointing == "selective":  # each block keeps its matmul outputs; one block recomputes the rest
+        activations = layers * tokens * selective_elements_per_token_per_layer(model) * b + per_layer
     else:
         activations = layers * per_layer
-    # logits in the compute dtype, their fp32 copy for the loss, and that copy's gradient
-    logits = tokens * model.vocab_size * (b + 4 + 4)
+    if getattr(run_config.train, "fused_loss", False):
+        # one chunk of fp32 logits (turned into their gradient in place) and its copy in the compute
+        # dtype, the fp32 buffer the head's gradient accumulates in, and the hidden states' gradient
+        from pangu_pi.kernels.linear_cross_entropy import default_chunk_size
+
+        chunk = default_chunk_size(tokens, model.vocab_size)
+        logits = (chunk * model.vocab_size * (4 + b) + 4 * model.vocab_size * model.hidden_size
+                  + tokens * model.hidden_size * b)
+    else:
+        # logits in the compute dtype, their fp32 copy for the loss, and that copy's gradient
+        logits = tokens * model.vocab_size * (b + 4 + 4)
 
     # A bucket never holds more than every gradient (or weight), however large it is configured:
     # DeepSpeed allocates the configured size, but only the part it fills becomes resident.
