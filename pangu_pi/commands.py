@@ -63,27 +63,22 @@ def tokenizer_main(argv: list[str]) -> int:
     if argv[0] == "template":
         return template_main(argv[1:])
     if argv[0] == "extend":
-        from .tokenizer import write_chat_template
         from .vocab import extend_main
 
-        code = extend_main(argv[1:])
-        # The extension copies the base's files; it gets the current chat template whatever the base had.
-        out = argparse.ArgumentParser(add_help=False)
-        out.add_argument("--out")
-        folder = out.parse_known_args(argv[1:])[0].out
-        if code == 0 and folder:
-            write_chat_template(folder)
-        return code
+        return extend_main(argv[1:])
     from .tokenizer import load_tokenizer, train_tokenizer
 
     ap = argparse.ArgumentParser(prog="pangu-pi tokenizer train", description="Train a SentencePiece BPE tokenizer.")
     ap.add_argument("--input", nargs="*", help="text files, directories or globs (default: the embedded corpus)")
     ap.add_argument("--vocab-size", type=int, default=8192)
     ap.add_argument("--max-bytes", type=int, default=8_000_000, help="text sampled for training")
-    ap.add_argument("--out", required=True)
+    ap.add_argument("--out", required=True, help="folder to write (new or empty; the same settings reuse it)")
+    ap.add_argument("--force", action="store_true",
+                    help="replace a tokenizer this command wrote into --out with other inputs or settings "
+                         "(only its own files; a folder it did not write is always refused)")
     args = ap.parse_args(argv[1:])
     try:
-        out = train_tokenizer(args.input, args.out, args.vocab_size, args.max_bytes)
+        out = train_tokenizer(args.input, args.out, args.vocab_size, args.max_bytes, force=args.force)
     except ValueError as err:
         raise UserError(str(err)) from None
     tok = load_tokenizer(out)
@@ -162,7 +157,8 @@ def init_main(argv: list[str]) -> int:
 
     from .config import PanGuPiConfig
     from .modeling import PanGuPiForCausalLM
-    from .tokenizer import load_tokenizer, stop_token_ids
+    from .outputs import claim_output, staged_output
+    from .tokenizer import generation_config, load_tokenizer, tokenizer_hash
 
     ap = argparse.ArgumentParser(prog="pangu-pi init", description="Create a randomly initialised checkpoint.")
     ap.add_argument("--preset", default="tiny")
@@ -170,21 +166,29 @@ def init_main(argv: list[str]) -> int:
     ap.add_argument("--set", nargs="+", action="extend", default=[], metavar="KEY=VALUE",
                     help="override a model field, e.g. model.hidden_size=64 (as in run configs)")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--out", required=True)
+    ap.add_argument("--out", required=True, help="folder to write (new or empty)")
+    ap.add_argument("--force", action="store_true",
+                    help="replace a checkpoint this command wrote into --out with other settings "
+                         "(only its own files; a folder it did not write is always refused)")
     ap.add_argument("--no-remote-code", action="store_true",
                     help="leave out configuration_pangu_pi.py / modeling_pangu_pi.py (loading then needs pangu-pi)")
     args = ap.parse_args(argv)
     tok = load_tokenizer(args.tokenizer)
+    overrides = parse_overrides(args.set)
     config = PanGuPiConfig.from_preset(
         args.preset,
-        **{"vocab_size": len(tok), "pad_token_id": tok.pad_token_id, **parse_overrides(args.set)},
+        **{"vocab_size": len(tok), "pad_token_id": tok.pad_token_id, **overrides},
     )
+    claim = claim_output(args.out, "init", {
+        "preset": args.preset, "tokenizer": tokenizer_hash(args.tokenizer), "set": overrides, "seed": args.seed,
+        "remote_code": not args.no_remote_code,
+    }, force=args.force)
     torch.manual_seed(args.seed)
     model = PanGuPiForCausalLM(config)
-    model.generation_config.eos_token_id = stop_token_ids(tok)
-    model.generation_config.pad_token_id = tok.pad_token_id
-    tok.save_pretrained(args.out)  # first, so the model card describes it
-    model.save_pretrained(args.out, remote_code=not args.no_remote_code)
+    model.generation_config = generation_config(tok, bos_token_id=config.bos_token_id)
+    with staged_output(claim) as staged:
+        tok.save_pretrained(staged)  # first, so the model card describes it
+        model.save_pretrained(staged, remote_code=not args.no_remote_code, model_card={"name": claim.out.name})
     params = model.num_parameters()
     print(f"{args.preset} model, {params:,} parameters, written to {args.out}")
     return 0

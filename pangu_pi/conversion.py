@@ -123,8 +123,12 @@ def convert_llama_model(llama_model, **config_overrides) -> PanGuPiForCausalLM:
 
 
 def convert_llama(src: str | Path, out: str | Path, dtype: str | None = None, *, remote_code: bool = True,
-                  **config_overrides) -> Path:
+                  force: bool = False, **config_overrides) -> Path:
+    """Write the PanGu-π conversion of the LLaMA checkpoint in `src` into `out`: a new or empty folder,
+    or (with `force`, or the same settings) one this function wrote before (pangu_pi.outputs)."""
     from transformers import AutoConfig, LlamaForCausalLM
+
+    from .outputs import claim_output, staged_output
 
     src, out = Path(src), Path(out)
     if not is_checkpoint(src):
@@ -133,16 +137,20 @@ def convert_llama(src: str | Path, out: str | Path, dtype: str | None = None, *,
     if src_config.model_type != "llama":
         raise UserError(f"{src} is a {src_config.model_type!r} checkpoint; convert-llama reads LLaMA checkpoints")
     pangu_config_from_llama(src_config, **config_overrides)  # refuse what cannot convert before reading weights
+    if out.resolve() == src.resolve() or src.resolve() in out.resolve().parents:
+        raise UserError(f"{out} is inside the source checkpoint {src}; write the conversion to a folder of its own")
+    claim = claim_output(out, "convert-llama", {"src": str(src.resolve()), "dtype": dtype,
+                                                "remote_code": remote_code, **config_overrides}, force=force)
     torch_dtype = getattr(torch, dtype) if dtype else None
     llama = LlamaForCausalLM.from_pretrained(src, dtype=torch_dtype or "auto")
     model = convert_llama_model(llama, **config_overrides)
-    out.mkdir(parents=True, exist_ok=True)
-    for name in TOKENIZER_FILES:  # before the weights, so the model card describes the tokenizer
-        if (src / name).exists():
-            shutil.copy(src / name, out / name)
-    model.save_pretrained(out, remote_code=remote_code,
-                          model_card={"kind": "conversion from LLaMA (new parts start as identities)",
-                                      "base_model": str(src)})
+    with staged_output(claim) as staged:
+        for name in TOKENIZER_FILES:  # before the weights, so the model card describes the tokenizer
+            if (src / name).exists():
+                shutil.copy(src / name, staged / name)
+        model.save_pretrained(staged, remote_code=remote_code,
+                              model_card={"kind": "conversion from LLaMA (new parts start as identities)",
+                                          "base_model": str(src), "name": out.name})
     return out
 
 
@@ -158,8 +166,11 @@ def convert_main(argv: list[str]) -> int:
     ap.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="default: the source's")
     ap.add_argument("--no-remote-code", action="store_true",
                     help="leave out configuration_pangu_pi.py / modeling_pangu_pi.py (loading then needs pangu-pi)")
+    ap.add_argument("--force", action="store_true",
+                    help="replace a conversion this command wrote into OUT with other settings "
+                         "(only its own files; a folder it did not write is always refused)")
     args = ap.parse_args(argv)
-    out = convert_llama(args.src, args.out, args.dtype, remote_code=not args.no_remote_code,
+    out = convert_llama(args.src, args.out, args.dtype, remote_code=not args.no_remote_code, force=args.force,
                         siaf_terms=args.siaf_terms, shortcut_count=args.shortcuts)
     print(f"PanGu-π checkpoint written to {out}")
     return 0

@@ -7,13 +7,16 @@ included, encodes and decodes back to exactly itself.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
 import shutil
 import tempfile
 from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from tqdm.auto import tqdm
 
@@ -174,6 +177,50 @@ def fast_tokenizer_from_spm(spm_path: str | Path):
     return tok
 
 
+@dataclass(frozen=True)
+class TokenizerFacts:
+    """What the data pipeline, the trainer and the model card read from a saved tokenizer folder."""
+
+    folder: Path
+    tokenizer: Any  # the `tokenizers.Tokenizer` of tokenizer.json
+    vocab_size: int  # pieces with the added (special) tokens: the embedding rows a model needs
+    eos_id: int | None  # EOS, which ends every document in the shards; None if the vocabulary lacks it
+
+    @property
+    def path(self) -> Path:
+        return self.folder / "tokenizer.json"
+
+    @functools.cached_property
+    def hash(self) -> str:
+        return tokenizer_hash(self.folder)
+
+    def require_eos(self) -> int:
+        if self.eos_id is None:
+            from .errors import UserError
+
+            raise UserError(f"tokenizer {self.folder} has no end-of-document token {EOS!r}, which separates "
+                            "documents in the shards; use a tokenizer made by `pangu-pi tokenizer train`")
+        return self.eos_id
+
+
+def _no_tokenizer(folder: Path) -> FileNotFoundError:
+    return FileNotFoundError(
+        f"no tokenizer in {folder} (tokenizer.json missing); make one with `pangu-pi tokenizer train --out {folder}`"
+    )
+
+
+def tokenizer_facts(folder: str | os.PathLike) -> TokenizerFacts:
+    """Read the tokenizer saved in `folder` (its tokenizer.json); FileNotFoundError names the command
+    that makes one."""
+    from tokenizers import Tokenizer
+
+    folder = Path(folder)
+    if not (folder / "tokenizer.json").is_file():
+        raise _no_tokenizer(folder)
+    tok = Tokenizer.from_file(str(folder / "tokenizer.json"))
+    return TokenizerFacts(folder, tok, tok.get_vocab_size(with_added_tokens=True), tok.token_to_id(EOS))
+
+
 def tokenizer_hash(tokenizer_dir: str | Path) -> str:
     """A short digest of the vocabulary, stored in data shards so a shard from another tokenizer is refused."""
     data = json.loads((Path(tokenizer_dir) / "tokenizer.json").read_text())
@@ -189,32 +236,36 @@ def train_tokenizer(
     vocab_size: int = 8192,
     max_bytes: int = 8_000_000,
     progress: bool = True,
+    force: bool = False,
 ) -> Path:
     """Train and save a tokenizer into `out_dir`; with no inputs, on the embedded default corpus.
 
-    Safe when several processes (ranks of one job) call it at once: one trains under a file lock,
-    into a temporary folder that is renamed into place; the others find it finished and reuse it.
+    A folder this function wrote with the same inputs and settings is reused as it is; one it wrote
+    with others is refused unless `force` (then its own files are replaced); any other non-empty
+    folder is refused (pangu_pi.outputs). Safe when several processes (ranks of one job) call it at
+    once: one trains under a file lock, into a temporary folder moved into place; the others find it
+    finished and reuse it.
     """
     from filelock import FileLock
 
     from .corpus import default_corpus_files, expand_inputs
+    from .outputs import claim_output, inputs_fingerprint, staged_output
 
     files = expand_inputs(inputs) if inputs else default_corpus_files()
     if vocab_size < 300:
         raise ValueError(f"vocab_size {vocab_size} is too small: byte fallback alone needs 256 pieces plus specials")
     out = Path(out_dir)
+    settings = {"inputs": inputs_fingerprint(files), "vocab_size": vocab_size, "max_bytes": max_bytes}
     out.parent.mkdir(parents=True, exist_ok=True)
     with FileLock(str(out) + ".lock"):
-        if (out / "tokenizer.json").exists() and (out / SPM_FILE).exists():
+        claim = claim_output(out, "tokenizer train", settings, force=force)
+        if claim.state == "same":
             return out
-        with tempfile.TemporaryDirectory(dir=out.parent, prefix=f".{out.name}.") as tmp:
-            spm_path = train_sentencepiece(files, os.path.join(tmp, "spm"), vocab_size, max_bytes, progress)
-            staged = Path(tmp) / "tokenizer"
+        with tempfile.TemporaryDirectory(dir=out.parent, prefix=f".{out.name}.spm-") as scratch, \
+                staged_output(claim) as staged:
+            spm_path = train_sentencepiece(files, os.path.join(scratch, "spm"), vocab_size, max_bytes, progress)
             fast_tokenizer_from_spm(spm_path).save_pretrained(staged)
             shutil.copy(spm_path, staged / SPM_FILE)
-            if out.exists():
-                shutil.rmtree(out)
-            os.replace(staged, out)
     return out
 
 
@@ -231,6 +282,22 @@ def stop_token_ids(tokenizer) -> list[int]:
     return list(dict.fromkeys(i for i in ids if i is not None))
 
 
+def generation_config(tokenizer, bos_token_id: int | None = None):
+    """The generation settings of a checkpoint saved with `tokenizer`: stop at the end of text and at
+    the end of a chat turn (so a chat model stops after its answer), pad with the tokenizer's pad.
+    `tokenizer` is a transformers tokenizer or a `tokenizers.Tokenizer`; `bos_token_id` defaults to
+    the tokenizer's. Save it with `.save_pretrained(folder)` (generation_config.json)."""
+    from tokenizers import Tokenizer
+    from transformers import GenerationConfig
+
+    if isinstance(tokenizer, Tokenizer):
+        bos, pad = tokenizer.token_to_id(BOS), tokenizer.token_to_id(PAD)
+    else:
+        bos, pad = tokenizer.bos_token_id, tokenizer.pad_token_id
+    return GenerationConfig(bos_token_id=bos if bos_token_id is None else bos_token_id,
+                            eos_token_id=stop_token_ids(tokenizer), pad_token_id=pad)
+
+
 def load_tokenizer(path: str | Path):
     """The tokenizer saved in `path`; a chat template of an earlier release is replaced by
     CHAT_TEMPLATE (same text for the chats it could render, plus tools), so whatever is saved from
@@ -239,9 +306,7 @@ def load_tokenizer(path: str | Path):
 
     path = Path(path)
     if not (path / "tokenizer.json").exists():
-        raise FileNotFoundError(
-            f"no tokenizer in {path} (tokenizer.json missing); make one with `pangu-pi tokenizer train --out {path}`"
-        )
+        raise _no_tokenizer(path)
     tok = AutoTokenizer.from_pretrained(str(path))
     if tok.chat_template in PREVIOUS_CHAT_TEMPLATES:
         tok.chat_template = CHAT_TEMPLATE

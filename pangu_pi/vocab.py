@@ -27,6 +27,7 @@ import json
 import logging
 import random
 import shutil
+import sys
 import unicodedata
 from collections import Counter, defaultdict
 from dataclasses import asdict, dataclass, field
@@ -340,10 +341,18 @@ def extend_tokenizer(
     max_bytes: int = 50_000_000,
     seed: int = 0,
     progress: bool = True,
+    force: bool = False,
 ) -> ExtensionReport:
     """Learn `add` pieces from the domain text in `inputs` on top of the tokenizer in `base_dir`, save
-    the result in `out_dir`, and report tokens per character on a held-out part of the domain text."""
+    the result in `out_dir`, and report tokens per character on a held-out part of the domain text.
+
+    `out_dir` is a new or empty folder, or (with `force`, or the same settings) one this function
+    wrote before (pangu_pi.outputs). The extension carries the current chat template."""
     from tokenizers import Tokenizer
+
+    from .corpus import expand_inputs
+    from .outputs import claim_output, inputs_fingerprint, staged_output
+    from .tokenizer import tokenizer_hash, write_chat_template
 
     base, out = Path(base_dir), Path(out_dir)
     if not (base / "tokenizer.json").exists():
@@ -359,6 +368,10 @@ def extend_tokenizer(
 
     if isinstance(inputs, str | Path):
         inputs = [inputs]
+    claim = claim_output(out, "tokenizer extend", {
+        "base": tokenizer_hash(base), "inputs": inputs_fingerprint(expand_inputs(inputs)), "add": add,
+        "heldout_fraction": heldout_fraction, "max_bytes": max_bytes, "seed": seed,
+    }, force=force)
     lines = _domain_lines(inputs, max_bytes)
     if len(lines) < 2:
         raise ValueError("the domain input holds fewer than 2 non-empty lines; give it real domain text")
@@ -397,14 +410,16 @@ def extend_tokenizer(
     if not report.roundtrip_ok:
         log.warning("some held-out lines do not decode back to themselves with the extended tokenizer")
 
-    out.mkdir(parents=True, exist_ok=True)
-    for name in TOKENIZER_FILES:
-        if (base / name).exists() and name not in ("tokenizer.json", SPM_FILE):
-            shutil.copy(base / name, out / name)
-    (out / "tokenizer.json").write_text(json.dumps(new_json, ensure_ascii=False, indent=2), encoding="utf-8")
-    if (base / SPM_FILE).exists():
-        _extend_spm(base / SPM_FILE, out / SPM_FILE, report.added, base_size)
-    (out / REPORT_FILE).write_text(json.dumps(asdict(report), ensure_ascii=False, indent=2), encoding="utf-8")
+    with staged_output(claim) as staged:
+        for name in TOKENIZER_FILES:
+            if (base / name).exists() and name not in ("tokenizer.json", SPM_FILE):
+                shutil.copy(base / name, staged / name)
+        (staged / "tokenizer.json").write_text(json.dumps(new_json, ensure_ascii=False, indent=2), encoding="utf-8")
+        if (base / SPM_FILE).exists():
+            _extend_spm(base / SPM_FILE, staged / SPM_FILE, report.added, base_size)
+        # The base's template may be one of an earlier release (or none): the extension gets the current one.
+        write_chat_template(staged)
+        (staged / REPORT_FILE).write_text(json.dumps(asdict(report), ensure_ascii=False, indent=2), encoding="utf-8")
     return report
 
 
@@ -424,14 +439,17 @@ def extend_main(argv: list[str]) -> int:
     )
     parser.add_argument("--max-bytes", type=int, default=50_000_000, help="read at most this much domain text")
     parser.add_argument("--seed", type=int, default=0, help="seed of the held-out split")
-    parser.add_argument("--overwrite", action="store_true", help="replace a tokenizer already in --out")
+    parser.add_argument("--force", action="store_true",
+                        help="replace an extension this command wrote into --out with other settings "
+                             "(only its own files; a folder it did not write is always refused)")
+    parser.add_argument("--overwrite", action="store_true", help="the former name of --force")
     args = parser.parse_args(argv)
-    if (Path(args.out) / "tokenizer.json").exists() and not args.overwrite:
-        raise UserError(f"{args.out} already holds a tokenizer; pick another --out or pass --overwrite")
+    if args.overwrite:
+        print("pangu-pi tokenizer extend: --overwrite is now --force (it replaces only an extension this command "
+              "wrote)", file=sys.stderr)
     try:
-        report = extend_tokenizer(
-            args.base, args.input, args.add, args.out, args.heldout_fraction, args.max_bytes, args.seed
-        )
+        report = extend_tokenizer(args.base, args.input, args.add, args.out, args.heldout_fraction,
+                                  args.max_bytes, args.seed, force=args.force or args.overwrite)
     except ValueError as err:
         raise UserError(str(err)) from None
     print(report.summary())
@@ -479,9 +497,13 @@ def _spelling_tokenizer(new_json: dict, old_size: int):
     return Tokenizer.from_str(json.dumps(data))
 
 
-def resize_model(model_dir, tokenizer_dir, out_dir, progress: bool = True, remote_code: bool = True) -> dict:
+def resize_model(model_dir, tokenizer_dir, out_dir, progress: bool = True, remote_code: bool = True,
+                 force: bool = False) -> dict:
     """Grow the model in `model_dir` to the (extended) tokenizer in `tokenizer_dir` and save both to
-    `out_dir`. Old rows are untouched, so logits over the old vocabulary do not change."""
+    `out_dir`. Old rows are untouched, so logits over the old vocabulary do not change.
+
+    `out_dir` is a new or empty folder, or (with `force`, or the same settings) one this function
+    wrote before (pangu_pi.outputs)."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -497,6 +519,11 @@ def resize_model(model_dir, tokenizer_dir, out_dir, progress: bool = True, remot
         raise FileNotFoundError(f"no tokenizer in {tokenizer_dir} (tokenizer.json missing)")
     if out.resolve() in (model_dir.resolve(), tokenizer_dir.resolve()):
         raise UserError(f"--out {out} would overwrite an input; write the resized model to a new folder")
+    from .outputs import claim_output, staged_output
+    from .tokenizer import tokenizer_hash
+
+    claim = claim_output(out, "resize", {"model": str(model_dir.resolve()), "tokenizer": tokenizer_hash(tokenizer_dir),
+                                         "remote_code": remote_code}, force=force)
 
     new_json = json.loads((tokenizer_dir / "tokenizer.json").read_text(encoding="utf-8"))
     from tokenizers import Tokenizer
@@ -533,13 +560,13 @@ def resize_model(model_dir, tokenizer_dir, out_dir, progress: bool = True, remot
             if not tied:
                 head[i] = head[index].float().mean(0).to(head.dtype)
     model.config.vocab_size = rows
-    out.mkdir(parents=True, exist_ok=True)
-    for name in (*TOKENIZER_FILES, REPORT_FILE):  # before the weights, so the model card describes the tokenizer
-        if (tokenizer_dir / name).exists():
-            shutil.copy(tokenizer_dir / name, out / name)
-    model.save_pretrained(out, remote_code=remote_code,
-                          model_card={"kind": f"vocabulary resize ({old_size} -> {rows} rows)",
-                                      "base_model": str(model_dir)})
+    with staged_output(claim) as staged:
+        for name in (*TOKENIZER_FILES, REPORT_FILE):  # before the weights, so the model card describes the tokenizer
+            if (tokenizer_dir / name).exists():
+                shutil.copy(tokenizer_dir / name, staged / name)
+        model.save_pretrained(staged, remote_code=remote_code,
+                              model_card={"kind": f"vocabulary resize ({old_size} -> {rows} rows)",
+                                          "base_model": str(model_dir), "name": out.name})
     return {
         "old_rows": old_size,
         "new_rows": rows,
@@ -560,8 +587,11 @@ def resize_main(argv: list[str]) -> int:
     parser.add_argument("--out", required=True, help="folder for the resized checkpoint")
     parser.add_argument("--no-remote-code", action="store_true",
                         help="leave out configuration_pangu_pi.py / modeling_pangu_pi.py (loading then needs pangu-pi)")
+    parser.add_argument("--force", action="store_true",
+                        help="replace a checkpoint this command wrote into --out with other settings "
+                             "(only its own files; a folder it did not write is always refused)")
     args = parser.parse_args(argv)
-    info = resize_model(args.model, args.tokenizer, args.out, remote_code=not args.no_remote_code)
+    info = resize_model(args.model, args.tokenizer, args.out, remote_code=not args.no_remote_code, force=args.force)
     print(
         f"resized {args.model}: {info['old_rows']} -> {info['new_rows']} rows "
         f"({info['initialised']} new, {'tied' if info['tied'] else 'untied'} LM head); wrote {args.out}"

@@ -124,7 +124,7 @@ def test_extend_cli_refuses_bad_input(base_tokenizer, domain_file, tmp_path, cap
         )
     (tmp_path / "taken").mkdir()
     (tmp_path / "taken" / "tokenizer.json").write_text("{}")
-    with pytest.raises(UserError, match="--overwrite"):
+    with pytest.raises(UserError, match="taken is not empty and was not written by `pangu-pi tokenizer extend`"):
         extend_main(
             ["--base", str(base_tokenizer), "--input", str(domain_file), "--add", "5", "--out", str(tmp_path / "taken")]
         )

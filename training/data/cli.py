@@ -24,6 +24,9 @@ def _parser() -> argparse.ArgumentParser:
                       help=f"input MiB per shard (default: a sixteenth of the input, within "
                            f"{MIN_SHARD_BYTES / 2**20:g} to {MAX_SHARD_BYTES / 2**20:g})")
     prep.add_argument("--quiet", action="store_true", help="no progress bar")
+    prep.add_argument("--force", action="store_true",
+                      help="replace a dataset this command wrote into --out from other inputs or settings (only "
+                           "its shards and manifest; a folder it did not write is always refused)")
 
     ver = sub.add_parser("verify", help="check a prepared dataset against a tokenizer",
                          description="Check every shard (sizes, tokenizer, token ids) and print a summary.")
@@ -53,7 +56,7 @@ def _prepare(args) -> int:
     from .shards import verify_dataset
 
     out = prepare_shards(args.tokenizer, args.input or None, args.out, workers=args.workers,
-                         text_field=args.text_field, progress=not args.quiet,
+                         text_field=args.text_field, progress=not args.quiet, force=args.force,
                          shard_bytes=None if args.shard_mb is None else max(1, int(args.shard_mb * 2**20)))
     info = verify_dataset(out, vocab_size=2**32, tokenizer_hash=None, check_ids=False)
     print(f"{out}: {len(info.shards)} shards, {info.num_docs:,} documents, {info.num_tokens:,} tokens ({info.dtype})")
@@ -61,11 +64,12 @@ def _prepare(args) -> int:
 
 
 def _verify(args) -> int:
-    from .prepare import tokenizer_facts
+    from pangu_pi.tokenizer import tokenizer_facts
+
     from .shards import verify_dataset
 
-    _, tok_vocab, _, digest = tokenizer_facts(args.tokenizer)
-    info = verify_dataset(args.dataset, vocab_size=args.vocab_size or tok_vocab, tokenizer_hash=digest)
+    tok = tokenizer_facts(args.tokenizer)
+    info = verify_dataset(args.dataset, vocab_size=args.vocab_size or tok.vocab_size, tokenizer_hash=tok.hash)
     print(f"{info.path}: OK, {len(info.shards)} shards, {info.num_docs:,} documents, {info.num_tokens:,} tokens "
           f"({info.dtype}, tokenizer {info.tokenizer_hash})")
     return 0

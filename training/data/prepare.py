@@ -3,6 +3,11 @@
 The manifest is rewritten (atomically) after every finished shard and lists only finished ones, so
 a run killed at any moment leaves a folder from which the next run continues: shards whose inputs,
 tokenizer and files are unchanged are kept, everything else is redone.
+
+The manifest also records the plan (a digest of every shard's key: inputs, their sizes and times,
+tokenizer, text field, shard size). A re-run with another plan is refused rather than turned into
+another dataset, unless `force`; a folder without a manifest of ours is never written into, and
+nothing but shard files and the manifest is ever deleted.
 """
 
 from __future__ import annotations
@@ -44,22 +49,45 @@ def auto_shard_bytes(total_bytes: int) -> int:
     return max(MIN_SHARD_BYTES, min(MAX_SHARD_BYTES, total_bytes // 16))
 
 
-def tokenizer_facts(tokenizer_dir: str | os.PathLike) -> tuple[str, int, int, str]:
-    """(tokenizer.json path, vocabulary size, EOS id, hash) of a saved tokenizer."""
-    from tokenizers import Tokenizer
+def plan_digest(units: list[Unit]) -> str:
+    import hashlib
 
-    from pangu_pi.tokenizer import EOS, tokenizer_hash
+    return hashlib.sha256("\n".join(u.key for u in units).encode()).hexdigest()[:16]
 
-    path = Path(tokenizer_dir) / "tokenizer.json"
-    if not path.exists():
-        raise FileNotFoundError(f"no tokenizer in {tokenizer_dir} (tokenizer.json missing); make one with "
-                                f"`pangu-pi tokenizer train --out {tokenizer_dir}`")
-    tok = Tokenizer.from_file(str(path))
-    eos = tok.token_to_id(EOS)
-    if eos is None:
-        raise DataError(f"tokenizer {tokenizer_dir} has no end-of-document token {EOS!r}, which separates "
-                        f"documents in the shards; use a tokenizer made by `pangu-pi tokenizer train`")
-    return str(path), tok.get_vocab_size(with_added_tokens=True), eos, tokenizer_hash(tokenizer_dir)
+
+def _read_manifest(out: Path) -> dict | None:
+    import json
+
+    try:
+        manifest = json.loads((out / MANIFEST).read_text())
+    except (OSError, ValueError):
+        return None
+    return manifest if isinstance(manifest, dict) and manifest.get("format") == MANIFEST_FORMAT else None
+
+
+def check_out(out: Path, units: list[Unit], force: bool) -> None:
+    """Refuse (DataError) a folder `prepare_shards` must not write: one it did not make, or (without
+    `force`) one it made from other inputs or settings."""
+    if out.exists() and not out.is_dir():
+        raise DataError(f"--out {out} is a file; name a folder for the dataset")
+    entries = [f.name for f in out.iterdir()] if out.is_dir() else []
+    if not entries:
+        return
+    manifest = _read_manifest(out)
+    if manifest is None:
+        raise DataError(f"--out {out} is not empty and holds no dataset `pangu-pi data prepare` wrote: choose a new "
+                        "or empty folder (--force replaces only a dataset of its own, never other files)")
+    if force:
+        return
+    planned = {u.key for u in units}
+    if "plan" in manifest:
+        other = manifest["plan"] != plan_digest(units)
+    else:  # a manifest from before the plan was recorded: its finished shards must all be planned again
+        other = any(e.get("key") not in planned for e in manifest.get("shards", []))
+    if other:
+        raise DataError(f"--out {out} holds a dataset prepared from other inputs or settings (input files, their "
+                        "sizes or times, tokenizer, --text-field or --shard-mb changed): pass --force to replace "
+                        "it, or choose another --out")
 
 
 def _load_done(out: Path, units: list[Unit]) -> dict[str, dict]:
@@ -101,15 +129,18 @@ def prepare_shards(
     text_field: str = "text",
     progress: bool = True,
     shard_bytes: int | None = None,
+    force: bool = False,
 ) -> Path:
     """Tokenize `inputs` (files, directories, globs; None = the embedded default corpus) into `out_dir`.
 
     Each document's tokens are followed by EOS. Shards are planned from the inputs alone (about
     `shard_bytes` of input each; by default a sixteenth of the inputs, within 1 to 64 MiB), so any
     number of `workers` produces the same files.
-    Re-running skips shards already finished. Returns `out_dir`.
+    Re-running with the same inputs and settings skips shards already finished; with others it is
+    refused unless `force` (see `check_out`). Returns `out_dir`.
     """
     from pangu_pi.corpus import default_corpus_files, expand_inputs
+    from pangu_pi.tokenizer import tokenizer_facts
 
     import multiprocessing.process
 
@@ -124,13 +155,16 @@ def prepare_shards(
     files = expand_inputs(inputs) if inputs else default_corpus_files()
     if shard_bytes is None:
         shard_bytes = auto_shard_bytes(sum(f.stat().st_size for f in files))
-    tokenizer_json, vocab_size, eos_id, digest = tokenizer_facts(Path(tokenizer_dir))
+    tok = tokenizer_facts(tokenizer_dir)
+    tokenizer_json, vocab_size, eos_id, digest = str(tok.path), tok.vocab_size, tok.require_eos(), tok.hash
     units = plan_units(files, shard_bytes, text_field=text_field, tokenizer_hash=digest)
     out = Path(out_dir)
+    check_out(out, units, force)  # before any work; again under the lock, where it counts
     out.mkdir(parents=True, exist_ok=True)
 
     # ranks of one job may all call this on the same folder: one works, the others then find it finished
     with FileLock(str(out) + ".lock"):
+        check_out(out, units, force)
         return _prepare_locked(out, units, tokenizer_json, vocab_size, eos_id, digest, text_field, workers, progress)
 
 
@@ -148,6 +182,7 @@ def _prepare_locked(out: Path, units: list[Unit], tokenizer_json: str, vocab_siz
             "version": FORMAT_VERSION,
             "complete": complete,
             "planned_shards": len(units),
+            "plan": plan_digest(units),
             "tokenizer_hash": digest,
             "vocab_size": vocab_size,
             "eos_id": eos_id,

@@ -206,11 +206,29 @@ def test_a_rerun_skips_finished_shards_and_rebuilds_a_truncated_one(tokenizer_di
     assert all(f.stat().st_mtime_ns == mtimes[f] for f in shards if f != victim)
 
 
-def test_other_inputs_replace_the_old_shards(tokenizer_dir, text_files, tmp_path):
+def test_other_inputs_are_refused_and_with_force_replace_only_the_old_shards(tokenizer_dir, text_files, tmp_path):
     out = prepare_shards(tokenizer_dir, [str(text_files[0])], tmp_path / "ds", progress=False)
-    prepare_shards(tokenizer_dir, [str(text_files[1])], out, progress=False)
+    (out / "important.txt").write_text("mine")
+    with pytest.raises(DataError, match=r"ds holds a dataset prepared from other inputs or settings.*--force"):
+        prepare_shards(tokenizer_dir, [str(text_files[1])], out, progress=False)
+    with pytest.raises(DataError, match="other inputs or settings"):
+        prepare_shards(tokenizer_dir, [str(text_files[0])], out, progress=False, text_field="body")
+    assert documents(out) == expected_documents(tokenizer_dir, [text_files[0].read_text()])
+    prepare_shards(tokenizer_dir, [str(text_files[1])], out, progress=False, force=True)
+    assert (out / "important.txt").read_text() == "mine"
     assert len(list(out.glob("shard-*"))) == 2  # one .bin and one .idx: the first input's shard was removed
     assert documents(out) == expected_documents(tokenizer_dir, [text_files[1].read_text()])
+
+
+def test_a_folder_it_did_not_write_is_refused_even_with_force(tokenizer_dir, text_files, tmp_path):
+    theirs = tmp_path / "theirs"
+    theirs.mkdir()
+    (theirs / "important.txt").write_text("mine")
+    (theirs / "shard-0000000000000000.bin").write_bytes(b"not ours")
+    for force in (False, True):
+        with pytest.raises(DataError, match=r"theirs is not empty and holds no dataset `pangu-pi data prepare` wrote"):
+            prepare_shards(tokenizer_dir, [str(text_files[0])], theirs, progress=False, force=force)
+    assert sorted(f.name for f in theirs.iterdir()) == ["important.txt", "shard-0000000000000000.bin"]
 
 
 def test_a_missing_tokenizer_is_named(tmp_path, text_files):
