@@ -48,14 +48,16 @@ CONFIG_FIELDS = (
 # --- what the folder and its run know ---------------------------------------------------------------
 
 
-def tokenizer_facts(folder: str | os.PathLike | None) -> dict[str, Any] | None:
-    """Vocabulary, special tokens and chat template of the tokenizer in `folder`; None if it has none."""
+def tokenizer_card(folder: str | os.PathLike | None) -> dict[str, Any] | None:
+    """The card's account of the tokenizer in `folder` (pangu_pi.tokenizer.tokenizer_facts, with the
+    special tokens and chat template tokenizer_config.json names); None if it has none."""
     if folder is None or not (Path(folder) / "tokenizer.json").is_file():
         return None
-    from tokenizers import Tokenizer
+    from .tokenizer import tokenizer_facts
 
     folder = Path(folder)
-    tok = Tokenizer.from_file(str(folder / "tokenizer.json"))
+    read = tokenizer_facts(folder)
+    tok = read.tokenizer
     settings = {}
     if (folder / "tokenizer_config.json").is_file():
         settings = json.loads((folder / "tokenizer_config.json").read_text(encoding="utf-8"))
@@ -69,7 +71,7 @@ def tokenizer_facts(folder: str | os.PathLike | None) -> dict[str, Any] | None:
         if value:
             special[key] = {"token": value, "id": tok.token_to_id(value)}
     facts: dict[str, Any] = {
-        "vocab_size": tok.get_vocab_size(with_added_tokens=True),
+        "vocab_size": read.vocab_size,
         "kind": type(tok.model).__name__,
         "special_tokens": special,
         "chat_template": bool(template),
@@ -377,7 +379,7 @@ def write_model_card(folder: str | os.PathLike, model=None, run: dict | None = N
         "architecture": "PanGuPiForCausalLM",
         "parameters": count_parameters(config)["total"],
         "config": {k: values.get(k) for k in CONFIG_FIELDS},
-        "tokenizer": tokenizer_facts(tokenizer_folder) or previous.get("tokenizer"),
+        "tokenizer": tokenizer_card(tokenizer_folder) or previous.get("tokenizer"),
         "remote_code": (folder / "modeling_pangu_pi.py").is_file(),
     }
     if run:
