@@ -124,19 +124,29 @@ def test_engine_errors_and_guard_errors_pass_through(gateway, http):
 
 
 def test_engines_refuse_requests_that_bypass_the_gateway(gateway):
-    """The engines listen on loopback with a key only the gateway holds."""
+    """The engines listen on Unix sockets in a folder only this user can enter, with a key only the
+    gateway holds, and each socket's listener is the engine process itself."""
+    import stat
+
     import psutil
 
-    engine_ports = []
+    sockets = {}
     for child in psutil.Process(gateway.process.pid).children():
         cmd = child.cmdline()
         if "vllm.entrypoints.openai.api_server" in cmd:
-            engine_ports.append(int(cmd[cmd.index("--port") + 1]))
-            assert cmd[cmd.index("--host") + 1] == "127.0.0.1"
-    assert len(engine_ports) == 3
-    for port in engine_ports:
-        reply = httpx.get(f"http://127.0.0.1:{port}/v1/models", headers={"Authorization": f"Bearer {KEY}"}, timeout=30)
-        assert reply.status_code == 401 and reply.json()["error"]["code"] == "invalid_api_key"
+            assert "--port" not in cmd and "--host" not in cmd
+            sockets[Path(cmd[cmd.index("--uds") + 1])] = child.pid
+    assert len(sockets) == 3
+    for path, pid in sockets.items():
+        assert stat.S_IMODE(path.parent.stat().st_mode) == 0o700 and path.parent.stat().st_uid == os.geteuid()
+        transport = httpx.HTTPTransport(uds=str(path))
+        with httpx.Client(transport=transport, base_url="http://engine", timeout=30) as engine:
+            reply = engine.get("/v1/models", headers={"Authorization": f"Bearer {KEY}"})
+            assert reply.status_code == 401 and reply.json()["error"]["code"] == "invalid_api_key"
+            # The engines hold requests to the gateway's limits too.
+            internal = {"Authorization": f"Bearer {psutil.Process(pid).environ()['PANGU_PI_API_KEY']}"}
+            limited = engine.post("/v1/completions", json={"model": "pangu", "prompt": "x", "n": "5000"}, headers=internal)
+            assert limited.status_code == 400 and limited.json()["error"]["code"] == "limit_exceeded"
 
 
 def test_started_in_a_plain_shell_with_a_kv_cache_it_chose(gateway):
