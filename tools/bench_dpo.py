@@ -128,7 +128,7 @@ def main(argv: list[str] | None = None) -> int:
         return {"model": {"init_from": str(work / "base")}, "data": {"datasets": [str(work / data)], "seq_len": 128},
                 "batch": {"global_batch_size": args.batch, "micro_batch_size": args.batch},
                 "optim": {"lr": 1e-5}, "train": {"zero_stage": 2}, "checkpoint": {"save_every": 10**6},
-                "log": {"tensorboard": False, "plot": False}, "finetune": finetune}
+                "log": {"tensorboard": False, "plot": False, "phase_times": True}, "finetune": finetune}
 
     runs = {
         "sft": config("chats.jsonl", mode="full"),

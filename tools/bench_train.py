@@ -62,7 +62,8 @@ def ddp_worker(config_path: str, out_path: str) -> None:
     from pangu_pi import PanGuPiForCausalLM
     from pangu_pi.training.config import load_config, resolve_batch
     from pangu_pi.training.data import PackedMixture
-    from pangu_pi.training.pretrain import param_groups, prepare_run
+    from pangu_pi.training.engine import param_groups
+    from pangu_pi.training.recipes.pretrain import prepare_run
     from pangu_pi.training.schedule import lr_scheduler, make_schedule
 
     dist.init_process_group("gloo")
@@ -185,7 +186,7 @@ def main() -> int:
     import yaml
 
     from pangu_pi.training.config import build_config
-    from pangu_pi.training.pretrain import default_data
+    from pangu_pi.training.recipes.pretrain import default_data
 
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
     work = Path(args.work)

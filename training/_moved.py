@@ -26,3 +26,18 @@ def run_moved(name: str) -> int:
     sys.path.insert(0, str(TOOLS))
     runpy.run_path(str(script), run_name="__main__")
     return 0
+
+
+def moved_names(old: str, new: dict[str, str]):
+    """A module `__getattr__` for names that moved out of module `old`: each resolves to where it lives
+    now (`new` maps a name to its module) with a FutureWarning saying so, once per name."""
+    import importlib
+    import warnings
+
+    def __getattr__(name: str):
+        if name not in new:
+            raise AttributeError(f"module {old!r} has no attribute {name!r}")
+        warnings.warn(f"{old}.{name} moved: import it from {new[name]}", FutureWarning, stacklevel=2)
+        return getattr(importlib.import_module(new[name]), name)
+
+    return __getattr__

@@ -1,12 +1,12 @@
 """Checkpoints that a crash cannot damage.
 
-Layout under `OUT/checkpoints/`:
+Layout under `OUT/checkpoints/` (every name from pangu_pi/run_layout.py):
 
     step_N/                 one complete checkpoint (never modified once it has this name)
         engine/             DeepSpeed's engine state: model, optimizer and scheduler, per rank
         zero_to_fp32.py     DeepSpeed's consolidation script, usable without this package
         trainer/rank_R.pt   per rank: data position and RNG states (python, numpy, torch)
-        trainer/state.json  step, samples and tokens consumed, process count
+        trainer/state.json  step, samples and tokens consumed, process count, the run's id
         config.yaml         the resolved run config
         model/config.json   the model config (what `pangu-pi export` builds the model from)
         tokenizer/          the tokenizer the data was made with
@@ -20,6 +20,8 @@ Layout under `OUT/checkpoints/`:
 A save writes everything into `step_N.tmp/`, fsyncs it, writes `COMPLETE`, renames the folder to
 `step_N/` and only then points `latest` at it. Resume takes the newest folder that has `COMPLETE`,
 so a process killed at any instant leaves the previous checkpoint as the one to resume from.
+Pruning (`checkpoint.keep_last`) takes a checkpoint's `COMPLETE` away before any of its files, so a
+kill halfway through a deletion leaves no folder that counts as complete.
 The checkpoint folder must be on a filesystem every node sees (rank 0 renames what all ranks wrote).
 
 Resuming on M processes a checkpoint that N wrote: rank 0 converts the engine state once with
@@ -36,7 +38,6 @@ from __future__ import annotations
 import json
 import os
 import random
-import re
 import shutil
 import subprocess
 import sys
@@ -47,26 +48,15 @@ from typing import Any
 import numpy as np
 import torch
 
-COMPLETE = "COMPLETE"
-LATEST = "latest"
-TMP_SUFFIX = ".tmp"
-ENGINE_TAG = "engine"  # DeepSpeed's tag (its sub-folder) inside each checkpoint folder
-_STEP_DIR = re.compile(r"^step_(\d+)$")
+from pangu_pi import run_layout as layout
+from pangu_pi.errors import UserError
+from pangu_pi.run_layout import COMPLETE, ENGINE, LATEST, TMP_SUFFIX, UNIVERSAL, checkpoint_root, step_dir_name
 
-UNIVERSAL = "universal"
-from .faults import KILL_DURING_SAVE_ENV  # noqa: E402,F401 - the hook itself lives in training/faults.py
-
-
-def checkpoint_root(out_dir: str | Path) -> Path:
-    return Path(out_dir) / "checkpoints"
-
-
-def step_dir_name(step: int) -> str:
-    return f"step_{step}"
+from .config import BatchSplit, RunConfig, resolve_batch
 
 
 def is_complete(path: Path) -> bool:
-    return _STEP_DIR.match(path.name) is not None and (path / COMPLETE).is_file()
+    return layout.step_of(path) is not None and (path / COMPLETE).is_file()
 
 
 def complete_checkpoints(root: str | Path) -> list[Path]:
@@ -75,7 +65,7 @@ def complete_checkpoints(root: str | Path) -> list[Path]:
     if not root.is_dir():
         return []
     found = [p for p in root.iterdir() if p.is_dir() and is_complete(p)]
-    return sorted(found, key=lambda p: int(_STEP_DIR.match(p.name).group(1)))
+    return sorted(found, key=layout.step_of)
 
 
 def latest_checkpoint(root: str | Path) -> Path | None:
@@ -85,7 +75,7 @@ def latest_checkpoint(root: str | Path) -> Path | None:
 
 
 def checkpoint_step(path: Path) -> int:
-    return int(_STEP_DIR.match(Path(path).name).group(1))
+    return layout.step_of(path)
 
 
 def remove_incomplete(root: str | Path) -> list[Path]:
@@ -95,7 +85,7 @@ def remove_incomplete(root: str | Path) -> list[Path]:
     if not root.is_dir():
         return removed
     for p in root.iterdir():
-        if p.is_dir() and (p.name.endswith(TMP_SUFFIX) or (_STEP_DIR.match(p.name) and not is_complete(p))):
+        if p.is_dir() and (p.name.endswith(TMP_SUFFIX) or (layout.step_of(p) is not None and not is_complete(p))):
             shutil.rmtree(p, ignore_errors=True)
             removed.append(p)
     return removed
@@ -108,7 +98,7 @@ def resolve_checkpoint(path: str | Path) -> Path:
         raise FileNotFoundError(f"checkpoint {str(path)!r} does not exist; pass a run folder or OUT/checkpoints/step_N")
     if is_complete(path):
         return path
-    if _STEP_DIR.match(path.name) or path.name.endswith(TMP_SUFFIX):
+    if layout.step_of(path) is not None or path.name.endswith(TMP_SUFFIX):
         raise FileNotFoundError(
             f"{path} is an unfinished checkpoint (no {COMPLETE} marker: the save was interrupted); "
             "use an earlier step_N folder"
@@ -209,12 +199,13 @@ def save_checkpoint(
     trainer_state: dict[str, Any],
     files: dict[str, Path | str | bytes] | None = None,
     keep_last: int | None = None,
-    faults=None,
+    callbacks=None,
 ) -> Path:
     """Write checkpoint `step_N` atomically; every rank calls this together. Returns the final folder.
 
     `rank_state` is this rank's own (data position; RNG states are added here); `trainer_state` is
     rank 0's JSON summary; `files` maps relative names to contents (str/bytes) or to a Path to copy.
+    `callbacks` (training/callbacks.py) hear `on_save_midway` on rank 0 once the engine state is written.
     """
     root = Path(root)
     final = root / step_dir_name(step)
@@ -229,16 +220,16 @@ def save_checkpoint(
         tmp.mkdir()
     _barrier()
 
-    engine.save_checkpoint(str(tmp), tag=ENGINE_TAG, client_state={"step": step}, save_latest=False)
-    own = tmp / "trainer" / f"rank_{rank}.pt"
+    engine.save_checkpoint(str(tmp), tag=ENGINE, client_state={"step": step}, save_latest=False)
+    own = tmp / layout.rank_state(rank)
     own.parent.mkdir(parents=True, exist_ok=True)
     torch.save({**rank_state, "rng": rng_state(), "rank": rank, "world_size": world_size}, own)
     _fsync_file(own)
     _barrier()
 
     if rank == 0:
-        if faults is not None:
-            faults.kill_during_save(step)
+        if callbacks is not None:
+            callbacks.on_save_midway(step)
         for name, content in (files or {}).items():
             dest = tmp / name
             dest.parent.mkdir(parents=True, exist_ok=True)
@@ -249,7 +240,7 @@ def save_checkpoint(
             else:
                 shutil.copy2(content, dest)
         state = {**trainer_state, "step": step, "world_size": world_size, "saved_at": time.time()}
-        (tmp / "trainer" / "state.json").write_text(json.dumps(state, indent=2))
+        (tmp / layout.TRAINER_STATE).write_text(json.dumps(state, indent=2))
         fsync_tree(tmp)
         (tmp / COMPLETE).write_text(json.dumps({"step": step}) + "\n")
         _fsync_file(tmp / COMPLETE)
@@ -257,22 +248,35 @@ def save_checkpoint(
         _fsync_dir(root)
         write_atomic(root / LATEST, final.name + "\n")
         if keep_last:
-            for old in complete_checkpoints(root)[:-keep_last]:
-                shutil.rmtree(old, ignore_errors=True)
+            prune(root, keep_last)
     _barrier()
     return final
 
 
+def prune(root: str | Path, keep_last: int) -> list[Path]:
+    """Delete all but the newest `keep_last` complete checkpoints. Each loses its COMPLETE marker
+    first (made durable before anything else goes), so a process killed halfway through leaves a
+    folder that no longer counts as a checkpoint (resume removes it) rather than a "complete" one
+    with files missing."""
+    removed = []
+    for old in complete_checkpoints(root)[:-keep_last]:
+        (old / COMPLETE).unlink()
+        _fsync_dir(old)
+        shutil.rmtree(old, ignore_errors=True)
+        removed.append(old)
+    return removed
+
+
 def read_state(path: str | Path) -> dict:
-    """A checkpoint's trainer/state.json: step, samples and tokens consumed, process count."""
-    return json.loads((Path(path) / "trainer" / "state.json").read_text())
+    """A checkpoint's trainer/state.json: step, samples and tokens consumed, process count, run id."""
+    return json.loads((Path(path) / layout.TRAINER_STATE).read_text())
 
 
 def saved_batch(path: str | Path) -> dict | None:
     """The batch section a checkpoint was trained with (from its resolved config.yaml)."""
     import yaml
 
-    config = Path(path) / "config.yaml"
+    config = Path(path) / layout.RUN_CONFIG
     if not config.is_file():
         return None
     return (yaml.safe_load(config.read_text()) or {}).get("batch")
@@ -282,8 +286,6 @@ def check_resume_batch(path: str | Path, global_batch: int | None, world_size: i
     """Refuse, before any process starts, a resume whose global batch differs from the checkpoint's
     (the data position and the LR schedule count its samples and steps), or that `world_size`
     processes cannot split (`global_batch` None), with the batch settings that would work."""
-    from pangu_pi.errors import UserError
-
     saved = saved_batch(path)
     if not saved or not saved.get("global_batch_size"):
         return
@@ -312,20 +314,18 @@ def universal_folder(path: str | Path) -> Path:
     """The checkpoint's engine state as a DeepSpeed universal checkpoint, converted once (rank 0 only)."""
     path = Path(path)
     done = path / UNIVERSAL
-    if (done / ENGINE_TAG).is_dir():
+    if (done / ENGINE).is_dir():
         return done
     tmp = path / (UNIVERSAL + TMP_SUFFIX)
     shutil.rmtree(tmp, ignore_errors=True)
     # Its own process: the converter starts worker pools, which do not belong inside a rank that
     # holds a process group. --inject_missing_state: an engine without pipeline or tensor
     # parallelism records no universal-checkpoint info, and needs none.
-    cmd = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", str(path / ENGINE_TAG),
-           "--output_folder", str(tmp / ENGINE_TAG), "--inject_missing_state", "--num_extract_workers", "2",
+    cmd = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", str(path / ENGINE),
+           "--output_folder", str(tmp / ENGINE), "--inject_missing_state", "--num_extract_workers", "2",
            "--num_merge_workers", "1"]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
-        from pangu_pi.errors import UserError
-
         tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["(no output)"]
         raise UserError(f"converting {path} to a universal checkpoint failed: {tail[0]}")
     fsync_tree(tmp)
@@ -357,8 +357,6 @@ def load_checkpoint(engine, path: str | Path, *, rank: int, world_size: int,
     trainer_state = read_state(path)
     saved_world = trainer_state["world_size"]
     if saved_world != world_size and not universal:
-        from pangu_pi.errors import UserError
-
         raise UserError(
             f"checkpoint {path} was written by {saved_world} processes and this run has {world_size}; "
             "the engine must load its universal form (the trainer does this on resume)"
@@ -370,7 +368,7 @@ def load_checkpoint(engine, path: str | Path, *, rank: int, world_size: int,
     groups = _param_groups(engine) if universal else []
     kept = [{k: v for k, v in g.items() if k not in ("params", "lr", "initial_lr")} for g in groups]
     load_path, _ = engine.load_checkpoint(
-        str(source), tag=ENGINE_TAG, load_optimizer_states=True, load_lr_scheduler_states=True
+        str(source), tag=ENGINE, load_optimizer_states=True, load_lr_scheduler_states=True
     )
     for group, settings in zip(_param_groups(engine) if universal else [], kept):
         group.update(settings)
@@ -381,14 +379,14 @@ def load_checkpoint(engine, path: str | Path, *, rank: int, world_size: int,
             if torch.is_tensor(state.get("step")):
                 state["step"] = state["step"].clone()
     if load_path is None:
-        raise FileNotFoundError(f"DeepSpeed found no engine state in {source / ENGINE_TAG}; the checkpoint is damaged")
-    own = path / "trainer" / f"rank_{rank}.pt"
+        raise FileNotFoundError(f"DeepSpeed found no engine state in {source / ENGINE}; the checkpoint is damaged")
+    own = path / layout.rank_state(rank)
     if saved_world == world_size:
         rank_state = torch.load(own, weights_only=False)
         set_rng_state(rank_state["rng"])
     else:
         # Every rank's data position is the same global sample count; rank 0's file carries it.
-        rank_state = torch.load(path / "trainer" / "rank_0.pt", weights_only=False)
+        rank_state = torch.load(path / layout.rank_state(0), weights_only=False)
         if own.is_file():
             set_rng_state(torch.load(own, weights_only=False)["rng"])
         else:  # a rank the old run did not have: a fresh stream of its own
@@ -397,3 +395,44 @@ def load_checkpoint(engine, path: str | Path, *, rank: int, world_size: int,
             np.random.seed(seed % 2**32)
             torch.manual_seed(seed)
     return rank_state, trainer_state
+
+
+def check_resume(config: RunConfig, world_size: int) -> BatchSplit:
+    """The batch split on `world_size` processes, refusing a resume that cannot continue the run in
+    OUT: checkpoints there with --resume none, or a global batch other than the checkpoint's."""
+    from pangu_pi.config import ConfigError
+
+    newest = latest_checkpoint(checkpoint_root(config.out))
+    if newest is None:
+        return resolve_batch(config.batch, world_size)
+    if config.checkpoint.resume == "none":
+        raise UserError(
+            f"{config.out} already holds checkpoints (newest {newest.name}) and --resume is none; "
+            "pass --resume auto to continue that run, --force to start it over, or choose another --out"
+        )
+    try:
+        split = resolve_batch(config.batch, world_size)
+    except ConfigError:
+        # Say what would continue this run, not only what is wrong with the batch section.
+        check_resume_batch(newest, None, world_size)
+        raise
+    check_resume_batch(newest, split.global_batch_size, world_size)
+    return split
+
+
+def consolidated_state_dict(path: str | Path, expected: set[str] | None = None) -> dict:
+    """The whole model's fp32 weights from a checkpoint's engine state, gathered from the ZeRO
+    partitions of every rank by DeepSpeed's own zero_to_fp32 (any stage, any process count). With
+    `expected` (the model's state-dict keys), a checkpoint of another model is refused. The one
+    gather of `pangu-pi export` and of fine-tuning's final model."""
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    state = get_fp32_state_dict_from_zero_checkpoint(str(path), tag=ENGINE)
+    if expected is not None:
+        missing, unexpected = expected - set(state), set(state) - expected
+        if missing or unexpected:
+            raise UserError(
+                f"{path} does not match its model config: missing {sorted(missing)[:5]}, unexpected "
+                f"{sorted(unexpected)[:5]}; the checkpoint is damaged or from another model"
+            )
+    return state

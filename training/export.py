@@ -20,7 +20,9 @@ from pathlib import Path
 
 from pangu_pi.errors import UserError
 
-from .checkpoint import ENGINE_TAG, resolve_checkpoint
+from pangu_pi import run_layout as layout
+
+from .checkpoint import consolidated_state_dict, resolve_checkpoint
 
 DTYPES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16",
           "float16": "float16", "fp16": "float16"}
@@ -30,7 +32,7 @@ def _training_precision(ckpt: Path) -> str:
     import yaml
 
     try:
-        config = yaml.safe_load((ckpt / "config.yaml").read_text()) or {}
+        config = yaml.safe_load((ckpt / layout.RUN_CONFIG).read_text()) or {}
         return config.get("train", {}).get("precision", "fp32")
     except FileNotFoundError:
         return "fp32"
@@ -43,7 +45,6 @@ def export_checkpoint(ckpt: str | os.PathLike, out: str | os.PathLike, *, dtype:
     With `remote_code` (the default) the folder carries its own code and loads in transformers alone
     with trust_remote_code=True; its README.md model card states what the run knew at that step."""
     import torch
-    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
     from transformers import GenerationConfig
 
     from pangu_pi import PanGuPiConfig, PanGuPiForCausalLM
@@ -53,7 +54,7 @@ def export_checkpoint(ckpt: str | os.PathLike, out: str | os.PathLike, *, dtype:
     out = Path(out)
     if out.exists() and any(out.iterdir()) and not force:
         raise FileExistsError(f"{out} exists and is not empty; choose another OUT or pass --force to replace it")
-    config_file = path / "model" / "config.json"
+    config_file = path / layout.MODEL_CONFIG
     if not config_file.is_file():
         raise FileNotFoundError(f"{path} has no model/config.json; it was not written by `pangu-pi pretrain`")
     if dtype is None:
@@ -64,16 +65,9 @@ def export_checkpoint(ckpt: str | os.PathLike, out: str | os.PathLike, *, dtype:
 
     config = PanGuPiConfig.from_json_file(str(config_file))
     config.use_cache = True  # off while training; generation wants it
-    state = get_fp32_state_dict_from_zero_checkpoint(str(path), tag=ENGINE_TAG)
     with torch.device("meta"):
         expected = set(PanGuPiForCausalLM(config).state_dict())
-    missing, unexpected = expected - set(state), set(state) - expected
-    if missing or unexpected:
-        raise UserError(
-            f"{path} does not match its model config: missing {sorted(missing)[:5]}, unexpected "
-            f"{sorted(unexpected)[:5]}; the checkpoint is damaged or from another model"
-        )
-    state = {k: v.to(torch_dtype) for k, v in state.items()}
+    state = {k: v.to(torch_dtype) for k, v in consolidated_state_dict(path, expected).items()}
     model = PanGuPiForCausalLM.from_pretrained(None, config=config, state_dict=state, dtype=torch_dtype)
 
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -81,7 +75,7 @@ def export_checkpoint(ckpt: str | os.PathLike, out: str | os.PathLike, *, dtype:
     try:
         from pangu_pi.model_card import pretraining_facts
 
-        tok_src = path / "tokenizer"
+        tok_src = path / layout.TOKENIZER
         if tok_src.is_dir():  # before the weights, so the model card describes the tokenizer
             for f in tok_src.iterdir():
                 if f.is_file() and not f.name.endswith(".lock"):

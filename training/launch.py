@@ -16,6 +16,7 @@ MASTER_ADDR, MASTER_PORT) that every launcher sets.
 
 from __future__ import annotations
 
+import ctypes
 import os
 import signal
 import subprocess
@@ -74,11 +75,27 @@ def rank_env(rank: int, nproc: int, port: int, threads: int) -> dict[str, str]:
     return env
 
 
-def spawn_local(nproc: int, command: list[str], *, poll_s: float = 0.2) -> int:
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
+_LIBC = ctypes.CDLL(None, use_errno=True) if sys.platform.startswith("linux") else None
+
+
+def die_with_parent(parent: int | None = None) -> None:
+    """Ask Linux to SIGKILL this process when the thread that started it dies (prctl
+    PR_SET_PDEATHSIG), so ranks never outlive a launcher that was SIGKILLed. With `parent`, exit at
+    once if that process is already gone (it died before the request was made)."""
+    if _LIBC is None:
+        return
+    _LIBC.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    if parent is not None and os.getppid() != parent:
+        os._exit(1)
+
+
+def spawn_local(nproc: int, command: list[str], *, poll_s: float = 0.2, env: dict[str, str] | None = None) -> int:
     """Run `command` as ranks 0..nproc-1 on this machine; wait for all; return the first failure's code.
 
     When one rank fails the others are stopped, so a crash does not leave ranks waiting forever in a
-    collective. Ctrl-C (or SIGTERM) is passed on to every rank.
+    collective. Ctrl-C (or SIGTERM) is passed on to every rank, and every rank dies with this
+    process, however it dies (a parent-death signal). `env` adds variables for the ranks.
     """
     if nproc < 1:
         from pangu_pi.errors import UserError
@@ -86,7 +103,9 @@ def spawn_local(nproc: int, command: list[str], *, poll_s: float = 0.2) -> int:
         raise UserError(f"--nproc must be at least 1, got {nproc}")
     port = free_port()
     threads = max(1, (os.cpu_count() or 1) // nproc)
-    procs = [subprocess.Popen(command, env=rank_env(r, nproc, port, threads)) for r in range(nproc)]
+    me = os.getpid()
+    procs = [subprocess.Popen(command, env={**rank_env(r, nproc, port, threads), **(env or {})},
+                              preexec_fn=lambda: die_with_parent(me)) for r in range(nproc)]
 
     def forward(signum, _frame):
         for p in procs:
@@ -115,9 +134,9 @@ def spawn_local(nproc: int, command: list[str], *, poll_s: float = 0.2) -> int:
                 p.kill()
 
 
-def rank_command(argv: list[str]) -> list[str]:
-    """The command each spawned rank runs: this trainer, with the same arguments minus --nproc."""
-    return [sys.executable, "-m", "pangu_pi.training.pretrain", *strip_nproc(argv)]
+def rank_command(argv: list[str], command: str = "pretrain") -> list[str]:
+    """What each spawned rank runs: `pangu_pi.training.COMMAND` with the same arguments minus --nproc."""
+    return [sys.executable, "-m", f"pangu_pi.training.{command}", *strip_nproc(argv)]
 
 
 def strip_nproc(argv: list[str]) -> list[str]:

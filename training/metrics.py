@@ -182,6 +182,11 @@ class RunLogger:
             self._bar.set_postfix(postfix, refresh=False)
             self._bar.update(1)
 
+    def advance(self) -> None:
+        """A step that is not logged (`train.log_every`): the progress bar moves, nothing is read back."""
+        if self._bar is not None:
+            self._bar.update(1)
+
     def validation(self, step: int, loss: float, metrics: dict[str, float] | None = None) -> None:
         """A validation line: the loss and its perplexity, or the loss and a recipe's `val_*` metrics
         (a preference loss is not nats per token, so it has no perplexity)."""

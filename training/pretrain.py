@@ -4,268 +4,40 @@
     torchrun --nproc_per_node 8 -m pangu_pi.training.pretrain --config configs/pangu-pi-1b.yaml --out runs/1b
     deepspeed --hostfile hostfile --module pangu_pi.training.pretrain --config configs/pangu-pi-7b.yaml --out /shared/7b
 
-Before any compute is spent the run is checked as a whole: config keys and values, the batch split
-over the processes, the tokenizer, every data shard (truncated, from another tokenizer, ids outside
-the vocabulary) and, when resuming, that the checkpoint's global batch is kept, so a bad run fails
-in seconds with one message.
-
-This module is the pretraining recipe: the model (a preset, or `model.init_from`), the packed token
-stream (training/data) and next-token cross-entropy. The loop, the non-finite guard, evaluation,
-metrics, checkpoints and resume (also on another process count) are the training core's
-(training/core.py), shared with `pangu-pi finetune`.
+The command (training/command.py) over the pretraining recipe (training/recipes/pretrain.py) and the
+training core (training/core.py).
 """
 
 from __future__ import annotations
 
-import argparse
 import sys
-from dataclasses import dataclass
-from pathlib import Path
-from typing import Any
 
-from pangu_pi.config import ConfigError
-from pangu_pi.errors import UserError
-
-from . import core, launch
-from .config import BatchSplit, RunConfig, build_config, resolve_batch
-# Names other modules and tools import from here; they live in the core now.
-from .core import (  # noqa: F401
-    Dist,
-    QuietExit,
-    TrainingStopped,
-    build_model,
-    deepspeed_config,
-    init_distributed,
-    param_groups,
-)
-from .core import quiet_libraries as _quiet_libraries  # noqa: F401
-from .faults import DUMP_LOGITS_ENV, NONFINITE_STEPS_ENV  # noqa: F401
-
-
-# ------------------------------------------------------------------------------------------------
-# The command line
-
-
-def build_parser() -> argparse.ArgumentParser:
-    return core.run_parser("pangu-pi pretrain", "Pretrain a PanGu-π model with DeepSpeed.")
-
-
-def config_from_args(args: argparse.Namespace) -> RunConfig:
-    return core.run_config_from_args(args, recipe="pretrain")
+from . import command, recipes
+from ._moved import moved_names
+from .config import RunConfig
 
 
 def main(argv: list[str]) -> int:
-    args = build_parser().parse_args(argv)
-    config = config_from_args(args)
-    if args.nproc is not None and not launch.in_distributed_launch():
-        # Check everything (and build the default data) once, here, before starting the ranks.
-        prepare_run(config, world_size=args.nproc, progress=not args.no_progress)
-        return launch.spawn_local(args.nproc, launch.rank_command(argv))
-    try:
-        pretrain(config, progress=not args.no_progress)
-    except QuietExit:
-        return 2
-    return 0
+    return command.main(argv, "pretrain")
 
 
-# ------------------------------------------------------------------------------------------------
-# Checks and data, before any process group or model exists
-
-
-@dataclass
-class RunPlan:
-    out: Path
-    split: BatchSplit
-    tokenizer_dir: Path
-    datasets: list[dict]
-    vocab_size: int  # the model's
-    eos_id: int
-    tokenizer_hash: str
-
-
-def default_data(config: RunConfig, out: Path, progress: bool) -> tuple[Path, list[dict]]:
-    """Tokenizer and shards from the embedded default corpus, made once and reused by later runs."""
-    from pangu_pi.corpus import default_corpus_files
-    from pangu_pi.tokenizer import train_tokenizer
-
-    from .data import DataError, prepare_shards, verify_dataset
-
-    d = config.data
-    cache = Path(d.cache_dir) if d.cache_dir else out
-    part = "all" if d.default_corpus_bytes is None else str(d.default_corpus_bytes)
-    files = [str(f) for f in default_corpus_files(d.default_corpus_bytes)]
-    tok_dir = train_tokenizer(files, cache / f"tokenizer-default-{part}-{d.tokenizer_vocab_size}",
-                              vocab_size=d.tokenizer_vocab_size, progress=progress)
-    shards = cache / "data" / f"default-{part}-{tok_dir.name}"
-    try:
-        from pangu_pi.tokenizer import tokenizer_hash
-
-        verify_dataset(shards, vocab_size=10**9, tokenizer_hash=tokenizer_hash(tok_dir), check_ids=False)
-    except (DataError, FileNotFoundError):
-        prepare_shards(tok_dir, files, shards, workers=d.workers, progress=progress)
-    return tok_dir, [{"path": str(shards), "weight": 1.0}]
-
-
-def tokenizer_facts(tokenizer_dir: Path) -> tuple[int, int, str]:
-    """(vocabulary size with specials, EOS id, hash) of a saved tokenizer."""
-    from tokenizers import Tokenizer
-
-    from pangu_pi.tokenizer import EOS, tokenizer_hash
-
-    path = tokenizer_dir / "tokenizer.json"
-    if not path.is_file():
-        raise FileNotFoundError(
-            f"data.tokenizer {str(tokenizer_dir)!r} holds no tokenizer.json; name the folder "
-            "`pangu-pi tokenizer train` wrote, the one the shards were prepared with"
-        )
-    tok = Tokenizer.from_file(str(path))
-    eos = tok.token_to_id(EOS)
-    if eos is None:
-        raise UserError(f"tokenizer {tokenizer_dir} has no {EOS!r} token to end documents with")
-    return tok.get_vocab_size(with_added_tokens=True), eos, tokenizer_hash(tokenizer_dir)
-
-
-def check_resume(config: RunConfig, world_size: int) -> BatchSplit:
-    """The batch split on `world_size` processes, refusing a resume that cannot continue the run in
-    OUT: checkpoints there with --resume none, or a global batch other than the checkpoint's."""
-    from . import checkpoint
-
-    newest = checkpoint.latest_checkpoint(checkpoint.checkpoint_root(config.out))
-    if newest is None:
-        return resolve_batch(config.batch, world_size)
-    if config.checkpoint.resume == "none":
-        raise UserError(
-            f"{config.out} already holds checkpoints (newest {newest.name}) and --resume is none; "
-            "pass --resume auto to continue that run, or choose another --out"
-        )
-    try:
-        split = resolve_batch(config.batch, world_size)
-    except ConfigError:
-        # Say what would continue this run, not only what is wrong with the batch section.
-        checkpoint.check_resume_batch(newest, None, world_size)
-        raise
-    checkpoint.check_resume_batch(newest, split.global_batch_size, world_size)
-    return split
-
-
-def prepare_run(config: RunConfig, world_size: int, progress: bool = True) -> RunPlan:
-    """Every check that can fail without a process group; builds the default data when none is configured."""
-    from . import checkpoint
-    from .data import DataError, PackedMixture
-
-    out = Path(config.out)
-    split = check_resume(config, world_size)
-    try:
-        if config.data.datasets:
-            tok_dir, datasets = Path(config.data.tokenizer), config.data.datasets
-        else:
-            tok_dir, datasets = default_data(config, out, progress)
-        tok_vocab, eos_id, digest = tokenizer_facts(tok_dir)
-        model = config.model_config(tok_vocab)
-        if model.vocab_size < tok_vocab:
-            raise ConfigError(
-                f"model.vocab_size {model.vocab_size} is smaller than the tokenizer's {tok_vocab} tokens "
-                f"({tok_dir}); remove model.vocab_size to take the tokenizer's, or raise it"
-            )
-        if model.eos_token_id not in (eos_id, [eos_id]) and not (
-            isinstance(model.eos_token_id, list) and eos_id in model.eos_token_id
-        ):
-            raise ConfigError(f"model.eos_token_id {model.eos_token_id} is not the tokenizer's EOS id {eos_id}")
-        common = dict(seq_len=config.data.seq_len, eos_id=eos_id, vocab_size=model.vocab_size,
-                      tokenizer_hash=digest, val_fraction=config.data.val_fraction, seed=config.seed)
-        PackedMixture(datasets, split="train", **common)  # verifies every shard
-        if config.eval.every:
-            val = PackedMixture(datasets, split="val", **common)
-            if len(val) < world_size:
-                raise UserError(
-                    f"the validation split has {len(val)} samples, fewer than the {world_size} processes; "
-                    "raise data.val_fraction or set eval.every=0"
-                )
-    except DataError as err:
-        raise UserError(str(err)) from None
-    return RunPlan(out, split, tok_dir, [dict(d) for d in datasets], model.vocab_size, eos_id, digest)
-
-
-# ------------------------------------------------------------------------------------------------
-# The recipe
-
-
-class Pretraining(core.Recipe):
-    name = "pretrain"
-
-    def __init__(self, config: RunConfig):
-        self.config = config
-
-    def plan(self, world_size: int, progress: bool) -> RunPlan:
-        return prepare_run(self.config, world_size, progress=progress)
-
-    def setup(self, plan: RunPlan, d: core.Dist) -> None:
-        from .data import PackedMixture
-
-        c = self.config
-        self.plan_, self.split, self.total_steps = plan, plan.split, c.train.max_steps
-        self.model_config = c.model_config(plan.vocab_size)
-        self.model_config.use_cache = False
-        common = dict(seq_len=c.data.seq_len, eos_id=plan.eos_id, vocab_size=plan.vocab_size,
-                      tokenizer_hash=plan.tokenizer_hash, val_fraction=c.data.val_fraction, seed=c.seed)
-        self.train_stream = PackedMixture(plan.datasets, split="train", **common)
-        self.val_data = PackedMixture(plan.datasets, split="val", **common) if c.eval.every else None
-        self.device = d.device
-
-    def build_model(self, ds_config: dict):
-        return build_model(self.model_config, ds_config, init_from=self.config.model.get("init_from"))
-
-    def loss(self, engine, batch, d):
-        import torch.nn.functional as F
-
-        batch = batch.to(d.device, non_blocking=True)
-        logits = engine(input_ids=batch[:, :-1]).logits
-        vocab = self.model_config.vocab_size
-        return F.cross_entropy(logits.float().reshape(-1, vocab), batch[:, 1:].reshape(-1)), batch[:, 1:].numel()
-
-    def evaluate(self, engine, d) -> float:
-        import torch
-        import torch.nn.functional as F
-
-        n = min(self.config.eval.samples, len(self.val_data)) // d.world * d.world
-        mine = list(range(d.rank, n, d.world))
-        micro, vocab = self.split.micro_batch_size, self.model_config.vocab_size
-        total = torch.zeros(2, dtype=torch.float64, device=d.device)
-        engine.eval()
-        with torch.no_grad():
-            for i in range(0, len(mine), micro):
-                batch = torch.stack([self.val_data[j] for j in mine[i : i + micro]]).to(d.device)
-                logits = engine(input_ids=batch[:, :-1]).logits
-                total[0] += F.cross_entropy(logits.float().reshape(-1, vocab), batch[:, 1:].reshape(-1), reduction="sum")
-                total[1] += batch[:, 1:].numel()
-        d.sum_(total)
-        return (total[0] / total[1]).item()
-
-    def checkpoint_files(self) -> dict:
-        return {"model/config.json": self.model_config.to_json_string(), "tokenizer": self.plan_.tokenizer_dir}
-
-    def flops_per_token(self) -> float:
-        from .metrics import flops_per_token
-
-        return flops_per_token(self.model_config, self.config.data.seq_len)
-
-    def describe(self, d, n_params) -> str:
-        c, split = self.config, self.split
-        return (f"training {n_params / 1e6:.2f} M parameters on {d.world} process(es), ZeRO-{c.train.zero_stage}, "
-                f"{c.train.precision}, batch {split.global_batch_size}×{c.data.seq_len} tokens "
-                f"({split.micro_batch_size} per process × {split.grad_accum} accumulation)")
-
-
-def pretrain(config: RunConfig | dict, *, progress: bool = True) -> dict:
+def pretrain(config: RunConfig | dict, *, progress: bool = True, force: bool = False) -> dict:
     """Train to `config.train.max_steps` on every rank of the current process group (created here
     from the launcher's environment, or as a group of one). Returns rank 0's summary:
     {"step", "loss", "val_loss", "checkpoint", "out"}."""
-    if isinstance(config, dict):
-        config = build_config(config, recipe="pretrain")
-    return core.train(Pretraining(config), progress=progress)
+    return recipes.run(config, "pretrain", progress=progress, force=force)
 
+
+# Names this module held before the recipes became a package.
+__getattr__ = moved_names(__name__, {
+    **dict.fromkeys(("RunPlan", "Pretraining", "default_data", "tokenizer_facts", "prepare_run"),
+                    "pangu_pi.training.recipes.pretrain"),
+    **dict.fromkeys(("build_model", "deepspeed_config", "param_groups"), "pangu_pi.training.engine"),
+    **dict.fromkeys(("Dist", "QuietExit", "init_distributed"), "pangu_pi.training.distributed"),
+    "TrainingStopped": "pangu_pi.training.core",
+    "check_resume": "pangu_pi.training.checkpoint",
+    "build_parser": "pangu_pi.training.command",
+})
 
 if __name__ == "__main__":
-    from pangu_pi import cli
-
-    sys.exit(cli.main(["pretrain", *sys.argv[1:]]))
+    sys.exit(command.run_as_main("pretrain"))

@@ -140,7 +140,7 @@ def _float64_dpo(logits: torch.Tensor, labels: torch.Tensor, ref_logits: torch.T
 
 @pytest.mark.parametrize("loss_type,smoothing", [("sigmoid", 0.0), ("sigmoid", 0.2), ("ipo", 0.0)])
 def test_loss_rewards_and_accuracy_match_an_independent_float64_computation(loss_type, smoothing):
-    from pangu_pi.training.dpo import dpo_loss, sequence_logps
+    from pangu_pi.training.recipes.dpo import dpo_loss, sequence_logps
 
     g = torch.Generator().manual_seed(3)
     pairs, T, V = 5, 9, 13
@@ -193,7 +193,7 @@ def _trl_loss(per_token, ref_logps, completion_mask, beta: float, loss_type: str
 
 @pytest.mark.parametrize("loss_type", ["sigmoid", "ipo"])
 def test_loss_and_rewards_equal_trls_dpo_trainer_on_the_same_batch(loss_type):
-    from pangu_pi.training.dpo import dpo_loss, sequence_logps
+    from pangu_pi.training.recipes.dpo import dpo_loss, sequence_logps
 
     g = torch.Generator().manual_seed(11)
     pairs, T, V = 6, 10, 17
@@ -223,7 +223,7 @@ def test_loss_and_rewards_equal_trls_dpo_trainer_on_the_same_batch(loss_type):
 
 
 def test_policy_equal_to_reference_gives_log2_and_zero_margins():
-    from pangu_pi.training.dpo import dpo_loss
+    from pangu_pi.training.recipes.dpo import dpo_loss
 
     logps = torch.tensor([-12.0, -3.5, -40.0], dtype=torch.float64)
     loss, m = dpo_loss(logps, logps - 2, logps, logps - 2, beta=0.1)
@@ -296,7 +296,7 @@ def test_first_step_starts_at_log2_and_lora_holds_one_model(work, tmp_path, monk
         original(self, *args, **kwargs)
 
     monkeypatch.setattr(PanGuPiForCausalLM, "__init__", counting_init)
-    from pangu_pi.training.dpo import PreferenceTuning
+    from pangu_pi.training.recipes.dpo import PreferenceTuning
 
     while_training = []
     original_finish = PreferenceTuning.finish

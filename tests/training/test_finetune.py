@@ -133,7 +133,8 @@ def test_malformed_records_are_counted_and_reported_not_fatal(full_run, capsys):
 
 
 def test_only_assistant_tokens_carry_loss(base_dir, chat_file, tmp_path):
-    from pangu_pi.training.finetune import build_finetune_config, load_data
+    from pangu_pi.training.finetune import build_finetune_config
+    from pangu_pi.training.recipes.sft import load_data
     from pangu_pi.training.sft_data import IGNORE_INDEX
 
     tokenizer, data = load_data(build_finetune_config(_config(base_dir, chat_file, tmp_path)))
@@ -160,7 +161,8 @@ def test_only_assistant_tokens_carry_loss(base_dir, chat_file, tmp_path):
 
 def test_packing_lets_no_example_see_another(base_dir, chat_file, tmp_path):
     from pangu_pi import PanGuPiForCausalLM
-    from pangu_pi.training.finetune import build_finetune_config, load_data
+    from pangu_pi.training.finetune import build_finetune_config
+    from pangu_pi.training.recipes.sft import load_data
     from pangu_pi.training.sft_data import collate
 
     _, data = load_data(build_finetune_config(_config(base_dir, chat_file, tmp_path)))
@@ -305,3 +307,34 @@ def test_init_from_takes_the_shape_from_the_checkpoint(base_dir, tmp_path):
         config.model_config(vocab_size=10**6)
     with pytest.raises(FileNotFoundError, match="no config.json"):
         build_config({"model": {"init_from": str(tmp_path / "missing")}})
+
+
+def test_model_overrides_reach_the_saved_model_and_every_checkpoint(base_dir, chat_file, tmp_path):
+    """A long-context fine-tune (`--set model.max_position_embeddings=...` and a YaRN RoPE) saves a
+    long-context model: the run's model config, not the base checkpoint's, in OUT/model and in every
+    checkpoint, and transformers loads it with the scaled RoPE."""
+    from transformers import AutoModelForCausalLM
+
+    import pangu_pi  # noqa: F401 - registers the model type
+    from pangu_pi.training.finetune import build_finetune_config, finetune
+
+    assert json.loads((base_dir / "config.json").read_text())["max_position_embeddings"] != 2048
+    values = _config(base_dir, chat_file, tmp_path / "long", max_steps=4, checkpoint={"save_every": 2})
+    overrides = ["model.max_position_embeddings=2048",
+                 "model.rope_parameters={rope_type: yarn, factor: 4.0, original_max_position_embeddings: 512}"]
+    finetune(build_finetune_config(values, overrides), progress=False)
+
+    out = tmp_path / "long"
+    saved = [out / "model" / "config.json", *sorted((out / "checkpoints").glob("step_*/model/config.json"))]
+    assert len(saved) == 3  # the model and the checkpoints of steps 2 and 4
+    for path in saved:
+        config = json.loads(path.read_text())
+        assert config["max_position_embeddings"] == 2048, path
+        assert config["rope_parameters"]["rope_type"] == "yarn" and config["rope_parameters"]["factor"] == 4.0, path
+    model = AutoModelForCausalLM.from_pretrained(out / "model", dtype=torch.float32)
+    rotary = model.model.rotary_emb
+    assert rotary.rope_type == "yarn" and model.config.max_position_embeddings == 2048
+    # YaRN stretches the low frequencies and scales the attention logits; the base's RoPE does neither.
+    base = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32).model.rotary_emb
+    assert rotary.attention_scaling > 1.0 == base.attention_scaling
+    assert rotary.inv_freq[-1] < base.inv_freq[-1]

@@ -32,7 +32,7 @@ pytestmark = pytest.mark.slow
 def default_data_cache(tmp_path_factory) -> Path:
     """The default-corpus tokenizer and shards, made once here the way a run would make them."""
     from pangu_pi.training.config import build_config
-    from pangu_pi.training.pretrain import default_data
+    from pangu_pi.training.recipes.pretrain import default_data
 
     cache = tmp_path_factory.mktemp("default-data")
     default_data(build_config(_base(cache, stage=2)), cache, progress=False)

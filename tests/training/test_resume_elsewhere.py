@@ -23,7 +23,7 @@ pytestmark = pytest.mark.slow
 @pytest.fixture(scope="module")
 def cache(tmp_path_factory) -> Path:
     from pangu_pi.training.config import build_config
-    from pangu_pi.training.pretrain import default_data
+    from pangu_pi.training.recipes.pretrain import default_data
 
     cache = tmp_path_factory.mktemp("elsewhere-data")
     default_data(build_config(_config(cache, 2)), cache, progress=False)
