@@ -8,6 +8,7 @@ from pathlib import Path
 
 from .errors import UserError
 from .folders import has_tokenizer, is_checkpoint
+from .overrides import add_set_argument
 
 
 def parse_overrides(pairs: list[str]) -> dict:
@@ -42,8 +43,8 @@ def info_main(argv: list[str]) -> int:
 
     ap = argparse.ArgumentParser(prog="pangu-pi info", description="Print a preset's config and parameter count.")
     ap.add_argument("--preset", required=True, help="tiny | pangu-pi-1b | pangu-pi-7b")
-    ap.add_argument("--set", nargs="+", action="extend", default=[], metavar="KEY=VALUE",
-                    help="override a model field, e.g. model.hidden_size=64 (as in run configs)")
+    add_set_argument(ap, "override model fields, e.g. model.hidden_size=64 (as in run configs); several pairs "
+                         "after one --set, or --set repeated")
     ap.add_argument("--json", action="store_true", help="print one JSON object")
     args = ap.parse_args(argv)
     overrides = parse_overrides(args.set)
@@ -163,8 +164,8 @@ def init_main(argv: list[str]) -> int:
     ap = argparse.ArgumentParser(prog="pangu-pi init", description="Create a randomly initialised checkpoint.")
     ap.add_argument("--preset", default="tiny")
     ap.add_argument("--tokenizer", required=True, help="tokenizer folder; sets vocab_size")
-    ap.add_argument("--set", nargs="+", action="extend", default=[], metavar="KEY=VALUE",
-                    help="override a model field, e.g. model.hidden_size=64 (as in run configs)")
+    add_set_argument(ap, "override model fields, e.g. model.hidden_size=64 (as in run configs); several pairs "
+                         "after one --set, or --set repeated")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", required=True, help="folder to write (new or empty)")
     ap.add_argument("--force", action="store_true",

@@ -224,7 +224,7 @@ def _model_index(name: str, evaluation: dict) -> list[dict]:
 
 
 def render_card(name: str, facts: dict) -> str:
-    import yaml
+    from .overrides import yaml_text
 
     config, run, tok, evaluation = facts["config"], facts.get("run"), facts.get("tokenizer"), facts.get("evaluation")
     front: dict[str, Any] = {
@@ -237,7 +237,7 @@ def render_card(name: str, facts: dict) -> str:
     if evaluation:
         front["model-index"] = _model_index(name, evaluation)
     front["pangu_pi"] = facts
-    head = "---\n" + yaml.safe_dump(front, sort_keys=False, allow_unicode=True) + "---\n\n"
+    head = "---\n" + yaml_text(front) + "---\n\n"
 
     params = facts["parameters"]
     lines = [
