@@ -51,9 +51,22 @@ class ConcurrencyLimit:
 
 
 def _raw_response(status: int, reason: str, message: str, code: str, retry_after: bool) -> bytes:
-    body = json.dumps({"error": {"message": message, "type": "rate_limit_error" if status == 429 else "invalid_request_error",
-                                 "param": None, "code": code}}).encode()  # fmt: skip
-    head = [f"HTTP/1.1 {status} {reason}", "content-type: application/json", f"content-length: {len(body)}", "connection: close"]
+    body = json.dumps(
+        {
+            "error": {
+                "message": message,
+                "type": "rate_limit_error" if status == 429 else "invalid_request_error",
+                "param": None,
+                "code": code,
+            }
+        }
+    ).encode()
+    head = [
+        f"HTTP/1.1 {status} {reason}",
+        "content-type: application/json",
+        f"content-length: {len(body)}",
+        "connection: close",
+    ]
     if retry_after:
         head.append(f"retry-after: {RETRY_AFTER_S}")
     return ("\r\n".join(head) + "\r\n\r\n").encode() + body
@@ -66,10 +79,21 @@ def protocol_class(max_connections: int | None, header_timeout_s: float | None, 
     timeout; both are a few lines on its protocol class."""
     from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
-    full = _raw_response(429, "Too Many Requests", f"This server has {max_connections} connections open, its limit "
-                         "(`pangu-pi serve --max-connections`); retry shortly.", "too_many_connections", True)  # fmt: skip
-    slow = _raw_response(408, "Request Timeout", f"The request headers did not arrive within {header_timeout_s} s "
-                         "(`pangu-pi serve --header-timeout`).", "request_timeout", False)  # fmt: skip
+    full = _raw_response(
+        429,
+        "Too Many Requests",
+        f"This server has {max_connections} connections open, its limit "
+        "(`pangu-pi serve --max-connections`); retry shortly.",
+        "too_many_connections",
+        True,
+    )
+    slow = _raw_response(
+        408,
+        "Request Timeout",
+        f"The request headers did not arrive within {header_timeout_s} s (`pangu-pi serve --header-timeout`).",
+        "request_timeout",
+        False,
+    )
 
     class GuardedProtocol(HttpToolsProtocol):
         header_timer = None

@@ -75,7 +75,9 @@ def build_parser() -> argparse.ArgumentParser:
     add = parser.add_argument
     add("model_dir", type=Path, help="HF checkpoint folder (config.json, weights, tokenizer)")
     add("--name", help="model name clients ask for (default: the folder's name)")
-    add("--lora", action="append", default=[], metavar="NAME=DIR", help="peft LoRA adapter of MODEL_DIR, served as NAME")
+    add(
+        "--lora", action="append", default=[], metavar="NAME=DIR", help="peft LoRA adapter of MODEL_DIR, served as NAME"
+    )
     add("--variant", action="append", default=[], metavar="NAME=DIR",
         help="another checkpoint (own tokenizer or weights), served by its own engine as NAME")  # fmt: skip
     add("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
@@ -88,28 +90,49 @@ def build_parser() -> argparse.ArgumentParser:
     add("--dtype", default="auto", help="weights/activations dtype: auto, bfloat16, float16, float32")
     add("--tensor-parallel-size", "-tp", type=int, default=1, help="GPUs per engine")
     add("--startup-timeout", type=float, default=900.0, help="seconds to wait for the engines")
-    add("--tool-call-parser", default="hermes", metavar="NAME",
-        help="vLLM tool parser for tool calls (default hermes: the <tool_call> format of pangu-pi's chat template)")  # fmt: skip
-    add("--no-auto-tool-choice", action="store_true",
-        help="no tool parser: tool calls stay in the text and tool_choice auto, required or a name is refused")  # fmt: skip
-    add("--json-whitespace", action="store_true",
-        help="let constrained JSON (response_format, forced tool calls) hold free whitespace, as plain vLLM does")  # fmt: skip
+    add(
+        "--tool-call-parser",
+        default="hermes",
+        metavar="NAME",
+        help="vLLM tool parser for tool calls (default hermes: the <tool_call> format of pangu-pi's chat template)",
+    )
+    add(
+        "--no-auto-tool-choice",
+        action="store_true",
+        help="no tool parser: tool calls stay in the text and tool_choice auto, required or a name is refused",
+    )
+    add(
+        "--json-whitespace",
+        action="store_true",
+        help="let constrained JSON (response_format, forced tool calls) hold free whitespace, as plain vLLM does",
+    )
     add("--log-dir", type=Path,
         help="folder for each engine's log, ENGINE.log (default: a new private folder in the temp dir); "
              "a non-empty folder serve did not create is refused unless --force")  # fmt: skip
     add("--force", action="store_true", help="write engine logs into a non-empty --log-dir that serve did not create")
     add("--max-restarts", type=int, default=5, help="restarts of a dead engine in a row before giving up (default 5)")
-    add("--max-lora-rank", type=int, help="largest rank of an adapter loaded at run time (default: 16, or the largest --lora's rank)")
+    add(
+        "--max-lora-rank",
+        type=int,
+        help="largest rank of an adapter loaded at run time (default: 16, or the largest --lora's rank)",
+    )
     add("--max-loras", type=int, help="adapters one batch can mix (default: 4, or the --lora count)")
-    add("--no-runtime-lora", action="store_true",
-        help="start engines without LoRA support unless --lora asks for it (refuses /v1/load_lora_adapter)")  # fmt: skip
+    add(
+        "--no-runtime-lora",
+        action="store_true",
+        help="start engines without LoRA support unless --lora asks for it (refuses /v1/load_lora_adapter)",
+    )
     limits = parser.add_argument_group("limits on one request (each refusal is a 4xx naming the flag)")
     d = DEFAULT_LIMITS
     limits.add_argument("--max-n", type=int, default=d.max_n, help="largest `n` (default %(default)s)")
-    limits.add_argument("--max-body-bytes", type=int, default=d.max_body_bytes, help="largest request body (default %(default)s)")
+    limits.add_argument(
+        "--max-body-bytes", type=int, default=d.max_body_bytes, help="largest request body (default %(default)s)"
+    )
     limits.add_argument("--max-stop", type=int, default=d.max_stop, help="most `stop` strings (default %(default)s)")
     limits.add_argument("--max-tools", type=int, default=d.max_tools, help="most `tools` (default %(default)s)")
-    limits.add_argument("--max-json-depth", type=int, default=d.max_json_depth, help="deepest JSON nesting (default %(default)s)")
+    limits.add_argument(
+        "--max-json-depth", type=int, default=d.max_json_depth, help="deepest JSON nesting (default %(default)s)"
+    )
     limits.add_argument("--body-timeout", type=float, default=d.body_timeout_s,
                         help="seconds a request body may take to arrive (default %(default)s; 408 beyond)")  # fmt: skip
     push = parser.add_argument_group("backpressure (each refusal is a 429 with Retry-After, or a 408)")
@@ -139,7 +162,9 @@ def parse_args(argv: list[str]) -> ServeConfig:
         value = getattr(args, name)
         if value is not None and value < (0 if name == "max_restarts" else 1e-9):
             raise UserError(f"--{name.replace('_', '-')} must be a positive number, got {value}")
-    limits = Limits(args.max_n, args.max_body_bytes, args.max_stop, args.max_tools, args.max_json_depth, args.body_timeout)
+    limits = Limits(
+        args.max_n, args.max_body_bytes, args.max_stop, args.max_tools, args.max_json_depth, args.body_timeout
+    )
     known = {f.name for f in fields(ServeConfig)}
     values = {k: v for k, v in vars(args).items() if k in known}
     values.update(lora=tuple(args.lora), variant=tuple(args.variant), limits=limits, vllm_args=tuple(passthrough))

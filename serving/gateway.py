@@ -157,7 +157,9 @@ class Gateway:
         problems = []
         try:
             for lora_name, path in list(engine.loaded.items()):
-                reply = await self._call(engine, "POST", "/v1/load_lora_adapter", {"lora_name": lora_name, "lora_path": path})
+                reply = await self._call(
+                    engine, "POST", "/v1/load_lora_adapter", {"lora_name": lora_name, "lora_path": path}
+                )
                 if reply.status != 200:
                     problems.append(f"adapter {lora_name!r} ({path}) did not load again: {reply.message()}")
                     engine.loaded.pop(lora_name)
@@ -277,7 +279,9 @@ class Gateway:
             # Refused or cut off: the engine's process is gone (the supervisor notices within a second).
             return _unavailable(engine, model, type(err).__name__)
         except (aiohttp.ClientError, TimeoutError) as err:
-            return openai_error(502, f"the engine serving `{model or engine.name}` did not answer: {err!r}", "api_error")
+            return openai_error(
+                502, f"the engine serving `{model or engine.name}` did not answer: {err!r}", "api_error"
+            )
         out_headers = {k: v for k, v in reply.headers.items() if k.lower() not in _DROP_RESPONSE_HEADERS}
         events = reply.headers.get("content-type", "").startswith("text/event-stream")
         if reply.status >= 500 and not events:
@@ -307,7 +311,8 @@ class Gateway:
         _say(f"adapter {name!r} from {path!r} refused: {detail}")
         return openai_error(
             400,
-            f"Cannot load adapter `{name}`: lora_path is not a loadable adapter for this engine (the server's log says why).",
+            f"Cannot load adapter `{name}`: lora_path is not a loadable adapter for this engine "
+            "(the server's log says why).",
             param="lora_path",
             code="invalid_adapter",
         )
@@ -341,7 +346,8 @@ class Gateway:
         if holder is not None and (holder != engine.name or not payload.get("load_inplace")):
             return openai_error(
                 400,
-                f"A model named `{name}` is already served (by engine {holder}); unload it first or pick another lora_name.",
+                f"A model named `{name}` is already served (by engine {holder}); unload it first or pick "
+                "another lora_name.",
                 param="lora_name",
             )
         try:
@@ -420,7 +426,9 @@ class Gateway:
         texts = await asyncio.gather(*(scrape(e) for e in up), return_exceptions=True)
         scraped = {e.name: t for e, t in zip(up, texts) if isinstance(t, str)}
         engine_up = Metric("pangu_pi_engine_up", "Whether the engine answers (1) or is down (0).", "gauge")
-        restarts = Metric("pangu_pi_engine_restarts", "Restarts of the engine since `pangu-pi serve` started.", "counter")
+        restarts = Metric(
+            "pangu_pi_engine_restarts", "Restarts of the engine since `pangu-pi serve` started.", "counter"
+        )
         for e in self.engines.values():
             engine_up.add_sample("pangu_pi_engine_up", {"engine": e.name}, int(e.name in scraped))
             restarts.add_sample("pangu_pi_engine_restarts_total", {"engine": e.name}, e.restarts)

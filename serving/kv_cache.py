@@ -31,8 +31,10 @@ def node_memory() -> tuple[int, int]:
             info[parts[2].rstrip(":")] = int(parts[3]) * 1024
         total = info["MemTotal"]
         available = info["MemFree"] + info["Active(file)"] + info["Inactive(file)"] + info["SReclaimable"]
-    for limit_file, usage_file in (("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current"),
-                                   ("/sys/fs/cgroup/memory/memory.limit_in_bytes", "/sys/fs/cgroup/memory/memory.usage_in_bytes")):  # fmt: skip
+    for limit_file, usage_file in (
+        ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current"),
+        ("/sys/fs/cgroup/memory/memory.limit_in_bytes", "/sys/fs/cgroup/memory/memory.usage_in_bytes"),
+    ):
         with contextlib.suppress(OSError, ValueError):
             limit = int(Path(limit_file).read_text().strip())
             if limit < total:
@@ -53,7 +55,9 @@ def _kv_bytes(model_dir: Path, config: ServeConfig) -> int:
     heads = int(model.get("num_attention_heads", 1))
     kv_heads = int(model.get("num_key_value_heads") or heads)
     head_dim = int(model.get("head_dim") or int(model.get("hidden_size", 64)) // heads)
-    dtype = config.dtype if config.dtype != "auto" else str(model.get("dtype") or model.get("torch_dtype") or "bfloat16")
+    dtype = (
+        config.dtype if config.dtype != "auto" else str(model.get("dtype") or model.get("torch_dtype") or "bfloat16")
+    )
     width = 4 if "32" in dtype else 2
     length = config.max_model_len or int(model.get("max_position_embeddings", 2048))
     return 2 * layers * kv_heads * head_dim * width * length

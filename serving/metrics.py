@@ -32,7 +32,10 @@ def merge_families(texts: dict[str, str]) -> list[Metric]:
             if merged is None:
                 merged = families[family.name] = Metric(family.name, family.documentation, family.type, family.unit)
             for sample in family.samples:
-                labels = {"engine": engine, **{("vllm_engine" if k == "engine" else k): v for k, v in sample.labels.items()}}
+                labels = {
+                    "engine": engine,
+                    **{("vllm_engine" if k == "engine" else k): v for k, v in sample.labels.items()},
+                }
                 merged.samples.append(sample._replace(labels=labels))
     return list(families.values())
 

@@ -82,8 +82,14 @@ class Limits:
 
 
 # The flag that raises each limit, named in its refusal so the operator knows what to change.
-LIMIT_FLAGS = {"max_n": "--max-n", "max_body_bytes": "--max-body-bytes", "max_stop": "--max-stop",
-               "max_tools": "--max-tools", "max_json_depth": "--max-json-depth", "body_timeout_s": "--body-timeout"}  # fmt: skip
+LIMIT_FLAGS = {
+    "max_n": "--max-n",
+    "max_body_bytes": "--max-body-bytes",
+    "max_stop": "--max-stop",
+    "max_tools": "--max-tools",
+    "max_json_depth": "--max-json-depth",
+    "body_timeout_s": "--body-timeout",
+}
 
 
 def openai_error(status: int, message: str, type_: str = "invalid_request_error", param=None, code=None,
@@ -103,7 +109,9 @@ def media_type(headers: Headers) -> str | None:
 
 def is_json_type(kind: str | None) -> bool:
     # What FastAPI (vLLM's server) parses as JSON: application/json and the +json suffix types.
-    return kind is not None and (kind == "application/json" or (kind.startswith("application/") and kind.endswith("+json")))
+    return kind is not None and (
+        kind == "application/json" or (kind.startswith("application/") and kind.endswith("+json"))
+    )
 
 
 def _digest(key: str) -> bytes:
@@ -206,8 +214,12 @@ class RequestGuard:
         json_route = path in JSON_ROUTES
         if json_route and kind is not None and not is_json_type(kind):
             raise Refusal(
-                openai_error(415, f"This route takes a JSON body; the request's Content-Type is {kind!r}. "
-                             "Send `Content-Type: application/json`.", code="unsupported_media_type"),  # fmt: skip
+                openai_error(
+                    415,
+                    f"This route takes a JSON body; the request's Content-Type is {kind!r}. "
+                    "Send `Content-Type: application/json`.",
+                    code="unsupported_media_type",
+                ),  # fmt: skip
                 "media_type",
             )
         limit = self.limits.max_body_bytes
@@ -227,7 +239,9 @@ def _wrong_key() -> JSONResponse:
     return openai_error(401, "Incorrect API key provided.", "authentication_error", code="invalid_api_key")
 
 
-async def read_body(receive: Receive, max_bytes: int | None = None, timeout_s: float | None = None) -> tuple[bytes, Receive]:
+async def read_body(
+    receive: Receive, max_bytes: int | None = None, timeout_s: float | None = None
+) -> tuple[bytes, Receive]:
     """Read the whole request body and return it with a `receive` that replays it, then reads on.
 
     Reading on (instead of stopping) keeps `http.disconnect` visible, which vLLM uses to abort the
@@ -312,7 +326,9 @@ def _check_limits(body: dict, limits: Limits) -> None:
         try:
             n = _INT.validate_python(body["n"])
         except ValidationError:
-            raise _bad(f"`n` is {json.dumps(body['n'])[:40]}, which is not a whole number; send an integer.", "n") from None
+            raise _bad(
+                f"`n` is {json.dumps(body['n'])[:40]}, which is not a whole number; send an integer.", "n"
+            ) from None
         if n is not None and n > limits.max_n:
             raise _limit_error("`n` (choices per request)", n, limits.max_n, "max_n", "n")
     stops = _count(body.get("stop"))
@@ -348,7 +364,7 @@ def _too_deep(value, limit: int) -> bool:
 
 def _parse_json(body: bytes, max_depth: int | None) -> dict:
     if not body.strip():
-        raise _bad("The request body is empty; send a JSON object, e.g. {\"model\": ..., \"prompt\": ...}.")
+        raise _bad('The request body is empty; send a JSON object, e.g. {"model": ..., "prompt": ...}.')
     depth_error = _bad(
         f"The request body nests JSON more than {max_depth} levels deep; send a flatter body, or start the "
         f"server with a higher `pangu-pi serve --max-json-depth`.",

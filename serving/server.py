@@ -125,7 +125,9 @@ def run_gateway(engines: list[Engine], launch: Launch) -> int:
     finally:
         supervisor.stop()
     if supervisor.all_failed:
-        raise UserError(f"every engine died {config.max_restarts + 1} times in a row; see their logs in {launch.log_dir}")
+        raise UserError(
+            f"every engine died {config.max_restarts + 1} times in a row; see their logs in {launch.log_dir}"
+        )
     return 0
 
 
