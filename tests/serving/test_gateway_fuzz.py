@@ -24,6 +24,7 @@ import uvicorn
 from fake_engines import FakeEngine, models_reply, state
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from hypothesis.configuration import set_hypothesis_home_dir
 from pydantic import TypeAdapter, ValidationError
 from starlette.responses import JSONResponse, PlainTextResponse, StreamingResponse
 
@@ -32,6 +33,8 @@ from pangu_pi.serving.backpressure import protocol_class
 from pangu_pi.serving.gateway import FORWARDED, Gateway
 from pangu_pi.serving.request_guard import CHAT_ROLES, Limits
 
+# Hypothesis keeps caches in ./.hypothesis by default: a scratch folder of its own instead.
+set_hypothesis_home_dir(tempfile.mkdtemp(prefix="hypothesis-"))
 KEY = "outer-key"
 AUTH = {"Authorization": f"Bearer {KEY}"}
 LIMITS = Limits(max_n=4, max_body_bytes=32 * 1024, max_stop=4, max_tools=4, max_json_depth=16, body_timeout_s=0.2)
@@ -189,7 +192,7 @@ def send_slowly(port: int, method: str, path: str, content_type: str | None, bod
 # ------------------------------------------------------------------------------------------ tests
 
 
-@settings(max_examples=300, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True)
+@settings(max_examples=300, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True, database=None)
 @given(request=requests_)
 def test_generated_hostile_requests_get_no_5xx_and_cross_no_limit(served, request):
     path, method, content_type, (kind, body), slow = request
