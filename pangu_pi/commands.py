@@ -183,7 +183,7 @@ def init_main(argv: list[str]) -> int:
     claim = claim_output(args.out, "init", {
         "preset": args.preset, "tokenizer": tokenizer_hash(args.tokenizer), "set": overrides, "seed": args.seed,
         "remote_code": not args.no_remote_code,
-    }, force=args.force)
+    }, force=args.force, earlier="checkpoint")
     torch.manual_seed(args.seed)
     model = PanGuPiForCausalLM(config)
     model.generation_config = generation_config(tok, bos_token_id=config.bos_token_id)

@@ -140,7 +140,8 @@ def convert_llama(src: str | Path, out: str | Path, dtype: str | None = None, *,
     if out.resolve() == src.resolve() or src.resolve() in out.resolve().parents:
         raise UserError(f"{out} is inside the source checkpoint {src}; write the conversion to a folder of its own")
     claim = claim_output(out, "convert-llama", {"src": str(src.resolve()), "dtype": dtype,
-                                                "remote_code": remote_code, **config_overrides}, force=force)
+                                                "remote_code": remote_code, **config_overrides},
+                         force=force, earlier="checkpoint")
     torch_dtype = getattr(torch, dtype) if dtype else None
     llama = LlamaForCausalLM.from_pretrained(src, dtype=torch_dtype or "auto")
     model = convert_llama_model(llama, **config_overrides)

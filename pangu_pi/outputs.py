@@ -20,6 +20,7 @@ move before anything is replaced.
 
 from __future__ import annotations
 
+import fnmatch
 import hashlib
 import json
 import os
@@ -48,6 +49,32 @@ class Claim:
     command: str  # as the user types it after `pangu-pi`, e.g. "tokenizer train"
     settings: dict[str, Any]
     state: str  # "new", "same" or "replace"
+    earlier: tuple[str, ...] = ()  # the entries of an output from before markers, taken as the command's own
+
+
+# What the commands wrote before they left a marker, as glob patterns. A folder holding nothing else,
+# and holding what makes it pangu-pi's (see _EARLIER), is taken as an earlier output of its command, so
+# `--force` can replace it; a downloaded model or tokenizer, whose files have the same names, is not.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
+                   "spm.model", "tokenizer.model", "chat_template.jinja", "chat_template.previous.jinja",
+                   "extension.json")
+CHECKPOINT_FILES = (*TOKENIZER_FILES, "config.json", "generation_config.json", "model.safetensors",
+                    "model-*-of-*.safetensors", "model.safetensors.index.json", "README.md",
+                    "configuration_pangu_pi.py", "modeling_pangu_pi.py")
+
+
+def _pangu_tokenizer(folder: Path) -> bool:
+    return (folder / "tokenizer.json").is_file() and (folder / "spm.model").is_file()
+
+
+def _pangu_checkpoint(folder: Path) -> bool:
+    try:
+        return json.loads((folder / "config.json").read_text(encoding="utf-8")).get("model_type") == "pangu_pi"
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+_EARLIER = {"tokenizer": (TOKENIZER_FILES, _pangu_tokenizer), "checkpoint": (CHECKPOINT_FILES, _pangu_checkpoint)}
 
 
 def normalise(settings: dict[str, Any]) -> dict[str, Any]:
@@ -100,9 +127,13 @@ def _changes(before: dict, after: dict) -> str:
 
 
 def claim_output(out: str | os.PathLike, command: str, settings: dict[str, Any], *, force: bool = False,
-                 force_flag: str = "--force") -> Claim:
+                 earlier: str | None = None, adopt_earlier: bool = False, force_flag: str = "--force") -> Claim:
     """Decide, before any work, whether `pangu-pi COMMAND` may write `out` (see the module docstring).
-    Raises OutputRefused with the reason and the fix."""
+    Raises OutputRefused with the reason and the fix.
+
+    `earlier` ("tokenizer" or "checkpoint"): what the command wrote before it left a marker. Such a
+    folder is refused unless `force` (its settings are unknown), or with `adopt_earlier` taken as
+    made with these settings ("same")."""
     out = Path(out)
     settings = normalise(settings)
     if out.exists() and not out.is_dir():
@@ -110,6 +141,16 @@ def claim_output(out: str | os.PathLike, command: str, settings: dict[str, Any],
     if not out.exists() or not any(out.iterdir()):
         return Claim(out, command, settings, "new")
     marker = read_marker(out)
+    names = tuple(sorted(p.name for p in out.iterdir()))
+    patterns, made_by_us = _EARLIER[earlier] if earlier else ((), None)
+    if marker is None and made_by_us is not None and made_by_us(out) and \
+            all(any(fnmatch.fnmatchcase(n, p) for p in patterns) for n in names):
+        if adopt_earlier:
+            return Claim(out, command, settings, "same", earlier=names)
+        if force:
+            return Claim(out, command, settings, "replace", earlier=names)
+        raise OutputRefused(f"{out} holds an output of `pangu-pi {command}` from before it recorded its settings: "
+                            f"pass {force_flag} to replace it, or choose another folder")
     if marker is None:
         raise OutputRefused(
             f"{out} is not empty and was not written by `pangu-pi {command}`: choose a new or empty folder "
@@ -191,7 +232,7 @@ def _commit(claim: Claim, staged: Path) -> None:
     before = read_marker(out)
     if before is not None and before["command"] != claim.command:
         raise OutputRefused(f"{out} now holds the output of `pangu-pi {before['command']}`; nothing was replaced")
-    own = set(before["files"]) if before is not None else set()
+    own = set(before["files"]) if before is not None else set(claim.earlier)
     in_the_way = sorted({p.name for p in out.iterdir()} & set(entries) - own)
     if in_the_way:
         raise OutputRefused(

@@ -237,6 +237,7 @@ def train_tokenizer(
     max_bytes: int = 8_000_000,
     progress: bool = True,
     force: bool = False,
+    adopt_earlier: bool = False,
 ) -> Path:
     """Train and save a tokenizer into `out_dir`; with no inputs, on the embedded default corpus.
 
@@ -244,7 +245,8 @@ def train_tokenizer(
     with others is refused unless `force` (then its own files are replaced); any other non-empty
     folder is refused (pangu_pi.outputs). Safe when several processes (ranks of one job) call it at
     once: one trains under a file lock, into a temporary folder moved into place; the others find it
-    finished and reuse it.
+    finished and reuse it. `adopt_earlier`: a tokenizer this function wrote before it recorded its
+    settings is reused as made with these (for a cache whose folder name states them).
     """
     from filelock import FileLock
 
@@ -258,7 +260,8 @@ def train_tokenizer(
     settings = {"inputs": inputs_fingerprint(files), "vocab_size": vocab_size, "max_bytes": max_bytes}
     out.parent.mkdir(parents=True, exist_ok=True)
     with FileLock(str(out) + ".lock"):
-        claim = claim_output(out, "tokenizer train", settings, force=force)
+        claim = claim_output(out, "tokenizer train", settings, force=force, earlier="tokenizer",
+                             adopt_earlier=adopt_earlier)
         if claim.state == "same":
             return out
         with tempfile.TemporaryDirectory(dir=out.parent, prefix=f".{out.name}.spm-") as scratch, \

@@ -371,7 +371,7 @@ def extend_tokenizer(
     claim = claim_output(out, "tokenizer extend", {
         "base": tokenizer_hash(base), "inputs": inputs_fingerprint(expand_inputs(inputs)), "add": add,
         "heldout_fraction": heldout_fraction, "max_bytes": max_bytes, "seed": seed,
-    }, force=force)
+    }, force=force, earlier="tokenizer")
     lines = _domain_lines(inputs, max_bytes)
     if len(lines) < 2:
         raise ValueError("the domain input holds fewer than 2 non-empty lines; give it real domain text")
@@ -523,7 +523,7 @@ def resize_model(model_dir, tokenizer_dir, out_dir, progress: bool = True, remot
     from .tokenizer import tokenizer_hash
 
     claim = claim_output(out, "resize", {"model": str(model_dir.resolve()), "tokenizer": tokenizer_hash(tokenizer_dir),
-                                         "remote_code": remote_code}, force=force)
+                                         "remote_code": remote_code}, force=force, earlier="checkpoint")
 
     new_json = json.loads((tokenizer_dir / "tokenizer.json").read_text(encoding="utf-8"))
     from tokenizers import Tokenizer

@@ -8,6 +8,12 @@ only transformers is installed) and the serving layer load it; README.md is its 
 
 CKPT may be a checkpoint folder (`OUT/checkpoints/step_N`), a run's `checkpoints/` folder or the run
 folder itself (the newest complete checkpoint is taken).
+
+OUT is a new or empty folder, or an export written before (pangu_pi.outputs): the same checkpoint
+and settings write it again, others need `--force`, which replaces only the export's own files. A
+folder the export did not write is refused, and so is an OUT inside the run, `--force` or not.
+Reading the DeepSpeed files runs `torch.load(weights_only=False)`: a checkpoint no run of its folder
+wrote gets a warning (docs/security.md).
 """
 
 from __future__ import annotations
@@ -15,7 +21,7 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
-import tempfile
+import sys
 from pathlib import Path
 
 from pangu_pi.errors import UserError
@@ -38,6 +44,34 @@ def _training_precision(ckpt: Path) -> str:
         return "fp32"
 
 
+def _run_of(checkpoint: Path) -> Path:
+    """The run folder holding `checkpoint`; the checkpoint folder itself when it stands alone."""
+    return layout.run_of(checkpoint) if checkpoint.parent.name == layout.CHECKPOINTS else checkpoint
+
+
+def untrusted_reason(checkpoint: Path) -> str | None:
+    """Why `checkpoint` may not be the user's own run's, or None. Its DeepSpeed files are pickles, read
+    with torch.load(weights_only=False): loading one runs any code it holds."""
+    import json
+
+    from .run_folder import read_marker
+
+    run = _run_of(checkpoint)
+    marker = read_marker(run)
+    try:
+        state = json.loads((checkpoint / layout.TRAINER_STATE).read_text())
+    except (OSError, ValueError):
+        state = {}
+    if marker is None or not marker.get("run_id"):
+        return f"{run} carries no run marker ({layout.RUN_MARKER}) of the run that wrote it"
+    if state.get("run_id") != marker["run_id"]:
+        return f"no run of {run} wrote it (its run id is not the folder's)"
+    owner = (checkpoint / layout.TRAINER_STATE).stat().st_uid if (checkpoint / layout.TRAINER_STATE).exists() else None
+    if owner is not None and hasattr(os, "getuid") and owner != os.getuid():
+        return f"its files belong to another user (uid {owner})"
+    return None
+
+
 def export_checkpoint(ckpt: str | os.PathLike, out: str | os.PathLike, *, dtype: str | None = None,
                       force: bool = False, remote_code: bool = True) -> Path:
     """Write an HF checkpoint of `ckpt` into `out` (created whole, or not at all). Returns `out`.
@@ -48,12 +82,15 @@ def export_checkpoint(ckpt: str | os.PathLike, out: str | os.PathLike, *, dtype:
     from transformers import GenerationConfig
 
     from pangu_pi import PanGuPiConfig, PanGuPiForCausalLM
-    from pangu_pi.tokenizer import PAD, folder_chat_template, stop_token_ids, template_status, write_chat_template
+    from pangu_pi.outputs import claim_output, staged_output
+    from pangu_pi.tokenizer import folder_chat_template, generation_config, template_status, write_chat_template
 
     path = resolve_checkpoint(ckpt)
     out = Path(out)
-    if out.exists() and any(out.iterdir()) and not force:
-        raise FileExistsError(f"{out} exists and is not empty; choose another OUT or pass --force to replace it")
+    run = _run_of(path)
+    if out.resolve() == run.resolve() or run.resolve() in out.resolve().parents:
+        raise UserError(f"OUT {out} is inside the run folder {run} it would export from; write the export to a "
+                        "folder outside the run (--force does not change this)")
     config_file = path / layout.MODEL_CONFIG
     if not config_file.is_file():
         raise FileNotFoundError(f"{path} has no model/config.json; it was not written by `pangu-pi pretrain`")
@@ -62,6 +99,13 @@ def export_checkpoint(ckpt: str | os.PathLike, out: str | os.PathLike, *, dtype:
     if dtype not in DTYPES:
         raise UserError(f"--dtype {dtype!r} is unknown; choose one of float32, bfloat16, float16")
     torch_dtype = getattr(torch, DTYPES[dtype])
+    claim = claim_output(out, "export", {"checkpoint": str(path.resolve()), "dtype": DTYPES[dtype],
+                                         "remote_code": remote_code}, force=force, earlier="checkpoint")
+    reason = untrusted_reason(path)
+    if reason is not None:
+        print(f"pangu-pi export: warning: {path}: {reason}. Its DeepSpeed files are read with "
+              "torch.load(weights_only=False), which runs any code hidden in them: export only checkpoints "
+              "you trust (docs/security.md)", file=sys.stderr)
 
     config = PanGuPiConfig.from_json_file(str(config_file))
     config.use_cache = True  # off while training; generation wants it
@@ -70,9 +114,7 @@ def export_checkpoint(ckpt: str | os.PathLike, out: str | os.PathLike, *, dtype:
     state = {k: v.to(torch_dtype) for k, v in consolidated_state_dict(path, expected).items()}
     model = PanGuPiForCausalLM.from_pretrained(None, config=config, state_dict=state, dtype=torch_dtype)
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staged = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))
-    try:
+    with staged_output(claim) as staged:
         from pangu_pi.model_card import pretraining_facts
 
         tok_src = path / layout.TOKENIZER
@@ -88,21 +130,14 @@ def export_checkpoint(ckpt: str | os.PathLike, out: str | os.PathLike, *, dtype:
         if tok_src.is_dir():
             from tokenizers import Tokenizer
 
+            # Stop at EOS and at the end of a chat turn, so a chat model stops after its answer.
             tok = Tokenizer.from_file(str(tok_src / "tokenizer.json"))
-            eos = stop_token_ids(tok)
-            pad = tok.token_to_id(PAD)
+            generation_config(tok, bos_token_id=config.bos_token_id).save_pretrained(staged)
         else:
             eos = [config.eos_token_id] if isinstance(config.eos_token_id, int) else list(config.eos_token_id)
-            pad = config.pad_token_id
-        # Stop at EOS and at the end of a chat turn, so a chat model stops after its answer.
-        GenerationConfig(bos_token_id=config.bos_token_id, eos_token_id=eos, pad_token_id=pad).save_pretrained(staged)
+            GenerationConfig(bos_token_id=config.bos_token_id, eos_token_id=eos,
+                             pad_token_id=config.pad_token_id).save_pretrained(staged)
         _readable(staged)
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(staged, out)
-    except BaseException:
-        shutil.rmtree(staged, ignore_errors=True)
-        raise
     return out
 
 
@@ -121,7 +156,9 @@ def main(argv: list[str]) -> int:
     p.add_argument("ckpt", metavar="CKPT", help="checkpoint folder, run's checkpoints/ folder, or run folder")
     p.add_argument("out", metavar="OUT", help="folder for the HF checkpoint")
     p.add_argument("--dtype", help="weights' dtype: float32 | bfloat16 | float16 (default: the training precision)")
-    p.add_argument("--force", action="store_true", help="replace OUT if it exists")
+    p.add_argument("--force", action="store_true",
+                   help="replace an export this command wrote into OUT from another checkpoint or with other "
+                        "settings (only its own files; a folder it did not write, or one inside the run, is refused)")
     p.add_argument("--no-remote-code", action="store_true",
                    help="leave out configuration_pangu_pi.py / modeling_pangu_pi.py (loading then needs pangu-pi)")
     args = p.parse_args(argv)

@@ -114,6 +114,29 @@ def test_a_marker_naming_paths_outside_its_folder_is_no_marker(tmp_path):
     assert (tmp_path / "victim").read_text() == "keep"
 
 
+def test_an_output_from_before_markers_is_replaced_only_with_force_and_only_if_pangu_pis(tmp_path):
+    earlier = tmp_path / "earlier"
+    earlier.mkdir()
+    (earlier / "config.json").write_text(json.dumps({"model_type": "pangu_pi"}))
+    (earlier / "model.safetensors").write_bytes(b"old")
+    with pytest.raises(OutputRefused, match="from before it recorded its settings: pass --force"):
+        claim_output(earlier, "export", {}, earlier="checkpoint")
+    with staged_output(claim_output(earlier, "export", {}, force=True, earlier="checkpoint")) as staged:
+        (staged / "config.json").write_text("{}")
+    assert sorted(p.name for p in earlier.iterdir()) == [MARKER, "config.json"]
+
+    downloaded = tmp_path / "llama"  # the same file names, someone else's model
+    downloaded.mkdir()
+    (downloaded / "config.json").write_text(json.dumps({"model_type": "llama"}))
+    (downloaded / "model.safetensors").write_bytes(b"theirs")
+    with pytest.raises(OutputRefused, match="was not written by `pangu-pi export`"):
+        claim_output(downloaded, "export", {}, force=True, earlier="checkpoint")
+    (earlier / MARKER).unlink()
+    plant(earlier)
+    with pytest.raises(OutputRefused, match="was not written by"):
+        claim_output(earlier, "export", {}, force=True, earlier="checkpoint")
+
+
 # --- every command that writes a folder -------------------------------------------------------------
 
 
@@ -144,6 +167,16 @@ def test_tokenizer_train(corpus, tmp_path, capsys):
     assert cli([*train, "--vocab-size", "500", "--force"]) == 0
     assert len(json.loads((out / "tokenizer.json").read_text())["model"]["vocab"]) == 500
     assert (out / PLANTED).read_text() == "not pangu-pi's"
+
+    # A tokenizer from before the marker: refused, unless adopted (the pretraining cache does that).
+    from pangu_pi.tokenizer import train_tokenizer
+
+    (out / PLANTED).unlink()
+    (out / MARKER).unlink()
+    refused(capsys, [*train, "--vocab-size", "500"], "from before it recorded its settings")
+    made = snapshot(out)
+    assert train_tokenizer(corpus, out, vocab_size=500, adopt_earlier=True, progress=False) == out
+    assert snapshot(out) == made
 
 
 @pytest.fixture(scope="module")
@@ -237,3 +270,37 @@ def test_resize(small_tokenizer, small_model, tmp_path, capsys):
     assert cli([*resize, "--out", str(out), "--no-remote-code", "--force"]) == 0
     assert not (out / "modeling_pangu_pi.py").exists(), "its own file from before was left"
     assert (out / PLANTED).read_text() == "not pangu-pi's"
+
+
+def test_export(pretrained_export, tmp_path, capsys):
+    import shutil
+
+    run, _ = pretrained_export
+    before = sorted(p.relative_to(run) for p in run.rglob("*"))
+    for out, extra in ((run / "hf", []), (run, ["--force"]), (run / "checkpoints" / "x", ["--force"])):
+        refused(capsys, ["export", str(run), str(out), *extra], "is inside the run folder", "--force does not")
+    assert sorted(p.relative_to(run) for p in run.rglob("*")) == before, "the run folder changed"
+
+    stranger = plant(tmp_path / "stranger")
+    refused(capsys, ["export", str(run), str(stranger), "--force"], "was not written by `pangu-pi export`")
+    assert snapshot(stranger) == {PLANTED: b"not pangu-pi's"}
+
+    out = tmp_path / "hf"
+    capsys.readouterr()
+    assert cli(["export", str(run), str(out)]) == 0
+    assert "warning" not in capsys.readouterr().err  # the run's own checkpoint: nothing to warn about
+    plant(out)
+    refused(capsys, ["export", str(run), str(out), "--dtype", "bfloat16"], "other settings (dtype float32 -> bfloat16)")
+    assert cli(["export", str(run), str(out), "--dtype", "bfloat16", "--force"]) == 0
+    assert json.loads((out / "config.json").read_text())["dtype"] == "bfloat16"
+    assert (out / PLANTED).read_text() == "not pangu-pi's"
+
+    # A run folder someone handed over, whose checkpoint no run of that folder wrote: exported, with a warning.
+    handed = tmp_path / "handed"
+    shutil.copytree(run, handed)
+    marker = json.loads((handed / ".pangu-pi-run.json").read_text())
+    (handed / ".pangu-pi-run.json").write_text(json.dumps({**marker, "run_id": "someone-else"}))
+    capsys.readouterr()
+    assert cli(["export", str(handed), str(tmp_path / "handed-hf")]) == 0
+    err = capsys.readouterr().err
+    assert "warning" in err and "no run of" in err and "torch.load(weights_only=False)" in err
