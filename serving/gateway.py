@@ -287,7 +287,11 @@ class Gateway:
         if reply.status >= 500 and not events:
             text = await reply.text(errors="replace")
             reply.release()
-            return _server_error(text, reply.status, out_headers, model or engine.name)
+            # vLLM's server answers 500 between its engine core dying and its own exit: that is an
+            # engine that is down (503: clients retry instead of giving up).
+            if any(sign in text for sign in _ENGINE_DEAD):
+                return _unavailable(engine, model, "its engine core died")
+            return Response(text.encode(), status_code=reply.status, headers=out_headers)
         return _Relay(_relay(reply, events, model or engine.name), reply.status, out_headers, reply)
 
     # ----------------------------------------------------------------------- adapters at run time
@@ -547,17 +551,3 @@ class _Relay:
             watcher.cancel()
             await self.chunks.aclose()
             self.reply.release()
-
-
-def _server_error(text: str, status: int, headers: dict, model: str) -> Response:
-    """An engine's 5xx, passed on; but vLLM's server answers 500 between its engine core dying and
-    its own exit, and that is an engine that is down (503: clients retry instead of giving up)."""
-    if any(sign in text for sign in _ENGINE_DEAD):
-        return openai_error(
-            503,
-            f"The engine serving `{model}` is down (its engine core died); retry in a few seconds.",
-            "server_error",
-            code="engine_unavailable",
-            headers={"Retry-After": str(RETRY_AFTER_S)},
-        )
-    return Response(text.encode(), status_code=status, headers=headers)
