@@ -141,6 +141,48 @@ def _skip_checkpoint_writes(out: Path) -> None:
     checkpoint.save_checkpoint = not_written
 
 
+def loss_probe(kind: str, tokens: int, hidden: int, vocab: int, dtype: str) -> dict:
+    """Peak memory and time of one forward + backward of the LM head's loss alone (fused or plain),
+    above what its inputs and the head's gradient take; run in a fresh process per kind."""
+    import time
+
+    import torch
+
+    from pangu_pi.kernels.linear_cross_entropy import linear_cross_entropy, linear_cross_entropy_reference
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dt = {"bf16": torch.bfloat16, "fp32": torch.float32}[dtype]
+    h = torch.randn(tokens, hidden, device=device, dtype=dt, requires_grad=True)
+    w = (torch.randn(vocab, hidden, device=device, dtype=dt) * 0.02).requires_grad_()
+    labels = torch.randint(0, vocab, (tokens,), device=device)
+    # the gradients' own storage, which both kinds end with, is not what is compared
+    h.grad, w.grad = torch.zeros_like(h), torch.zeros_like(w)
+    fn = linear_cross_entropy if kind == "fused" else linear_cross_entropy_reference
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+    else:
+        base = _proc_status("VmRSS")
+    start = time.perf_counter()
+    fn(h, w, labels).backward()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        peak = torch.cuda.max_memory_allocated()
+    else:
+        peak = _proc_status("VmHWM")
+    return {"kind": kind, "tokens": tokens, "vocab": vocab, "hidden": hidden, "dtype": dtype,
+            "peak_above_inputs_gib": (peak - base) / GIB, "seconds": time.perf_counter() - start,
+            "device": str(device)}
+
+
+def _proc_status(key: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(key + ":"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError(f"no {key} in /proc/self/status")
+
+
 # ------------------------------------------------------------------------------------------------
 # The parent: both runs, the figures side by side
 
@@ -196,6 +238,25 @@ def estimate_bytes(sets: dict, args, out: Path) -> float:
     return estimate_memory(config, 1, vocab_size=args.vocab_size, device=device).total
 
 
+def loss_comparison(argv: list[str] | None) -> dict:
+    """`--loss-only`: each kind in a fresh process, so one's peak cannot hide the other's."""
+    argv = [a for a in (sys.argv[1:] if argv is None else argv) if a != "--loss-only"]
+    runs = {}
+    for kind in ("plain", "fused"):
+        proc = subprocess.run([sys.executable, __file__, *argv, "--loss-probe", kind], capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise SystemExit(f"bench_train_gpu: the {kind} loss probe failed:\n{proc.stderr[-3000:]}")
+        runs[kind] = json.loads(proc.stdout.strip().splitlines()[-1])
+        print(f"{kind}: peak {runs[kind]['peak_above_inputs_gib']:.2f} GiB above the inputs, "
+              f"{runs[kind]['seconds']:.2f} s", flush=True)
+    result = {"fused_peak_gib": runs["fused"]["peak_above_inputs_gib"],
+              "plain_peak_gib": runs["plain"]["peak_above_inputs_gib"],
+              "fused_vs_plain_time": runs["fused"]["seconds"] / runs["plain"]["seconds"], **{k: runs["fused"][k]
+              for k in ("tokens", "vocab", "hidden", "dtype", "device")}}
+    print(json.dumps(result), flush=True)
+    return result
+
+
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -220,10 +281,23 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--cache", default=str(ROOT / ".cache" / "bench_train_gpu"), help="tokenizer and shards")
     ap.add_argument("--out", help="keep the run folders here (default: a temporary folder)")
     ap.add_argument("--timeout", type=float, default=3600, help="seconds per run")
+    ap.add_argument("--loss-only", action="store_true",
+                    help="only the LM head's loss, fused against plain: peak memory and time of one forward + "
+                         "backward of micro-batch × seq-len tokens at the preset's width and --vocab-size")
     ap.add_argument("--child", help=argparse.SUPPRESS)
+    ap.add_argument("--loss-probe", choices=("fused", "plain"), help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.child:
         raise SystemExit(child(args.child))
+    if args.loss_probe or args.loss_only:
+        from pangu_pi import PanGuPiConfig
+
+        hidden = PanGuPiConfig.from_preset(args.preset).hidden_size
+        probe = (args.micro_batch * args.seq_len, hidden, args.vocab_size, args.precision)
+        if args.loss_probe:
+            print(json.dumps(loss_probe(args.loss_probe, *probe)), flush=True)
+            raise SystemExit(0)
+        return loss_comparison(argv)
 
     sets = run_overrides(args)
     with tempfile.TemporaryDirectory(prefix="bench_train_gpu.") as tmp:

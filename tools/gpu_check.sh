@@ -11,7 +11,11 @@
 #   2. tools/bench_kernels.py's device section: Triton vs reference vs a device-to-device copy, GB/s,
 #      in bf16 and fp32;
 #   3. a bf16 training step (autocast, fp32 master weights, fused AdamW) of the 1B preset against the
-#      same-shaped LLaMA, SDPA attention: tokens/s, MFU, ratio (tools/bench_model.py).
+#      same-shaped LLaMA, SDPA attention: tokens/s, MFU, ratio (tools/bench_model.py);
+#   4. the same comparison through the trainer itself (`pangu-pi pretrain`'s library call, DeepSpeed
+#      ZeRO-1, the full 100,883 vocabulary, 4 × 4096 tokens): tokens/s per GPU, MFU, peak memory
+#      against training/memory.py's estimate (tools/bench_train_gpu.py). It needs DeepSpeed: where it
+#      is not installed, its wheels are taken from .cache/gpu-wheels (../shared/GPU.md).
 # The last line of stdout is one JSON object with every step's figures.
 #
 # pytest is the only package it needs beyond torch, triton and transformers. Where it is missing, put
@@ -46,7 +50,9 @@ if [ "$DRY" = 1 ]; then
   KERNEL_ARGS=(--tokens 64 --width 96 --repeats 2 --warmup 1 --gpu-only --triton-on-cpu)
   KERNEL_DTYPES=(float32)
   MODEL_ARGS=(--preset tiny --device cpu --dtype fp32 --batch 2 --seq-len 64 --repeats 2 --warmup 1 --optimizer)
-  LIMIT_TESTS=300 LIMIT_KERNELS=120 LIMIT_MODEL=120
+  TRAIN_ARGS=(--preset tiny --vocab-size 8192 --steps 3 --warmup-steps 1 --seq-len 64 --micro-batch 2
+              --precision fp32 --corpus-bytes 300000 --peak-flops 1e11 --set model.siaf_backend=reference)
+  LIMIT_TESTS=300 LIMIT_KERNELS=120 LIMIT_MODEL=120 LIMIT_TRAIN=240
 else
   if ! "$PY" -c 'import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)'; then
     echo "gpu_check.sh: no CUDA device visible to $PY; run with --dry-run for the CPU smoke test" >&2
@@ -58,7 +64,9 @@ else
   KERNEL_ARGS=(--gpu-only --repeats 20 --warmup 3)
   KERNEL_DTYPES=(bfloat16 float32)
   MODEL_ARGS=(--preset pangu-pi-1b --device cuda --dtype bf16 --batch 4 --seq-len 2048 --repeats 10 --warmup 3 --optimizer)
-  LIMIT_TESTS=240 LIMIT_KERNELS=60 LIMIT_MODEL=180
+  # Two 1B runs: ~15 s of start-up each (imports, the model built on the host, DeepSpeed), then 8 steps.
+  TRAIN_ARGS=(--steps 8 --warmup-steps 3)
+  LIMIT_TESTS=240 LIMIT_KERNELS=60 LIMIT_MODEL=180 LIMIT_TRAIN=120
 fi
 
 if ! "$PY" -c 'import pytest' 2>/dev/null; then
@@ -87,6 +95,11 @@ for dtype in "${KERNEL_DTYPES[@]}"; do
   step "bench_kernels_$dtype" "$LIMIT_KERNELS" "$PY" tools/bench_kernels.py --dtype "$dtype" "${KERNEL_ARGS[@]}"
 done
 step bench_model "$LIMIT_MODEL" "$PY" tools/bench_model.py "${MODEL_ARGS[@]}" --no-forward
+if ! "$PY" -c 'import deepspeed' 2>/dev/null && ls "$ROOT"/.cache/gpu-wheels/deepspeed-*.whl >/dev/null 2>&1; then
+  "$PY" -m pip install -q --no-index --no-deps --target "$OUT/site" "$ROOT"/.cache/gpu-wheels/*.whl \
+    && export PYTHONPATH="$OUT/site:$PYTHONPATH"
+fi
+step bench_train_gpu "$LIMIT_TRAIN" "$PY" tools/bench_train_gpu.py "${TRAIN_ARGS[@]}" --cache "$ROOT/.cache/bench_train_gpu"
 
 "$PY" - "$OUT" "$DRY" "$START" <<'PY'
 import json, sys, time, xml.etree.ElementTree as ET

@@ -29,7 +29,8 @@ def test_gpu_check_dry_run_passes_and_reports_every_step(tmp_path):
     assert result["kernel_tests"]["passed"] > 10 and result["kernel_tests"]["failed"] == 0
     assert result["bench_kernels_float32"]["triton_ms"] > 0
     assert result["bench_model"]["pangu_vs_llama_time"] > 0
-    assert set(result["exit"]) == {"kernel_tests", "bench_kernels_float32", "bench_model"}
+    assert result["bench_train_gpu"]["tokens_per_s_per_gpu"] > 0 and result["bench_train_gpu"]["mfu"] > 0
+    assert set(result["exit"]) == {"kernel_tests", "bench_kernels_float32", "bench_model", "bench_train_gpu"}
 
 
 def test_gpu_check_refuses_an_unknown_argument():
