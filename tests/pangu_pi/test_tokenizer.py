@@ -5,7 +5,16 @@ import pytest
 from transformers import AutoTokenizer
 
 from pangu_pi.corpus import default_corpus_files
-from pangu_pi.tokenizer import EOS, IM_END, IM_START, load_tokenizer, stop_token_ids, train_tokenizer
+from pangu_pi.tokenizer import (
+    EOS,
+    IM_END,
+    IM_START,
+    generation_config,
+    load_tokenizer,
+    stop_token_ids,
+    tokenizer_facts,
+    train_tokenizer,
+)
 
 
 def test_loads_with_auto_tokenizer_and_knows_its_specials(tokenizer_dir):
@@ -47,6 +56,33 @@ def test_stop_ids_are_eos_and_end_of_turn_from_either_tokenizer_class(tokenizer_
     text = (tokenizer_dir / "tokenizer.json").read_text()
     (tmp_path / "tokenizer.json").write_text(text.replace(json.dumps(IM_END), json.dumps("<|end|>")))
     assert stop_token_ids(Tokenizer.from_file(str(tmp_path / "tokenizer.json"))) == want[:1]
+
+
+def test_generation_config_stops_at_both_ends_from_either_tokenizer_class(tokenizer_dir):
+    from tokenizers import Tokenizer
+
+    tok = load_tokenizer(tokenizer_dir)
+    for source in (tok, Tokenizer.from_file(str(tokenizer_dir / "tokenizer.json"))):
+        config = generation_config(source)
+        assert config.eos_token_id == tok.convert_tokens_to_ids([EOS, IM_END])
+        assert (config.bos_token_id, config.pad_token_id) == (tok.bos_token_id, tok.pad_token_id)
+    assert generation_config(tok, bos_token_id=7).bos_token_id == 7
+
+
+def test_tokenizer_facts_name_what_is_missing(tokenizer_dir, tmp_path):
+    from pangu_pi.errors import UserError
+    from pangu_pi.tokenizer import tokenizer_hash
+
+    facts = tokenizer_facts(tokenizer_dir)
+    tok = load_tokenizer(tokenizer_dir)
+    assert (facts.vocab_size, facts.require_eos(), facts.hash) == (len(tok), tok.eos_token_id,
+                                                                   tokenizer_hash(tokenizer_dir))
+    with pytest.raises(FileNotFoundError, match=r"no tokenizer in .*pangu-pi tokenizer train --out"):
+        tokenizer_facts(tmp_path)
+    text = (tokenizer_dir / "tokenizer.json").read_text()
+    (tmp_path / "tokenizer.json").write_text(text.replace(json.dumps(EOS), json.dumps("<end>")))
+    with pytest.raises(UserError, match="has no end-of-document token"):
+        tokenizer_facts(tmp_path).require_eos()
 
 
 def test_chat_template_renders_chatml(tokenizer_dir):

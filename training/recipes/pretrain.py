@@ -46,8 +46,9 @@ def default_data(config: RunConfig, out: Path, progress: bool) -> tuple[Path, li
     cache = Path(d.cache_dir) if d.cache_dir else out
     part = "all" if d.default_corpus_bytes is None else str(d.default_corpus_bytes)
     files = [str(f) for f in default_corpus_files(d.default_corpus_bytes)]
+    # adopt_earlier: a cache from before tokenizers recorded their settings; its name states them.
     tok_dir = train_tokenizer(files, cache / f"tokenizer-default-{part}-{d.tokenizer_vocab_size}",
-                              vocab_size=d.tokenizer_vocab_size, progress=progress)
+                              vocab_size=d.tokenizer_vocab_size, progress=progress, adopt_earlier=True)
     shards = cache / "data" / f"default-{part}-{tok_dir.name}"
     try:
         from pangu_pi.tokenizer import tokenizer_hash
@@ -59,22 +60,11 @@ def default_data(config: RunConfig, out: Path, progress: bool) -> tuple[Path, li
 
 
 def tokenizer_facts(tokenizer_dir: Path) -> tuple[int, int, str]:
-    """(vocabulary size with specials, EOS id, hash) of a saved tokenizer."""
-    from tokenizers import Tokenizer
+    """(vocabulary size with specials, EOS id, hash) of a saved tokenizer (pangu_pi.tokenizer reads it)."""
+    from pangu_pi.tokenizer import tokenizer_facts as read
 
-    from pangu_pi.tokenizer import EOS, tokenizer_hash
-
-    path = tokenizer_dir / "tokenizer.json"
-    if not path.is_file():
-        raise FileNotFoundError(
-            f"data.tokenizer {str(tokenizer_dir)!r} holds no tokenizer.json; name the folder "
-            "`pangu-pi tokenizer train` wrote, the one the shards were prepared with"
-        )
-    tok = Tokenizer.from_file(str(path))
-    eos = tok.token_to_id(EOS)
-    if eos is None:
-        raise UserError(f"tokenizer {tokenizer_dir} has no {EOS!r} token to end documents with")
-    return tok.get_vocab_size(with_added_tokens=True), eos, tokenizer_hash(tokenizer_dir)
+    tok = read(tokenizer_dir)
+    return tok.vocab_size, tok.require_eos(), tok.hash
 
 
 def prepare_run(config: RunConfig, world_size: int, progress: bool = True) -> RunPlan:

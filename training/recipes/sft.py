@@ -257,10 +257,9 @@ class Finetuning(Recipe):
         checkpoint, gathered from their ZeRO partitions by the same code as `pangu-pi export`, under
         the run's model config, in the training precision; the tokenizer; a generation config."""
         import torch
-        from transformers import GenerationConfig
 
         from pangu_pi import PanGuPiForCausalLM
-        from pangu_pi.tokenizer import stop_token_ids
+        from pangu_pi.tokenizer import generation_config
 
         model_config = copy.deepcopy(self.model_config)
         model_config.use_cache = True  # off while training; generation wants it
@@ -276,8 +275,7 @@ class Finetuning(Recipe):
             shutil.copy2(base_generation, dest / "generation_config.json")
         else:
             # Stop at EOS and at the end of a chat turn: a tuned model ends its answer with <|im_end|>.
-            GenerationConfig(bos_token_id=model_config.bos_token_id, eos_token_id=stop_token_ids(self.tokenizer),
-                             pad_token_id=self.tokenizer.pad_token_id).save_pretrained(dest)
+            generation_config(self.tokenizer, bos_token_id=model_config.bos_token_id).save_pretrained(dest)
 
     def finish(self, engine, d, summary: dict) -> None:
         from ..metrics import read_metrics
