@@ -152,6 +152,7 @@ def modeling_source() -> str:
             "from .kernels import siaf_and_mul": "",
             "from .kernels.linear_cross_entropy import linear_cross_entropy": "",
             "from .kernels.reference import ACTIVATIONS, identity_init, siaf_and_mul_reference, spread_init": "",
+            "from .kernels.reference import ACTIVATIONS, identity_init, spread_init": "",
         },
         "pangu_pi/modeling.py",
     )

@@ -16,6 +16,7 @@ import sys
 
 from pangu_pi.config import ConfigError
 from pangu_pi.errors import UserError
+from pangu_pi.overrides import add_set_argument
 
 from . import launch, recipes, run_folder
 from .config import RunConfig, build_config, load_yaml, run_folder as default_run_folder
@@ -36,8 +37,7 @@ def run_parser(prog: str, description: str) -> argparse.ArgumentParser:
     p.add_argument("--save-every", type=int, help="checkpoint every N optimizer steps (checkpoint.save_every)")
     p.add_argument("--resume", choices=("auto", "none"), help="auto: continue from the newest complete checkpoint")
     p.add_argument("--nproc", type=int, help="spawn N local processes (CPU or one node) instead of using a launcher")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config key, e.g. optim.lr=1e-4")
+    add_set_argument(p, "override config keys, e.g. optim.lr=1e-4; several pairs after one --set, or --set repeated")
     p.add_argument("--force", action="store_true",
                    help="start over in a run folder this command made: its previous outputs (checkpoints, metrics, "
                         "model) are removed first; files it did not write are never touched")

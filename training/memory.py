@@ -35,6 +35,7 @@ from __future__ import annotations
 import argparse
 from dataclasses import dataclass
 
+from pangu_pi.overrides import add_set_argument
 from pangu_pi.parameters import count_parameters
 
 from .config import resolve_batch
@@ -176,7 +177,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--config", required=True)
     parser.add_argument("--gpus", type=int, required=True, help="data-parallel size (all GPUs of all nodes)")
     parser.add_argument("--device", choices=("cuda", "cpu"), default="cuda", help="cpu: a run on processors alone")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    add_set_argument(parser, "override config keys, e.g. train.zero_stage=3")
     args = parser.parse_args(argv)
     config = load_config(args.config, args.set)
     est = estimate_memory(config, args.gpus, device=args.device)

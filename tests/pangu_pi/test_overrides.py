@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from pathlib import Path
 
 import pytest
 
@@ -61,3 +62,35 @@ def test_init_takes_both_forms(tokenizer_dir, tmp_path):
     saved = [json.loads((d / "config.json").read_text()) for d in (one, repeated)]
     assert [(c["num_hidden_layers"], c["hidden_size"]) for c in saved] == [(1, 64), (1, 64)]
     assert (one / "model.safetensors").read_bytes() == (repeated / "model.safetensors").read_bytes()
+
+
+@pytest.fixture(scope="module")
+def finetune_inputs(tokenizer_dir, tmp_path_factory):
+    """A base checkpoint and a chat file, so that a fine-tuning config passes its path checks."""
+    root = tmp_path_factory.mktemp("ft-inputs")
+    assert cli(["init", "--tokenizer", str(tokenizer_dir), "--out", str(root / "base"),
+                "--set", "siaf_backend=reference", "num_hidden_layers=1"]) == 0
+    chat = root / "chat.jsonl"
+    chat.write_text(json.dumps({"messages": [{"role": "user", "content": "hi"},
+                                             {"role": "assistant", "content": "hello"}]}) + "\n")
+    return [f"model.init_from={root / 'base'}", f"data.datasets=[{{path: {chat}, weight: 1.0}}]",
+            "finetune.mode=lora"]
+
+
+@pytest.mark.parametrize("recipe, config_file", [("pretrain", "tiny.yaml"), ("finetune", "yunshan_finetune_tiny.yaml")])
+@pytest.mark.parametrize("form", ["one flag", "repeated"])
+def test_pretrain_and_finetune_take_both_forms(recipe, config_file, form, request, tmp_path):
+    from pangu_pi.training.command import DESCRIPTIONS, run_config_from_args, run_parser
+
+    extra = request.getfixturevalue("finetune_inputs") if recipe == "finetune" else []
+    pairs = ["optim.lr=0.002", "train.max_steps=7", "model.max_position_embeddings=1024", *extra]
+    flags = ["--set", *pairs] if form == "one flag" else [arg for pair in pairs for arg in ("--set", pair)]
+    config_path = Path(__file__).resolve().parents[2] / "configs" / config_file
+    args = run_parser(f"pangu-pi {recipe}", DESCRIPTIONS[recipe]).parse_args(
+        ["--config", str(config_path), *flags, "--out", str(tmp_path / "run")])
+    assert args.set == pairs
+    config = run_config_from_args(args, recipe)
+    assert config.optim.lr == 0.002 and config.train.max_steps == 7
+    assert config.model["max_position_embeddings"] == 1024
+    if extra:
+        assert config.finetune.mode == "lora"
