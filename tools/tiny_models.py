@@ -9,25 +9,14 @@ server that dropped or mis-wired either would give different tokens.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
 
 def _save_generation_config(out: Path, tokenizer) -> None:
-    from pangu_pi.tokenizer import stop_token_ids
+    from pangu_pi.tokenizer import generation_config
 
-    (out / "generation_config.json").write_text(
-        json.dumps(
-            {
-                "bos_token_id": tokenizer.bos_token_id,
-                "eos_token_id": stop_token_ids(tokenizer),  # </s> and <|im_end|>: a chat turn ends at either
-                "pad_token_id": tokenizer.pad_token_id,
-                "do_sample": False,
-            },
-            indent=2,
-        )
-    )
+    generation_config(tokenizer).save_pretrained(out)  # stops at </s> and <|im_end|>: a chat turn ends at either
 
 
 @torch.no_grad()
@@ -53,7 +42,8 @@ def _sharpen(model, generator: torch.Generator, scale: float) -> None:
 
 def build_pangu(out_dir: str | Path, tokenizer_dir: str | Path, seed: int = 0, preset: str = "tiny",
                 **config_overrides) -> Path:
-    """Save a PanGu-π of `preset` ("tiny" unless named; the tokenizer's vocabulary) with its tokenizer into `out_dir`."""
+    """Save a PanGu-π of `preset` ("tiny" unless named; the tokenizer's vocabulary) with its tokenizer into
+    `out_dir`."""
     from pangu_pi import PanGuPiConfig, PanGuPiForCausalLM
     from pangu_pi.tokenizer import load_tokenizer, stop_token_ids
 
