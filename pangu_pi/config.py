@@ -15,7 +15,6 @@ from transformers import PretrainedConfig
 
 from .kernels import ACTIVATIONS
 
-ATTENTION_BACKENDS = ("eager", "sdpa", "flash_attention_2")
 # RoPE variants: the ones transformers implements for LLaMA (its ROPE_INIT_FUNCTIONS) that vLLM's
 # get_rope builds too. The formulas live in those libraries; the model only names the variant.
 ROPE_TYPES = ("default", "linear", "dynamic", "yarn", "longrope", "llama3")
