@@ -329,8 +329,15 @@ def test_an_adapter_loaded_at_run_time_serves_like_one_loaded_at_start(lora_serv
     load = lambda **body: http.post("/v1/load_lora_adapter", json=body)  # noqa: E731
     # Bad ones first: each a 400 that names the problem, and the engine goes on serving.
     missing = load(lora_name="live", lora_path=str(tmp_path / "no-such-adapter"))
-    assert_openai_error(missing, 400, "does not exist")
-    assert_openai_error(load(lora_name="live", lora_path=str(other_shape_lora)), 400, "another shape")
+    # The client learns only that it is not loadable; the operator's log says why.
+    assert_openai_error(missing, 400, "not a loadable adapter")
+    assert str(tmp_path) not in missing.text
+    assert_openai_error(load(lora_name="live", lora_path=str(other_shape_lora)), 400, "not a loadable adapter")
+    assert "does not exist on the server" in lora_server.log_text() and "another shape" in lora_server.log_text()
+    # No --admin-api-key: the inference key manages adapters, as it always did, and start-up said so.
+    assert "warning: no --admin-api-key" in lora_server.log_text()
+    started = http.post("/v1/unload_lora_adapter", json={"lora_name": "domain"})
+    assert started.status_code == 403 and started.json()["error"]["code"] == "startup_adapter"
     assert_openai_error(load(lora_name="live", lora_path=str(lora_dir), variant="nope"), 400, "variant")
     assert httpx.post(f"{lora_server.url}/v1/load_lora_adapter", json={"lora_name": "x", "lora_path": str(lora_dir)}).status_code == 401
 
@@ -352,23 +359,32 @@ def test_an_adapter_loaded_at_run_time_serves_like_one_loaded_at_start(lora_serv
 # ------------------------------------------------------------------------------------------ limits
 
 
-@pytest.mark.parametrize("limit", ["role", "n", "body", "stop", "tools"])
-def test_each_request_limit_is_a_400_naming_its_flag_and_serving_goes_on(lora_server, http, limit):
+@pytest.mark.parametrize("limit", ["role", "n", "n as text", "body", "stop", "tools", "mixed-case type", "deep", "not json"])
+def test_each_request_limit_is_a_4xx_naming_its_flag_and_serving_goes_on(lora_server, http, limit):
     chat = {"model": "pangu", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
     if limit == "role":
         reply = http.post("/v1/chat/completions", json={**chat, "messages": [{"role": "wizard", "content": "hi"}]})
         assert_openai_error(reply, 400, "wizard")
         assert all(role in reply.json()["error"]["message"] for role in ("system", "user", "assistant", "tool"))
+    elif limit in ("mixed-case type", "deep", "not json"):
+        content, content_type, status, mentions = {
+            "mixed-case type": (json.dumps({**chat, "n": 5000.0}), "Application/JSON; charset=UTF-8", 400, "--max-n"),
+            "deep": ('{"model": "pangu", "x": ' + "[" * 100_000 + "]" * 100_000 + "}", "application/json", 400, "--max-json-depth"),
+            "not json": (json.dumps(chat), "text/plain", 415, "Content-Type"),
+        }[limit]  # fmt: skip
+        reply = http.post("/v1/chat/completions", content=content, headers={"Content-Type": content_type})
+        assert_openai_error(reply, status, mentions)
     else:
         body, flag = {
             "n": ({**chat, "n": 10000}, "--max-n"),
+            "n as text": ({**chat, "n": "10000"}, "--max-n"),
             "body": ({**chat, "padding": "x" * (5 * 1024 * 1024)}, "--max-body-bytes"),
             "stop": ({**chat, "stop": [f"s{i}" for i in range(100)]}, "--max-stop"),
             "tools": ({**chat, "tools": [{"type": "function", "function": {"name": f"f{i}", "parameters": {"type": "object"}}}
                                           for i in range(200)]}, "--max-tools"),
         }[limit]  # fmt: skip
         reply = http.post("/v1/chat/completions", json=body)
-        assert_openai_error(reply, 400, flag)
+        assert_openai_error(reply, 413 if limit == "body" else 400, flag)
         assert reply.json()["error"]["code"] == "limit_exceeded"
     assert http.post("/v1/chat/completions", json=chat).status_code == 200
 
@@ -385,7 +401,7 @@ def test_metrics_are_the_engines_labelled_and_behind_the_key(lora_server, http):
     tokens = [x for x in lines if x.startswith("vllm:generation_tokens_total{")]
     assert tokens and all('engine="pangu"' in x for x in tokens)
     assert float(tokens[0].rsplit(" ", 1)[1]) >= 2
-    assert 'pangu_pi_engine_up{engine="pangu"} 1' in lines
+    assert 'pangu_pi_engine_up{engine="pangu"} 1.0' in lines
 
 
 def test_health_names_the_engines(lora_server):
