@@ -1,4 +1,5 @@
-"""Moved: the demo data generator is tools/domain_demo.py (run `python tools/domain_demo.py`); this name only says so."""
+"""Moved: the demo data generator is tools/domain_demo.py (run `python tools/domain_demo.py`); this name
+only says so."""
 
 import sys
 

@@ -6,8 +6,9 @@ writes any of them.
 all processes, `tokens_per_s_per_gpu` of one, `skipped`, the time split and, where the peak is known,
 `mfu` (training/flops.py; the formula is in docs/training.md), plus what the recipe adds, such as
 the preference recipe's rewards, margin and accuracy) and one line per validation (`step`,
-`val_loss` and `val_ppl`, or the recipe's `val_*` metrics). After a resume it is cut back to the checkpoint's step, so the file
-always tells one history: the steps that the model in the newest checkpoint went through.
+`val_loss` and `val_ppl`, or the recipe's `val_*` metrics). After a resume it is cut back to the
+checkpoint's step, so the file always tells one history: the steps that the model in the newest
+checkpoint went through.
 """
 
 from __future__ import annotations

@@ -108,7 +108,8 @@ def render_pair(tokenizer, record, max_len: int, source: str = "") -> Pair:
     return Pair(c, r, source)
 
 
-def read_preference_jsonl(path, tokenizer, max_len: int, stats: RecordStats | None = None) -> tuple[list[Pair], RecordStats]:
+def read_preference_jsonl(path, tokenizer, max_len: int,
+                          stats: RecordStats | None = None) -> tuple[list[Pair], RecordStats]:
     stats = stats if stats is not None else RecordStats()
     return read_records(path, lambda record: render_pair(tokenizer, record, max_len, str(path)), stats), stats
 

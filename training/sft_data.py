@@ -130,7 +130,8 @@ def _tool_calls(message: dict, index: int) -> list[dict]:
             try:
                 arguments = json.loads(arguments) if arguments.strip() else {}
             except json.JSONDecodeError as err:
-                raise MalformedRecord("bad_tool_call", f"message {index}, call {k}: arguments are not JSON ({err.msg})")
+                raise MalformedRecord("bad_tool_call",
+                                      f"message {index}, call {k}: arguments are not JSON ({err.msg})") from None
         if not isinstance(arguments, dict):
             raise MalformedRecord("bad_tool_call", f"message {index}, call {k}: arguments must be a JSON object")
         entry = {"type": "function", "function": {"name": fn["name"], "arguments": arguments}}

@@ -118,3 +118,27 @@ def test_resolve_checkpoint_from_run_folder_and_errors(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(FileNotFoundError, match="no complete checkpoint"):
         ckpt.resolve_checkpoint(tmp_path / "empty")
+
+
+def test_a_kill_during_pruning_leaves_no_complete_checkpoint_with_files_missing(tmp_path, monkeypatch):
+    import shutil
+    from pathlib import Path
+
+    root = tmp_path / "checkpoints"
+    for step in (1, 2, 3):
+        _save(root, step)
+    real_rmtree = shutil.rmtree
+
+    def killed_halfway(path, *args, **kwargs):
+        (Path(path) / "engine" / "state.pt").unlink()  # one file gone, then the process dies
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(ckpt.shutil, "rmtree", killed_halfway)
+    with pytest.raises(KeyboardInterrupt):
+        _save(root, 4, keep_last=2)
+    monkeypatch.setattr(ckpt.shutil, "rmtree", real_rmtree)
+    for path in ckpt.complete_checkpoints(root):
+        assert (path / "engine" / "state.pt").is_file(), f"{path.name} counts as complete with its engine state gone"
+    assert [p.name for p in ckpt.complete_checkpoints(root)] == ["step_2", "step_3", "step_4"]
+    assert ckpt.latest_checkpoint(root) == root / "step_4"
+    assert root / "step_1" in ckpt.remove_incomplete(root)  # the next run's resume clears what is left

@@ -352,7 +352,8 @@ def _subprocess_run(work: Path, out: Path, *, lora: bool, env: dict | None = Non
     config["finetune"]["lora"]["dropout"] = 0.1  # the RNG state must resume too
     path = out.parent / f"{out.name}.yaml"
     path.write_text(yaml.safe_dump(config))
-    cmd = [*PANGU_PI, "finetune", "--config", str(path), "--out", str(out), "--save-every", "2", "--no-progress", *extra]
+    cmd = [*PANGU_PI, "finetune", "--config", str(path), "--out", str(out), "--save-every", "2", "--no-progress",
+           *extra]
     full_env = {**os.environ, "PYTHONPATH": str(ROOT), "DS_ACCELERATOR": "cpu", **(env or {})}
     with open(out.parent / f"{out.name}.log", "a") as log:
         proc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, env=full_env, timeout=400,

@@ -4,6 +4,7 @@ malformed-record reporting, config errors; and continued pretraining from a base
 from __future__ import annotations
 
 import json
+import math
 import random
 import subprocess
 import sys
@@ -143,7 +144,7 @@ def test_only_assistant_tokens_carry_loss(base_dir, chat_file, tmp_path):
     for row in range(len(data)):
         labels = data[row]["labels"].tolist()
         ids = data[row]["input_ids"].tolist()
-        assert all(l == IGNORE_INDEX or l == i for l, i in zip(labels, ids))
+        assert all(label in (IGNORE_INDEX, i) for label, i in zip(labels, ids))
         span: list[int] = []
         for label in labels + [IGNORE_INDEX]:
             if label != IGNORE_INDEX:
@@ -218,14 +219,15 @@ def test_lora_adapter_saves_in_the_served_layout_and_changes_the_output(base_dir
         ("optim.lrr=1e-3", "did you mean 'optim.lr'"),
         ("finetune.lora.rank=4", "did you mean 'finetune.lora.r'"),
         ("warmup_steps=3", "did you mean 'schedule.warmup_steps'"),
-        ("finetune.mode=qlora", "finetune.mode must be full, lora or dpo"),
+        ("finetune.mode=qlora", "finetune.mode must be full, lora, dpo"),
         ("finetune.lora.target_modules=[q_prj]", "did you mean 'q_proj'"),
     ],
 )
 def test_bad_config_is_refused_with_the_fix(base_dir, chat_file, tmp_path, override, message):
     from pangu_pi.training.finetune import build_finetune_config
 
-    values = _config(base_dir, chat_file, tmp_path, mode="lora" if override.startswith("finetune.lora.target") else "full")
+    mode = "lora" if override.startswith("finetune.lora.target") else "full"
+    values = _config(base_dir, chat_file, tmp_path, mode=mode)
     with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace("[", r"\[")):
         build_finetune_config(values, [override])
 
@@ -338,3 +340,111 @@ def test_model_overrides_reach_the_saved_model_and_every_checkpoint(base_dir, ch
     base = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32).model.rotary_emb
     assert rotary.attention_scaling > 1.0 == base.attention_scaling
     assert rotary.inv_freq[-1] < base.inv_freq[-1]
+
+
+def test_the_step_loop_reads_the_device_back_only_at_logged_steps(base_dir, chat_file, tmp_path, monkeypatch):
+    """No host synchronisation per step: every way a tensor's value reaches the host (`.item()`,
+    `.tolist()`, `float()`, `bool()`, ...) and every `torch.cuda.synchronize` is counted while a
+    run trains 6 steps of 2 micro-batches, logging every 3rd. The trainer's own code (the core, the
+    recipes, evaluation, timing) reads back once per logged step and never synchronises."""
+    import pangu_pi.training.core as core
+    from pangu_pi.training.finetune import build_finetune_config, finetune
+    from pangu_pi.training.metrics import METRICS_FILE, read_metrics
+
+    training = Path(core.__file__).parent
+    watched = {str(p) for p in (training / "core.py", training / "evaluation.py", training / "timing.py",
+                                *(training / "recipes").glob("*.py"))}
+    reads: list[tuple[str, str]] = []
+
+    def counting(name):
+        real = getattr(torch.Tensor, name)
+
+        def wrapper(self, *args, **kwargs):
+            caller = sys._getframe(1).f_code
+            if caller.co_filename in watched:
+                reads.append((name, caller.co_name))
+            return real(self, *args, **kwargs)
+
+        return wrapper
+
+    for name in ("item", "tolist", "__float__", "__int__", "__bool__", "__index__", "numpy", "cpu"):
+        monkeypatch.setattr(torch.Tensor, name, counting(name))
+    syncs = []
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda *a, **k: syncs.append(a))
+
+    values = _config(base_dir, chat_file, tmp_path / "run", batch={"micro_batch_size": 2, "global_batch_size": 4},
+                     train={"max_steps": 6, "log_every": 3}, checkpoint={"save_every": 100})
+    finetune(build_finetune_config(values), progress=False)
+    assert syncs == []
+    assert reads == [("tolist", "log_step")] * 2  # steps 3 and 6: one read-back each
+    rows = [r for r in read_metrics(tmp_path / "run" / METRICS_FILE) if "loss" in r]
+    assert [r["step"] for r in rows] == [3, 6] and all(math.isfinite(r["loss"]) for r in rows)
+    assert not {"data_s", "forward_s", "backward_s", "optimizer_s"} & set(rows[0])  # phase times only when asked
+
+
+def test_phase_times_are_logged_when_asked(base_dir, chat_file, tmp_path):
+    from pangu_pi.training.finetune import build_finetune_config, finetune
+    from pangu_pi.training.metrics import METRICS_FILE, read_metrics
+
+    values = _config(base_dir, chat_file, tmp_path / "run", max_steps=2,
+                     log={"tensorboard": False, "phase_times": True})
+    finetune(build_finetune_config(values), progress=False)
+    rows = [r for r in read_metrics(tmp_path / "run" / METRICS_FILE) if "loss" in r]
+    assert len(rows) == 2
+    for row in rows:
+        assert all(row[f"{phase}_s"] > 0 for phase in ("data", "forward", "backward", "optimizer")), row
+
+
+def test_the_phase_timer_records_cuda_events_only_when_asked(monkeypatch):
+    """The GPU path of the timer, on a CPU twin: events stand in for torch.cuda.Event."""
+    from pangu_pi.training.timing import PhaseTimer
+
+    made, waits = [], []
+
+    class Event:
+        def __init__(self, enable_timing=False):
+            made.append(self)
+
+        def record(self):
+            self.t = len(made)
+
+        def synchronize(self):
+            waits.append(self)
+
+        def elapsed_time(self, end):
+            return 1000.0 * (end.t - self.t)
+
+    monkeypatch.setattr(torch.cuda, "Event", Event)
+    cuda = torch.device("cuda", 0)
+    off = PhaseTimer(False, cuda)
+    for _ in range(3):
+        off.begin_step()
+        for phase in ("data", "forward", "backward", "optimizer"):
+            off.mark(phase)
+    assert off.read() == {} and made == [] and waits == []
+
+    on = PhaseTimer(True, cuda)
+    for _ in range(2):
+        on.begin_step()
+        for phase in ("data", "forward", "backward", "optimizer"):
+            on.mark(phase)
+    assert waits == []  # nothing waits until the times are read
+    assert on.read() == {"data_s": 1.0, "forward_s": 1.0, "backward_s": 1.0, "optimizer_s": 1.0}
+    assert len(waits) == 1
+
+
+def test_resuming_a_checkpoint_no_run_of_the_folder_wrote_warns(full_run, base_dir, chat_file, tmp_path, capsys):
+    """A run folder handed over (copied without its run marker): its checkpoints are code to torch.load,
+    and the resume says so."""
+    import shutil
+
+    from pangu_pi.training.finetune import finetune
+
+    _, out = full_run
+    handed = tmp_path / "handed"
+    shutil.copytree(out, handed, ignore=shutil.ignore_patterns(".pangu-pi-run*"))
+    finetune(_config(base_dir, chat_file, handed), progress=False)
+    printed = capsys.readouterr().out
+    assert "already at step 16" in printed
+    assert "warning: resuming from" in printed and "which no run of this folder wrote" in printed
+    assert "weights_only=False" in printed

@@ -11,13 +11,15 @@ from pangu_pi.training import launch
 
 
 def test_strip_nproc():
-    assert launch.strip_nproc(["--config", "c.yaml", "--nproc", "2", "--set", "a=1"]) == ["--config", "c.yaml", "--set", "a=1"]
+    argv = ["--config", "c.yaml", "--nproc", "2", "--set", "a=1"]
+    assert launch.strip_nproc(argv) == ["--config", "c.yaml", "--set", "a=1"]
     assert launch.strip_nproc(["--nproc=4", "--out", "x"]) == ["--out", "x"]
 
 
 def test_every_rank_gets_its_environment(tmp_path):
     code = (
-        "import json, os, sys; keys = ('RANK', 'LOCAL_RANK', 'WORLD_SIZE', 'MASTER_ADDR', 'MASTER_PORT', 'OMP_NUM_THREADS');"
+        "import json, os, sys;"
+        "keys = ('RANK', 'LOCAL_RANK', 'WORLD_SIZE', 'MASTER_ADDR', 'MASTER_PORT', 'OMP_NUM_THREADS');"
         f"open(r'{tmp_path}/' + os.environ['RANK'], 'w').write(json.dumps({{k: os.environ[k] for k in keys}}))"
     )
     assert launch.spawn_local(3, [sys.executable, "-c", code]) == 0

@@ -7,7 +7,14 @@ import json
 import pytest
 
 from pangu_pi import PanGuPiConfig, PanGuPiForCausalLM
-from pangu_pi.training.metrics import RunLogger, flops_per_token, peak_flops, plot_losses, read_metrics, truncate_metrics
+from pangu_pi.training.metrics import (
+    RunLogger,
+    flops_per_token,
+    peak_flops,
+    plot_losses,
+    read_metrics,
+    truncate_metrics,
+)
 
 
 def test_flops_per_token_counts_every_matmul_weight():

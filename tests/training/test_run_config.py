@@ -69,7 +69,8 @@ def test_bad_values_are_refused_with_the_key(override, message):
 def test_override_parsing():
     assert parse_override("a.b.c=7") == {"a": {"b": {"c": 7}}}
     assert parse_override("out=null") == {"out": None}
-    assert parse_override("data.datasets=[{path: d, weight: 2}]") == {"data": {"datasets": [{"path": "d", "weight": 2}]}}
+    expected = {"data": {"datasets": [{"path": "d", "weight": 2}]}}
+    assert parse_override("data.datasets=[{path: d, weight: 2}]") == expected
     with pytest.raises(ConfigError, match="KEY=VALUE"):
         parse_override("optim.lr")
 
