@@ -34,7 +34,7 @@ from transformers.utils.output_capturing import capture_outputs
 from .config import PanGuPiConfig
 from .kernels import siaf_and_mul
 from .kernels.linear_cross_entropy import linear_cross_entropy
-from .kernels.reference import ACTIVATIONS, identity_init, siaf_and_mul_reference, spread_init
+from .kernels.reference import ACTIVATIONS, identity_init, spread_init
 
 logger = logging.get_logger(__name__)
 
@@ -212,10 +212,8 @@ class PanGuPiSIAF(nn.Module):
                 init.copy_(param, column.view(-1, *([1] * (param.dim() - 1))).expand_as(param))
 
     def forward(self, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
-        if torch.compiler.is_compiling():
-            # Inside a graph being compiled (torch.compile of generation), the plain op is what the
-            # compiler fuses; the kernels' own compiled or Triton functions would only break the graph.
-            return siaf_and_mul_reference(gate, up, self.scale, self.shift, self.coef, self.activation)
+        # Every backend is a torch.library op or plain torch, so torch.compile (fullgraph) of generation
+        # traces this without a graph break; inside a graph "auto" picks per kernels/auto_table.py.
         return siaf_and_mul(
             gate, up, self.scale, self.shift, self.coef, activation=self.activation, backend=self.backend
         )

@@ -1,12 +1,14 @@
 """CPU fast path for the SIAF-gated product: `torch.compile`d forward and backward.
 
-`siaf_and_mul_compiled` is an `autograd.Function` whose forward and backward are each compiled
-(inductor) functions. It saves only `gate`, `up` and the parameters and recomputes σ(z_i) and σ'(z_i)
-in backward, so the per-term intermediates the reference keeps for backward never exist, and
-backward allocates nothing full-size but `dgate` and `dup` (peak 3 tensors against the reference's 7
-at n = 2). Forward is one fused loop, and so is backward: for per-channel parameters, whose gradients
-are sums over tokens, the loop walks groups of 16 consecutive rows side by side and leaves a small
-block of partial sums (see `_build`). Measured figures: benchmarks/RESULTS.md, "SIAF kernels".
+`siaf_and_mul_compiled` calls the custom op `torch.ops.pangu_pi.siaf_compiled_fwd` (torch.library,
+with a fake and an autograd registration; its backward is the op `siaf_compiled_bwd`), whose
+implementations are compiled (inductor) functions. It saves only `gate`, `up` and the parameters and
+recomputes σ(z_i) and σ'(z_i) in backward, so the per-term intermediates the reference keeps for
+backward never exist, and backward allocates nothing full-size but `dgate` and `dup` (peak 3 tensors
+against the reference's 7 at n = 2). Forward is one fused loop, and so is backward: for per-channel
+parameters, whose gradients are sums over tokens, the loop walks groups of 16 consecutive rows side
+by side and leaves a small block of partial sums (see `_build`). Measured figures:
+benchmarks/RESULTS.md, "SIAF kernels".
 
 Arithmetic is done in float32 (float64 if any input is float64) and the result is returned in the
 promoted dtype of `gate` and `up`; gradients come back in each input's own dtype. The token dimension
@@ -14,7 +16,9 @@ is compiled as dynamic; the width stays static (a model constant), so each width
 
 Where `torch.compile` cannot run (no C++ compiler, unsupported Python, …) the first call warns once
 and every later call goes to the reference. Inside an outer `torch.compile` region the reference is
-used too: the outer compiler fuses it anyway, and nesting compiled functions buys nothing.
+used too: the outer compiler fuses it anyway, and nesting compiled functions buys nothing. Parameter
+gradients are sums over tokens carried in the compute dtype (fp32 for bf16 and fp16 inputs) and
+rounded once, to each parameter's dtype.
 """
 
 from __future__ import annotations
@@ -22,9 +26,10 @@ from __future__ import annotations
 import functools
 import types
 import warnings
+from typing import Optional
 
 import torch
-from torch.autograd.function import once_differentiable
+from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 from .reference import check_siaf_args, siaf_and_mul_reference
 
@@ -227,46 +232,93 @@ def _mark_token_dim_dynamic(*tensors):
             torch._dynamo.maybe_mark_dynamic(t, 0)
 
 
-class _SiafCompiled(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, gate, up, scale, shift, weight, activation):
-        width = gate.shape[-1]
-        g2, u2 = gate.reshape(-1, width), up.reshape(-1, width)
-        fns = _functions_for(gate, up, scale, shift, weight, activation)
-        _mark_token_dim_dynamic(g2, u2)
-        out = fns[2](g2, u2, scale, shift, weight)
-        ctx.fns = fns
-        ctx.save_for_backward(gate, up, scale, shift, weight)
-        return out.view(gate.shape)
+def _run(which: int, args: tuple, gate, up, scale, shift, weight, activation):
+    """The compiled function `which` (0 forward, 1 backward) on `args`, or its eager twin.
 
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, dout):
-        gate, up, scale, shift, weight = ctx.saved_tensors
-        width = gate.shape[-1]
-        g2, u2 = gate.reshape(-1, width), up.reshape(-1, width)
-        d2 = dout.reshape(-1, width)
-        _mark_token_dim_dynamic(d2, g2, u2)
-        _, eager_bwd, _, compiled_bwd = ctx.fns
-        bwd = compiled_bwd if _compile_failure is None else eager_bwd
-        try:
-            grads = bwd(d2, g2, u2, scale, shift, weight)
-        except Exception as exc:  # noqa: BLE001 - a compile failure surfaces as many exception types
-            if bwd is eager_bwd or not _record_compile_failure(exc, eager_bwd, d2, g2, u2, scale, shift, weight):
-                raise
-            grads = eager_bwd(d2, g2, u2, scale, shift, weight)
-        # Parameter gradients come back stacked, [dscale; dshift; dweight], in the compute dtype.
-        dgate, dup, sums = grads
-        n = scale.shape[0]
-        dscale, dshift, dweight = sums[:n], sums[n : 2 * n], sums[2 * n :]
-        return (
-            dgate.view(gate.shape),
-            dup.view(up.shape),
-            dscale.to(scale.dtype),
-            dshift.to(shift.dtype),
-            dweight.to(weight.dtype) if weight is not None else None,
-            None,
-        )
+    The eager twin (the same closed-form formulas, uncompiled) runs where compiling cannot: after a
+    compile failure, for an empty batch, and under a Python dispatch mode (opcheck's checks, debugging
+    modes), where dynamo does not compile.
+    """
+    fns = _functions_for(gate, up, scale, shift, weight, activation)
+    eager, compiled = fns[which], fns[2 + which]
+    if _compile_failure is not None or gate.numel() == 0 or _get_current_dispatch_mode() is not None:
+        return eager(*args)
+    _mark_token_dim_dynamic(*args[: 3 if which else 2])
+    try:
+        return compiled(*args)
+    except Exception as exc:  # noqa: BLE001 - a compile failure surfaces as many exception types
+        if not _record_compile_failure(exc, eager, *args):
+            raise
+        return eager(*args)
+
+
+@torch.library.custom_op("pangu_pi::siaf_compiled_fwd", mutates_args=())
+def siaf_compiled_fwd(
+    gate: torch.Tensor,
+    up: torch.Tensor,
+    scale: torch.Tensor,
+    shift: torch.Tensor,
+    weight: Optional[torch.Tensor],
+    activation: str,
+) -> torch.Tensor:
+    width = gate.shape[-1]
+    g2, u2 = gate.reshape(-1, width), up.reshape(-1, width)
+    out = _run(0, (g2, u2, scale, shift, weight), gate, up, scale, shift, weight, activation)
+    return out.view(gate.shape)
+
+
+@siaf_compiled_fwd.register_fake
+def _(gate, up, scale, shift, weight, activation):
+    return torch.empty(gate.shape, dtype=torch.promote_types(gate.dtype, up.dtype), device=gate.device)
+
+
+@torch.library.custom_op("pangu_pi::siaf_compiled_bwd", mutates_args=())
+def siaf_compiled_bwd(
+    dout: torch.Tensor,
+    gate: torch.Tensor,
+    up: torch.Tensor,
+    scale: torch.Tensor,
+    shift: torch.Tensor,
+    weight: Optional[torch.Tensor],
+    activation: str,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dgate, dup, [dscale; dshift; dweight] stacked as (2 or 3, *scale.shape) in the compute dtype)."""
+    width = gate.shape[-1]
+    args = (dout.reshape(-1, width), gate.reshape(-1, width), up.reshape(-1, width), scale, shift, weight)
+    dgate, dup, sums = _run(1, args, gate, up, scale, shift, weight, activation)
+    return dgate.view(gate.shape), dup.view(up.shape), sums.view(-1, *scale.shape)
+
+
+@siaf_compiled_bwd.register_fake
+def _(dout, gate, up, scale, shift, weight, activation):
+    k = 3 if weight is not None else 2
+    compute = _compute_dtype(gate, up, scale, shift, weight)
+    return (
+        torch.empty(gate.shape, dtype=gate.dtype, device=gate.device),
+        torch.empty(up.shape, dtype=up.dtype, device=up.device),
+        torch.empty((k, *scale.shape), dtype=compute, device=gate.device),
+    )
+
+
+def _setup_context(ctx, inputs, output):
+    gate, up, scale, shift, weight, activation = inputs
+    ctx.activation = activation
+    ctx.save_for_backward(gate, up, scale, shift, weight)
+
+
+def _backward(ctx, dout):
+    gate, up, scale, shift, weight = ctx.saved_tensors
+    need = ctx.needs_input_grad
+    dgate, dup, sums = siaf_compiled_bwd(dout, gate, up, scale, shift, weight, ctx.activation)
+    # Parameter gradients are sums over tokens, carried in the compute dtype (fp32 for fp32, bf16 and
+    # fp16 inputs) and rounded once here.
+    dscale = sums[0].to(scale.dtype) if need[2] else None
+    dshift = sums[1].to(shift.dtype) if need[3] else None
+    dweight = sums[2].to(weight.dtype) if weight is not None and need[4] else None
+    return dgate if need[0] else None, dup if need[1] else None, dscale, dshift, dweight, None
+
+
+siaf_compiled_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 
 def _record_compile_failure(exc: Exception, eager_fn, *args) -> bool:
@@ -305,14 +357,6 @@ def siaf_and_mul_compiled(
     activation: str = "silu",
 ) -> torch.Tensor:
     check_siaf_args(gate, up, scale, shift, weight, activation)
-    if _compile_failure is not None or torch.compiler.is_compiling() or gate.numel() == 0:
+    if _compile_failure is not None or torch.compiler.is_compiling():
         return siaf_and_mul_reference(gate, up, scale, shift, weight, activation)
-    try:
-        return _SiafCompiled.apply(gate, up, scale, shift, weight, activation)
-    except Exception as exc:  # noqa: BLE001 - see _record_compile_failure
-        eager_fwd = _functions_for(gate, up, scale, shift, weight, activation)[0]
-        width = gate.shape[-1]
-        g2, u2 = gate.reshape(-1, width), up.reshape(-1, width)
-        if not _record_compile_failure(exc, eager_fwd, g2, u2, scale, shift, weight):
-            raise
-        return siaf_and_mul_reference(gate, up, scale, shift, weight, activation)
+    return siaf_compiled_fwd(gate, up, scale, shift, weight, activation)

@@ -1,30 +1,49 @@
-"""Fused Triton kernels for the SIAF-gated product, forward and backward, and their autograd.Function.
+"""Fused Triton kernels for the SIAF-gated product, forward and backward, as torch.library ops.
 
     out = (Σ_i c_i · σ(a_i · gate + b_i)) · up
 
 Forward reads `gate` and `up` once and writes `out`. Backward reads `dout`, `gate` and `up` once,
 recomputes every σ(z_i) and σ'(z_i) in registers (nothing but the inputs is saved), writes `dgate` and
-`dup`, and produces the gradients of a, b and c without atomics: each program owns a strip of rows and
-accumulates its per-channel partial sums in registers, writes them to its own row of a
-(row_programs, 3, n, width) buffer, and the buffer is summed over its first axis afterwards. For a given
-device and shape the grid, and therefore the summation order, is fixed: results are bitwise
-reproducible run to run.
+`dup`, and produces the gradients of a, b and c without atomics: each program owns a strip of
+ROWS_PER_PROGRAM rows, accumulates its per-channel partial sums in fp32 registers, writes them to its
+own row of an fp32 (row_programs, 2 or 3, n, width) buffer, and the buffer is summed over its first
+axis in fp32 afterwards; each parameter gradient is rounded once, to its own dtype. The strip length
+is a per-width constant (`launch_config`), so the summation order, and the bits, depend on the shape
+alone: results are reproducible run to run, and no partial sum spans more than one strip of rows.
+
+The ops (`torch.ops.pangu_pi.siaf_triton_fwd` / `siaf_triton_bwd`) are `torch.library.triton_op`s
+on a GPU, with autograd registered on the forward: `torch.compile(fullgraph=True)` traces through them
+without a graph break, inductor launches the kernels from its own generated code, and CUDA graphs
+capture them. Launch parameters come from a per-shape cache and the grid is a formula of the token
+count: a call does no host synchronisation and reads no tensor value on the host.
 
 All arithmetic is in float32 whatever the storage dtype (fp32, bf16, fp16); outputs are rounded once.
 Parameters are (n,) (read with a channel stride of 0) or (n, width); rows may have any stride, so the
 two halves of a fused gate/up projection are used in place.
 
+Fusing SIAF into the gate/up projection's epilogue (one GEMM writing `out` instead of gate and up)
+would save the write and re-read of gate and up: at decode, where the GEMM reads ~0.1 GB of weights
+per layer and gate/up are a few kB, nothing measurable; at prefill, 2/3 of this op's traffic, about
+5% of the FFN's time at 4096 tokens. It needs a GEMM template (cuBLASLt has no custom epilogue; a
+Triton or CUTLASS GEMM would replace cuBLAS in the projection) and it was not done: without a GPU in
+the session that wrote this it could not be measured against cuBLAS, so whether it pays stays open.
+
 What the CPU tests (TRITON_INTERPRET=1, numpy semantics) do not cover: real code generation (register
-pressure, the libdevice calls behind tl.erf/exp), launch configurations tuned for a GPU, and timing.
-The block sizes for CUDA below are reasoned, not tuned on hardware.
+pressure, the libdevice calls behind tl.erf/exp), inductor's inlining of the kernels (under the
+interpreter the ops are opaque custom ops, see `_define`), bf16 rounding (the interpreter truncates
+where a GPU rounds to nearest even, so its bf16 errors are about twice a GPU's), launch
+configurations and timing. The block sizes for CUDA are reasoned, not tuned on hardware.
 """
 
 from __future__ import annotations
 
+import functools
+from typing import NamedTuple, Optional
+
 import torch
 import triton
 import triton.language as tl
-from torch.autograd.function import once_differentiable
+from torch.library import wrap_triton
 
 from .reference import ACTIVATIONS, check_siaf_args
 
@@ -112,10 +131,10 @@ def _siaf_fwd_kernel(
 @triton.jit
 def _siaf_bwd_kernel(
     dout_ptr, gate_ptr, up_ptr, dgate_ptr, dup_ptr, scale_ptr, shift_ptr, weight_ptr, partial_ptr,
-    M, W, rows_per_program,
+    M, W,
     stride_dout, stride_gate, stride_up, stride_dgate, stride_dup, stride_pn, stride_pw,
     N: tl.constexpr, N_POW2: tl.constexpr, ACT: tl.constexpr, HAS_WEIGHT: tl.constexpr,
-    PARAM_GRADS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_W: tl.constexpr,
+    PARAM_GRADS: tl.constexpr, ROWS_PER_PROGRAM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_W: tl.constexpr,
 ):  # fmt: skip
     pid_m = tl.program_id(0)
     cols = tl.program_id(1) * BLOCK_W + tl.arange(0, BLOCK_W)
@@ -128,8 +147,8 @@ def _siaf_bwd_kernel(
     acc_scale = tl.zeros([N_POW2, BLOCK_W], dtype=tl.float32)
     acc_shift = tl.zeros([N_POW2, BLOCK_W], dtype=tl.float32)
     acc_weight = tl.zeros([N_POW2, BLOCK_W], dtype=tl.float32)
-    row_start = pid_m * rows_per_program
-    for r0 in range(row_start, row_start + rows_per_program, BLOCK_M):
+    row_start = pid_m * ROWS_PER_PROGRAM
+    for r0 in range(row_start, row_start + ROWS_PER_PROGRAM, BLOCK_M):
         rows = r0 + tl.arange(0, BLOCK_M)
         mask = (rows < M)[:, None] & col_mask[None, :]
         rows = rows.to(tl.int64)
@@ -156,9 +175,9 @@ def _siaf_bwd_kernel(
             if HAS_WEIGHT:
                 acc_weight += tl.sum(gu[None, :, :] * term, axis=1)
     if PARAM_GRADS:
-        # partial buffer layout: (row_programs, 3, N, W), contiguous.
+        # partial buffer layout: (row_programs, K, N, W) fp32, contiguous, K = 3 with a learned c else 2.
         terms = tl.arange(0, N_POW2)
-        tile = pid_m * 3 * N * W + terms[:, None] * W + cols[None, :]
+        tile = pid_m * (3 if HAS_WEIGHT else 2) * N * W + terms[:, None] * W + cols[None, :]
         tile_mask = (terms < N)[:, None] & col_mask[None, :]
         tl.store(partial_ptr + tile, acc_scale, mask=tile_mask)
         tl.store(partial_ptr + N * W + tile, acc_shift, mask=tile_mask)
@@ -166,42 +185,58 @@ def _siaf_bwd_kernel(
             tl.store(partial_ptr + 2 * N * W + tile, acc_weight, mask=tile_mask)
 
 
+# Read once: TRITON_INTERPRET is fixed before triton is imported (the @triton.jit decorators above
+# already read it), and a read of the knob inside a traced call would break torch.compile's graph.
+_INTERPRETED = bool(triton.knobs.runtime.interpret)
+
+
 def _is_interpreted() -> bool:
-    return bool(triton.knobs.runtime.interpret)
+    return _INTERPRETED
 
 
-def _launch_config(M: int, W: int, n: int, device: torch.device) -> dict:
-    """Tile sizes and the number of row programs of the backward grid.
+class LaunchConfig(NamedTuple):
+    BLOCK_W: int  # channels per program
+    BLOCK_M: int  # rows per tile (forward: per program; backward: per trip through the row loop)
+    ROWS_PER_PROGRAM: int  # backward: rows one program walks, i.e. the length of its fp32 partial sums
+    num_warps_fwd: int
+    num_warps_bwd: int
 
-    Every term is evaluated at once on a (terms, rows, cols) tile, so the rows per tile shrink as n
-    grows to keep the tile near 2048 values (16 per thread at 4 warps). On a GPU: column tiles wide
-    enough for coalesced rows, and enough row programs to fill the machine about 4 times over while the
-    partial-sum buffer stays a small fraction of the gradient traffic. Under the interpreter every
-    operation is a numpy call with a large fixed cost, so tiles are large, yet small enough that the
-    tests' odd widths span several column tiles and their taller shapes several row programs and
-    several loop trips per program (every path of the two-stage reduction).
+
+@functools.lru_cache(maxsize=None)
+def launch_config(width: int, n: int, elem_size: int, interpreted: bool) -> LaunchConfig:
+    """Tile sizes for one (width, terms, storage size): computed once, then a dictionary lookup.
+
+    Nothing here depends on the token count, so the grid is a closed formula of it (cdiv) and a
+    compiled graph with a dynamic token dimension needs no guard on it.
+
+    GPU (reasoned for bandwidth, not yet tuned on hardware; tools/gpu_check.sh measures the result):
+    - BLOCK_W: 512 channels of a 2-byte dtype (256 of fp32) = 1 KiB per row, so each of 128 threads
+      moves one 16-byte vector per row and a warp reads whole 128-byte lines. 5632 = 11 × 512 exactly;
+      11008 leaves one half-masked tile in 22 (lanes idle, no extra traffic).
+    - BLOCK_M: the (terms, rows, channels) tile holds ~4096 values, i.e. 32 fp32 registers per thread
+      and tensor at 4 warps in forward, 16 at 8 warps in backward, where six such tensors are live.
+      Forward programs are short and many (8192 × 5632 bf16: 22 528 of them), so the scheduler keeps
+      every SM's memory pipe full without a persistent loop.
+    - ROWS_PER_PROGRAM (backward): each program walks 128 rows and keeps its parameter-gradient partial
+      sums in fp32 registers, then writes them once: (rows/128, 2 or 3, n, width) fp32, ~2.5% of the
+      backward's minimal traffic at n = 2, with 32 × 11 = 352 programs at 4096 × 5632. A fixed length
+      (not a function of the token count) makes the summation order, and so the bits, a function of
+      the shape alone; every partial is a sum of at most 128 rows in fp32, so its error does not grow
+      with the batch.
+    Interpreter (tests): small tiles so that the test shapes' odd widths span several column tiles, a
+    partly masked row tile and several row programs, each with several trips through its loop.
     """
     n_pow2 = triton.next_power_of_2(n)
-    if _is_interpreted():
-        block_w, block_m, target_programs = 32, 8, 4
-    else:
-        block_w = min(128, triton.next_power_of_2(W))
-        block_m = max(1, min(32, 2048 // (block_w * n_pow2)))
-        sms = torch.cuda.get_device_properties(device).multi_processor_count
-        target_programs = 4 * sms
-    col_programs = triton.cdiv(W, block_w)
-    row_tiles = triton.cdiv(M, block_m)
-    row_programs = max(1, min(row_tiles, triton.cdiv(target_programs, col_programs)))
-    rows_per_program = triton.cdiv(row_tiles, row_programs) * block_m
-    row_programs = triton.cdiv(M, rows_per_program)
-    return dict(
-        BLOCK_W=block_w,
-        BLOCK_M=block_m,
-        col_programs=col_programs,
-        row_programs=row_programs,
-        rows_per_program=rows_per_program,
-        num_warps=4,
-    )
+    if interpreted:
+        return LaunchConfig(BLOCK_W=32, BLOCK_M=8, ROWS_PER_PROGRAM=16, num_warps_fwd=4, num_warps_bwd=4)
+    block_w = min(triton.next_power_of_2(width), 512 if elem_size <= 2 else 256)
+    block_m = max(1, min(32, 4096 // (block_w * n_pow2)))
+    rows = max(128, block_m)
+    return LaunchConfig(BLOCK_W=block_w, BLOCK_M=block_m, ROWS_PER_PROGRAM=rows, num_warps_fwd=4, num_warps_bwd=8)
+
+
+def _config_for(x: torch.Tensor, n: int) -> LaunchConfig:
+    return launch_config(x.shape[-1], n, x.element_size(), _is_interpreted())
 
 
 def _rows(x: torch.Tensor) -> torch.Tensor:
@@ -210,100 +245,152 @@ def _rows(x: torch.Tensor) -> torch.Tensor:
     return x2 if x2.stride(-1) == 1 else x2.contiguous()
 
 
-def _param_strides(p: torch.Tensor) -> tuple[int, int]:
-    # A scalar-per-term parameter is read as a (n, width) one with channel stride 0.
-    return (p.stride(0), 0) if p.dim() == 1 else (p.stride(0), p.stride(1))
-
-
 def _params(scale, shift, weight):
-    """Parameters in one common layout, so one pair of strides addresses all three."""
-    ps = [p.contiguous() for p in (scale, shift, weight if weight is not None else scale)]
-    return ps[0], ps[1], ps[2]
+    """a, b, c in one layout (so one pair of strides addresses all three) and those strides.
+
+    A scalar-per-term parameter (n,) is read as an (n, width) one with channel stride 0. Without a
+    learned c the kernels never read `weight`; `scale` stands in for the pointer.
+    """
+    a, b = scale.contiguous(), shift.contiguous()
+    c = weight.contiguous() if weight is not None else a
+    strides = (a.stride(0), 0) if a.dim() == 1 else (a.stride(0), a.stride(1))
+    return a, b, c, strides
 
 
-def siaf_fwd(gate, up, scale, shift, weight, activation):
+def _siaf_fwd(
+    gate: torch.Tensor,
+    up: torch.Tensor,
+    scale: torch.Tensor,
+    shift: torch.Tensor,
+    weight: Optional[torch.Tensor],
+    activation: str,
+) -> torch.Tensor:
     width = gate.shape[-1]
+    n = scale.shape[0]
     g2, u2 = _rows(gate), _rows(up)
     M = g2.shape[0]
     out = torch.empty(gate.shape, dtype=torch.promote_types(gate.dtype, up.dtype), device=gate.device)
     if M == 0 or width == 0:
         return out
     o2 = out.view(-1, width)
-    a, b, c = _params(scale, shift, weight)
-    stride_pn, stride_pw = _param_strides(a)
-    cfg = _launch_config(M, width, scale.shape[0], gate.device)
-    grid = (triton.cdiv(M, cfg["BLOCK_M"]), cfg["col_programs"])
-    _siaf_fwd_kernel[grid](
+    a, b, c, (stride_pn, stride_pw) = _params(scale, shift, weight)
+    cfg = _config_for(gate, n)
+    grid = (triton.cdiv(M, cfg.BLOCK_M), triton.cdiv(width, cfg.BLOCK_W))
+    wrap_triton(_siaf_fwd_kernel)[grid](
         g2, u2, o2, a, b, c,
         M, width, g2.stride(0), u2.stride(0), o2.stride(0), stride_pn, stride_pw,
-        N=scale.shape[0], N_POW2=triton.next_power_of_2(scale.shape[0]), ACT=ACTIVATION_IDS[activation],
-        HAS_WEIGHT=weight is not None, BLOCK_M=cfg["BLOCK_M"], BLOCK_W=cfg["BLOCK_W"], num_warps=cfg["num_warps"],
+        N=n, N_POW2=triton.next_power_of_2(n), ACT=ACTIVATION_IDS[activation],
+        HAS_WEIGHT=weight is not None, BLOCK_M=cfg.BLOCK_M, BLOCK_W=cfg.BLOCK_W, num_warps=cfg.num_warps_fwd,
     )  # fmt: skip
     return out
 
 
-def siaf_bwd(dout, gate, up, scale, shift, weight, activation, param_grads=True):
-    """(dgate, dup, dscale, dshift, dweight); the parameter gradients are None if not `param_grads`."""
+def _siaf_bwd(
+    dout: torch.Tensor,
+    gate: torch.Tensor,
+    up: torch.Tensor,
+    scale: torch.Tensor,
+    shift: torch.Tensor,
+    weight: Optional[torch.Tensor],
+    activation: str,
+    param_grads: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     width = gate.shape[-1]
     n = scale.shape[0]
+    k = 3 if weight is not None else 2
     d2, g2, u2 = _rows(dout), _rows(gate), _rows(up)
     M = g2.shape[0]
     dgate = torch.empty(gate.shape, dtype=gate.dtype, device=gate.device)
     dup = torch.empty(up.shape, dtype=up.dtype, device=up.device)
-    cfg = _launch_config(max(M, 1), max(width, 1), n, gate.device)
-    # Every slot is written by the kernel; zeros only matter for an empty batch (no launch).
-    partial = torch.zeros(
-        (cfg["row_programs"] if param_grads else 1, 3, n, width), dtype=torch.float32, device=gate.device
+    if M == 0 or width == 0:
+        sums = torch.zeros((k, *scale.shape) if param_grads else (0,), dtype=torch.float32, device=gate.device)
+        return dgate, dup, sums
+    cfg = _config_for(gate, n)
+    row_programs = triton.cdiv(M, cfg.ROWS_PER_PROGRAM)
+    # Every slot is written by its program (masked lanes write zeros): no memset.
+    partial = torch.empty(
+        (row_programs if param_grads else 1, k, n, width), dtype=torch.float32, device=gate.device
     )
-    if M > 0 and width > 0:
-        a, b, c = _params(scale, shift, weight)
-        stride_pn, stride_pw = _param_strides(a)
-        dg2, du2 = dgate.view(-1, width), dup.view(-1, width)
-        _siaf_bwd_kernel[(cfg["row_programs"], cfg["col_programs"])](
-            d2, g2, u2, dg2, du2, a, b, c, partial,
-            M, width, cfg["rows_per_program"],
-            d2.stride(0), g2.stride(0), u2.stride(0), dg2.stride(0), du2.stride(0), stride_pn, stride_pw,
-            N=n, N_POW2=triton.next_power_of_2(n), ACT=ACTIVATION_IDS[activation],
-            HAS_WEIGHT=weight is not None, PARAM_GRADS=param_grads,
-            BLOCK_M=cfg["BLOCK_M"], BLOCK_W=cfg["BLOCK_W"], num_warps=cfg["num_warps"],
-        )  # fmt: skip
+    a, b, c, (stride_pn, stride_pw) = _params(scale, shift, weight)
+    dg2, du2 = dgate.view(-1, width), dup.view(-1, width)
+    wrap_triton(_siaf_bwd_kernel)[(row_programs, triton.cdiv(width, cfg.BLOCK_W))](
+        d2, g2, u2, dg2, du2, a, b, c, partial,
+        M, width,
+        d2.stride(0), g2.stride(0), u2.stride(0), dg2.stride(0), du2.stride(0), stride_pn, stride_pw,
+        N=n, N_POW2=triton.next_power_of_2(n), ACT=ACTIVATION_IDS[activation],
+        HAS_WEIGHT=weight is not None, PARAM_GRADS=param_grads,
+        ROWS_PER_PROGRAM=cfg.ROWS_PER_PROGRAM, BLOCK_M=cfg.BLOCK_M, BLOCK_W=cfg.BLOCK_W,
+        num_warps=cfg.num_warps_bwd,
+    )  # fmt: skip
     if not param_grads:
-        return dgate, dup, None, None, None
-    # Second stage of the reduction: a fixed-order sum over row programs (and over channels for
-    # scalar parameters), in float32, then one rounding to each parameter's dtype.
+        return dgate, dup, partial.new_empty((0,))
+    # Second stage: a fixed-order fp32 sum over the row programs (and over channels for scalar
+    # parameters). The caller rounds once, to each parameter's dtype.
     sums = partial.sum(0)
     if scale.dim() == 1:
         sums = sums.sum(-1)
-    dweight = sums[2].to(weight.dtype) if weight is not None else None
-    return dgate, dup, sums[0].to(scale.dtype), sums[1].to(shift.dtype), dweight
+    return dgate, dup, sums
 
 
-class SiafTritonFunction(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, gate, up, scale, shift, weight, activation):
-        ctx.activation = activation
-        # The parameters are saved as the tensors passed in (not copies): under ZeRO-3 they are
-        # re-gathered into the same Parameter before this module's backward runs.
-        ctx.save_for_backward(gate, up, scale, shift, weight)
-        return siaf_fwd(gate, up, scale, shift, weight, activation)
+def _siaf_fwd_fake(gate, up, scale, shift, weight, activation):
+    return torch.empty(gate.shape, dtype=torch.promote_types(gate.dtype, up.dtype), device=gate.device)
 
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, dout):
-        gate, up, scale, shift, weight = ctx.saved_tensors
-        need = ctx.needs_input_grad
-        param_grads = need[2] or need[3] or need[4]
-        dgate, dup, dscale, dshift, dweight = siaf_bwd(
-            dout, gate, up, scale, shift, weight, ctx.activation, param_grads=param_grads
-        )
-        return (
-            dgate if need[0] else None,
-            dup if need[1] else None,
-            dscale if need[2] else None,
-            dshift if need[3] else None,
-            dweight if need[4] else None,
-            None,
-        )
+
+def _siaf_bwd_fake(dout, gate, up, scale, shift, weight, activation, param_grads):
+    k = 3 if weight is not None else 2
+    return (
+        torch.empty(gate.shape, dtype=gate.dtype, device=gate.device),
+        torch.empty(up.shape, dtype=up.dtype, device=up.device),
+        torch.empty((k, *scale.shape) if param_grads else (0,), dtype=torch.float32, device=gate.device),
+    )
+
+
+def _define(name: str, fn, fake):
+    """A torch.library op over `fn`.
+
+    On a GPU it is a `triton_op`: torch.compile (inductor) sees the Triton kernels themselves and
+    launches them from its generated code, and CUDA graphs capture them. Under TRITON_INTERPRET=1 the
+    kernels are plain Python functions that cannot be traced with fake tensors, so the same body is
+    registered as an opaque `custom_op` with an explicit fake: the op, its schema, autograd and fake
+    registrations are then what opcheck tests on CPU, but not inductor's inlining of the kernels.
+    """
+    if _is_interpreted():
+        op = torch.library.custom_op(name, mutates_args=())(fn)
+        op.register_fake(fake)
+        return op
+    return torch.library.triton_op(name, mutates_args=())(fn)
+
+
+siaf_triton_fwd = _define("pangu_pi::siaf_triton_fwd", _siaf_fwd, _siaf_fwd_fake)
+siaf_triton_bwd = _define("pangu_pi::siaf_triton_bwd", _siaf_bwd, _siaf_bwd_fake)
+
+
+def _setup_context(ctx, inputs, output):
+    gate, up, scale, shift, weight, activation = inputs
+    ctx.activation = activation
+    # The parameters are saved as the tensors passed in (not copies): under ZeRO-3 they are
+    # re-gathered into the same Parameter before this module's backward runs.
+    ctx.save_for_backward(gate, up, scale, shift, weight)
+
+
+def param_grads_from_sums(sums, scale, shift, weight, need):
+    """(dscale, dshift, dweight) from the fp32 stack [dscale; dshift; dweight], each rounded once."""
+    dscale = sums[0].to(scale.dtype) if need[2] else None
+    dshift = sums[1].to(shift.dtype) if need[3] else None
+    dweight = sums[2].to(weight.dtype) if weight is not None and need[4] else None
+    return dscale, dshift, dweight
+
+
+def _backward(ctx, dout):
+    gate, up, scale, shift, weight = ctx.saved_tensors
+    need = ctx.needs_input_grad
+    param_grads = bool(need[2] or need[3] or need[4])
+    dgate, dup, sums = siaf_triton_bwd(dout, gate, up, scale, shift, weight, ctx.activation, param_grads)
+    dscale, dshift, dweight = param_grads_from_sums(sums, scale, shift, weight, need)
+    return dgate if need[0] else None, dup if need[1] else None, dscale, dshift, dweight, None
+
+
+siaf_triton_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 
 def check_triton_args(gate, up, scale, shift, weight) -> None:
@@ -322,4 +409,4 @@ def check_triton_args(gate, up, scale, shift, weight) -> None:
 def siaf_and_mul_triton(gate, up, scale, shift, weight=None, activation="silu"):
     check_siaf_args(gate, up, scale, shift, weight, activation)
     check_triton_args(gate, up, scale, shift, weight)
-    return SiafTritonFunction.apply(gate, up, scale, shift, weight, activation)
+    return siaf_triton_fwd(gate, up, scale, shift, weight, activation)

@@ -25,7 +25,7 @@ from torch.utils.checkpoint import checkpoint
 
 from pangu_pi import kernels
 from pangu_pi.kernels import ACTIVATIONS, ENV_BACKEND, resolve_backend, siaf_and_mul
-from pangu_pi.kernels import siaf_compiled, siaf_triton
+from pangu_pi.kernels import auto_table, siaf_compiled, siaf_triton
 from pangu_pi.kernels.reference import (
     ACTIVATION_WITH_GRAD,
     check_siaf_args,
@@ -252,22 +252,136 @@ def test_triton_reads_strided_halves_of_a_fused_projection(rng):
     assert rel_err(fused.grad, ref_fused.grad) <= TOL[torch.float32], f"seed {rng.seed}"
 
 
-def test_triton_parameter_gradients_are_bitwise_reproducible(rng):
-    inputs = make_inputs(rng, (41, 37), 3, True, True)
-    dout = rng.randn(41, 37)
-    first = run_with_grads(backend_fn("triton", "gelu"), inputs, dout)[1]
-    second = run_with_grads(backend_fn("triton", "gelu"), inputs, dout)[1]
-    for x, y in zip(first, second):
-        assert torch.equal(x, y)
-
-
 @pytest.mark.skipif(not INTERPRETED, reason="the interpreter's tile sizes are what the shapes above were chosen for")
 def test_interpreter_grid_covers_every_reduction_path():
-    cfg = siaf_triton._launch_config(41, 37, 3, DEVICE)
-    assert cfg["col_programs"] >= 2 and 37 % cfg["BLOCK_W"] != 0  # masked last column tile
-    assert cfg["row_programs"] >= 2  # stage two sums several partials
-    assert cfg["rows_per_program"] >= 2 * cfg["BLOCK_M"]  # several trips through the row loop
-    assert 41 % cfg["BLOCK_M"] != 0  # a partly masked row tile
+    cfg = siaf_triton.launch_config(37, 3, 4, True)
+    assert triton_cdiv(37, cfg.BLOCK_W) >= 2 and 37 % cfg.BLOCK_W != 0  # masked last column tile
+    assert triton_cdiv(41, cfg.ROWS_PER_PROGRAM) >= 2  # stage two sums several partials
+    assert cfg.ROWS_PER_PROGRAM >= 2 * cfg.BLOCK_M  # several trips through the row loop
+    assert 41 % cfg.BLOCK_M != 0 and 41 % cfg.ROWS_PER_PROGRAM != 0  # partly masked row tiles
+
+
+def triton_cdiv(a, b):
+    return -(-a // b)
+
+
+@pytest.mark.parametrize("width,elem_size", [(5632, 2), (11008, 2), (5632, 4), (352, 2), (37, 4)])
+def test_gpu_launch_config_is_per_width_and_independent_of_tokens(width, elem_size):
+    # The GPU configuration (computed here without a GPU): a row of a 2-byte dtype is read in 1 KiB
+    # pieces, the tile stays near 4096 values, and nothing depends on the token count, so the grid is
+    # a formula of it and the backward's summation order is fixed per width.
+    cfg = siaf_triton.launch_config(width, 2, elem_size, False)
+    assert cfg is siaf_triton.launch_config(width, 2, elem_size, False)  # cached
+    assert cfg.BLOCK_W * elem_size <= 1024 and cfg.BLOCK_W <= triton_next_pow2(width)
+    assert cfg.BLOCK_M * cfg.BLOCK_W * 2 <= 4096 and cfg.ROWS_PER_PROGRAM % cfg.BLOCK_M == 0
+    if width >= 512:
+        assert cfg.BLOCK_W * elem_size == 1024
+
+
+def triton_next_pow2(x):
+    return 1 << (x - 1).bit_length()
+
+
+# --------------------------------------------------------------------------------------------------
+# The ops as torch.library ops: opcheck (schema, autograd registration, fake tensors, AOT dispatch with
+# dynamic shapes). Under the interpreter the Triton ops are opaque custom ops (siaf_triton._define), on a
+# GPU triton_ops; the same checks run on both.
+
+OPCHECK_CASES = [
+    ("silu", 2, True, False, torch.float32),
+    ("gelu", 3, False, True, torch.float32),
+    ("silu", 2, True, True, torch.bfloat16),
+]
+
+
+@pytest.mark.parametrize("activation,n,per_channel,has_weight,dtype", OPCHECK_CASES)
+def test_triton_ops_pass_opcheck(rng, activation, n, per_channel, has_weight, dtype):
+    g, u, a, b, c = make_inputs(rng, (5, 37), n, per_channel, has_weight, dtype=dtype)
+    params = [None if t is None else t.requires_grad_() for t in (a, b, c)]
+    torch.library.opcheck(siaf_triton.siaf_triton_fwd, (g.requires_grad_(), u, *params, activation))
+    dout = rng.randn(5, 37, dtype=dtype)
+    plain = [None if t is None else t.detach() for t in (g, u, a, b, c)]
+    for param_grads in (True, False):
+        torch.library.opcheck(siaf_triton.siaf_triton_bwd, (dout, *plain, activation, param_grads))
+
+
+def test_compiled_ops_pass_opcheck(rng):
+    # The registrations are what opcheck tests; the compiled arithmetic is tested above. With dynamo
+    # switched off the op's torch.compile'd functions run as their eager twins, so the AOT-dispatch
+    # check's fresh fake and dynamic-shape inputs cost no compilations (minutes on this CPU).
+    g, u, a, b, _ = make_inputs(rng, (2, 64, 37), 2, True, False)
+    with torch._dynamo.config.patch(disable=True):
+        torch.library.opcheck(
+            siaf_compiled.siaf_compiled_fwd, (g.requires_grad_(), u, a.requires_grad_(), b, None, "silu")
+        )
+        dout = rng.randn(2, 64, 37)
+        torch.library.opcheck(siaf_compiled.siaf_compiled_bwd, (dout, g.detach(), u, a.detach(), b, None, "silu"))
+    assert siaf_compiled.compiled_available()
+
+
+@pytest.mark.parametrize("backend", ["triton", "compiled"])
+def test_ops_trace_without_graph_breaks(rng, backend):
+    # fullgraph=True fails on any graph break. "aot_eager" runs the traced graph with its ops as they
+    # are (inductor's inlining of the Triton kernels needs a GPU); autograd goes through the op's
+    # registered backward. Inside a graph the compiled backend traces the reference (the outer compiler
+    # fuses it), which is checked here too.
+    inputs = make_inputs(rng, (3, 37), 2, True, True)
+    fn = torch.compile(backend_fn(backend, "silu"), fullgraph=True, backend="aot_eager")
+    assert_matches_reference(rng, fn, inputs, "silu", TOL[torch.float32])
+
+
+# --------------------------------------------------------------------------------------------------
+# bf16 accuracy does not fall with the number of rows: parameter gradients are sums over rows carried
+# in fp32 and rounded once. Norm-relative error against float64 (‖x − ref‖ / ‖ref‖) for the output
+# and every gradient, at a row count far above the op tests'.
+
+
+def bf16_errors(rng, fn, rows, width):
+    inputs = make_inputs(rng, (rows, width), 2, True, True, dtype=torch.bfloat16, param_dtype=torch.float32)
+    dout = rng.randn(rows, width, dtype=torch.bfloat16)
+    out, grads = run_with_grads(fn, inputs, dout)
+    ref_inputs = [t.detach().double().cpu() for t in inputs]
+    ref_fn = lambda *xs: siaf_and_mul_reference(*xs, "silu")  # noqa: E731
+    ref_out, ref_grads = run_with_grads(ref_fn, ref_inputs, dout.double().cpu())
+    errors = {"out": rel_err(out, ref_out)}
+    errors.update({k: rel_err(g, r) for k, g, r in zip(["gate", "up", "scale", "shift", "weight"], grads, ref_grads)})
+    return errors
+
+
+def test_compiled_bf16_error_does_not_grow_with_rows(rng):
+    # 4096 rows, the row count where the bf16 error was seen to grow (to 1e-2) on a GPU; a narrower
+    # width than the 7B FFN's keeps the float64 reference affordable on CPU, and the growth is in the
+    # number of rows summed, not the width. The compiled path stands in for the Triton kernels here
+    # (the interpreter would take minutes at this size); test_triton_bf16_error_does_not_grow_with_rows
+    # checks the kernels at a smaller count.
+    fn = backend_fn("compiled", "silu")
+    few, many = bf16_errors(rng, fn, 64, 352), bf16_errors(rng, fn, 4096, 352)
+    assert max(many.values()) <= 5e-3, (many, rng.seed)
+    # Parameter gradients: one rounding of an fp32 sum, whatever the rows (2^-9 relative at worst).
+    for k in ("scale", "shift", "weight"):
+        assert many[k] <= 2.5e-3 and few[k] <= 2.5e-3, (few, many, rng.seed)
+
+
+def test_triton_bf16_error_does_not_grow_with_rows(rng):
+    # 1024 rows: 64 row programs of 16 rows under the interpreter, every partial sum fp32. The
+    # interpreter truncates fp32 → bf16 where a GPU rounds to nearest, so out/dgate/dup carry about
+    # twice a GPU's error; the parameter gradients are rounded by torch and are what could grow.
+    fn = backend_fn("triton", "silu")
+    few, many = bf16_errors(rng, fn, 16, 40), bf16_errors(rng, fn, 1024, 40)
+    for k in ("scale", "shift", "weight"):
+        assert many[k] <= 2.5e-3 and few[k] <= 2.5e-3, (few, many, rng.seed)
+    assert max(many.values()) <= 1e-2, (many, rng.seed)
+
+
+@pytest.mark.parametrize("backend", ["triton", "compiled"])
+def test_fp32_parameter_gradients_are_bitwise_reproducible(rng, backend):
+    shape = (41, 37) if backend == "triton" else (2, 64, 37)
+    inputs = make_inputs(rng, shape, 2, True, backend == "triton")
+    dout = rng.randn(*shape)
+    first = run_with_grads(backend_fn(backend, "silu"), inputs, dout)[1]
+    second = run_with_grads(backend_fn(backend, "silu"), inputs, dout)[1]
+    for x, y in zip(first, second):
+        assert x is None or torch.equal(x, y)
 
 
 @pytest.mark.parametrize("backend", ["triton", "compiled"])
@@ -382,14 +496,91 @@ def test_compiled_falls_back_to_reference_when_compilation_fails(tmp_path):
 # Dispatch
 
 
-def test_auto_picks_triton_on_cuda_and_compiled_on_cpu(monkeypatch):
+# The auto table as a table: (device, dtype, tokens, width, inside a graph) → backend, for the shapes
+# the HF and vLLM models call the op with (decode batch 1 … prefill of 16k tokens, the 1B and 7B FFN
+# widths and the tiny preset's), with Triton and compilation available.
+AUTO_TABLE_CASES = [
+    ("cuda", torch.bfloat16, 1, 11008, False, "reference"),  # 7B decode, eager: CPU-bound
+    ("cuda", torch.bfloat16, 8, 5632, False, "reference"),  # batched decode, 1B
+    ("cuda", torch.float16, 512, 11008, False, "reference"),  # short prefill, eager
+    ("cuda", torch.bfloat16, 2047, 5632, False, "reference"),
+    ("cuda", torch.bfloat16, 2048, 5632, False, "triton"),  # prefill: device time rules
+    ("cuda", torch.bfloat16, 16384, 11008, False, "triton"),
+    ("cuda", torch.float32, 4096, 5632, False, "triton"),
+    ("cuda", torch.bfloat16, 1, 11008, True, "triton"),  # compiled generation / CUDA-graph decode
+    ("cuda", torch.bfloat16, 16384, 5632, True, "triton"),
+    ("cuda", torch.float64, 1, 352, False, "compiled"),  # a dtype Triton does not take
+    ("cuda", torch.float64, 1, 352, True, "reference"),
+    ("cpu", torch.float32, 1, 5632, False, "reference"),  # CPU decode
+    ("cpu", torch.float32, 16, 352, False, "reference"),
+    ("cpu", torch.float32, 17, 352, False, "compiled"),
+    ("cpu", torch.bfloat16, 16384, 11008, False, "compiled"),
+    ("cpu", torch.float32, 1, 352, True, "reference"),  # inside torch.compile: traced, fused by inductor
+    ("meta", torch.float32, 4096, 5632, False, "reference"),
+]
+
+
+@pytest.mark.parametrize("device,dtype,tokens,width,graph,expected", AUTO_TABLE_CASES)
+def test_auto_table(monkeypatch, device, dtype, tokens, width, graph, expected):
     monkeypatch.delenv(ENV_BACKEND, raising=False)
-    assert resolve_backend("auto", torch.device("cpu")) == "compiled"
-    assert resolve_backend("auto", torch.device("cuda"), torch.bfloat16) == "triton"
-    assert resolve_backend("auto", torch.device("cuda"), torch.float64) == "compiled"
-    assert resolve_backend("auto", torch.device("meta")) == "reference"
+    monkeypatch.delenv(auto_table.ENV_TABLE, raising=False)
+    monkeypatch.setattr(kernels, "triton_available", lambda: True)
+    assert resolve_backend("auto", torch.device(device), dtype, tokens, width, graph) == expected
+
+
+def test_auto_falls_back_when_a_backend_cannot_run(monkeypatch):
+    monkeypatch.delenv(ENV_BACKEND, raising=False)
     monkeypatch.setattr(kernels, "triton_available", lambda: False)
-    assert resolve_backend("auto", torch.device("cuda"), torch.float32) == "compiled"
+    assert resolve_backend("auto", torch.device("cuda"), torch.bfloat16, 4096, 5632, False) == "compiled"
+    monkeypatch.setattr(siaf_compiled, "compiled_available", lambda: False)
+    assert resolve_backend("auto", torch.device("cuda"), torch.bfloat16, 4096, 5632, False) == "reference"
+    assert resolve_backend("auto", torch.device("cpu"), torch.float32, 4096, 5632, False) == "reference"
+
+
+def test_auto_table_is_overridable(monkeypatch):
+    monkeypatch.delenv(ENV_BACKEND, raising=False)
+    monkeypatch.setattr(kernels, "triton_available", lambda: True)
+    cuda = torch.device("cuda")
+    monkeypatch.setenv(auto_table.ENV_TABLE, "cuda,bfloat16,1-64,*,eager=triton; cuda,*,*,11008=compiled")
+    assert resolve_backend("auto", cuda, torch.bfloat16, 1, 5632, False) == "triton"
+    assert resolve_backend("auto", cuda, torch.bfloat16, 65, 5632, False) == "reference"  # the defaults again
+    assert resolve_backend("auto", cuda, torch.bfloat16, 4096, 11008, False) == "compiled"
+    assert resolve_backend("auto", cuda, torch.bfloat16, 1, 5632, True) == "triton"  # graph: not the eager rule
+    monkeypatch.delenv(auto_table.ENV_TABLE)
+    try:
+        auto_table.set_override_rules([auto_table.Rule("compiled", "cpu", tokens=(1, 1))])
+        assert resolve_backend("auto", torch.device("cpu"), torch.float32, 1, 352, False) == "compiled"
+        assert resolve_backend("auto", torch.device("cpu"), torch.float32, 2, 352, False) == "reference"
+    finally:
+        auto_table.set_override_rules([])
+    assert resolve_backend("auto", torch.device("cpu"), torch.float32, 1, 352, False) == "reference"
+
+
+@pytest.mark.parametrize(
+    "text,message",
+    [("cuda,bfloat16,1-64=triton", "cannot read rule"), ("cuda,bf16,*,*=triton", "not a torch dtype"),
+     ("cuda,*,few,*=triton", "not a number or range"), ("cuda,*,*,*=fast", "cannot read rule"),
+     ("cuda,*,*,*,later=triton", "graph, eager")],
+)  # fmt: skip
+def test_bad_auto_table_is_one_clear_error(monkeypatch, text, message):
+    from pangu_pi.errors import UserError
+
+    monkeypatch.delenv(ENV_BACKEND, raising=False)
+    monkeypatch.setenv(auto_table.ENV_TABLE, text)
+    with pytest.raises(UserError, match=message):
+        resolve_backend("auto", torch.device("cpu"), torch.float32, 1, 352, False)
+
+
+def test_siaf_and_mul_looks_up_the_call_shape(rng, monkeypatch):
+    # A decode-sized call on CPU runs the reference, a prefill-sized one the compiled op.
+    monkeypatch.delenv(ENV_BACKEND, raising=False)
+    calls = []
+    monkeypatch.setattr(siaf_compiled, "siaf_and_mul_compiled", lambda *a: calls.append("compiled") or a[0])
+    g, u, a, b, _ = make_inputs(rng, (1, 1, 37), 2, True, False)
+    siaf_and_mul(g, u, a, b)
+    g, u, a, b, _ = make_inputs(rng, (2, 64, 37), 2, True, False)
+    siaf_and_mul(g, u, a, b)
+    assert calls == ["compiled"]
 
 
 def test_environment_variable_forces_the_auto_backend(monkeypatch):
