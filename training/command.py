@@ -24,7 +24,7 @@ from .distributed import QuietExit
 
 DESCRIPTIONS = {
     "pretrain": "Pretrain a PanGu-π model with DeepSpeed.",
-    "finetune": "Instruction-tune a checkpoint on chat JSONL (or preference pairs, finetune.mode=dpo).",
+    "finetune": "Fine-tune a checkpoint: chat SFT (full or LoRA) or another recipe named by finetune.mode.",
 }
 
 

@@ -60,6 +60,10 @@ def init_distributed() -> Dist:
 
     if not launch.in_distributed_launch():
         launch.single_process_env()
+    if "TORCHELASTIC_RUN_ID" in os.environ:
+        # A torchrun worker: its parent is torchrun's agent, and a SIGKILLed agent must not leave it
+        # running (ranks that `--nproc` spawns get the same request from their launcher).
+        launch.die_with_parent()
     on_gpu = torch.cuda.is_available()
     if not on_gpu:
         # The shared-memory all-reduce is a C++ op built at first use (about a minute); gloo needs nothing.
