@@ -8,7 +8,9 @@ from pathlib import Path
 
 from .errors import UserError
 from .folders import has_tokenizer, is_checkpoint
+from .outputs import add_force_argument
 from .overrides import add_set_argument
+from .remote_code import add_no_remote_code_argument
 
 
 def parse_overrides(pairs: list[str]) -> dict:
@@ -74,9 +76,7 @@ def tokenizer_main(argv: list[str]) -> int:
     ap.add_argument("--vocab-size", type=int, default=8192)
     ap.add_argument("--max-bytes", type=int, default=8_000_000, help="text sampled for training")
     ap.add_argument("--out", required=True, help="folder to write (new or empty; the same settings reuse it)")
-    ap.add_argument("--force", action="store_true",
-                    help="replace a tokenizer this command wrote into --out with other inputs or settings "
-                         "(only its own files; a folder it did not write is always refused)")
+    add_force_argument(ap, "a tokenizer")
     args = ap.parse_args(argv[1:])
     try:
         out = train_tokenizer(args.input, args.out, args.vocab_size, args.max_bytes, force=args.force)
@@ -168,11 +168,8 @@ def init_main(argv: list[str]) -> int:
                          "after one --set, or --set repeated")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", required=True, help="folder to write (new or empty)")
-    ap.add_argument("--force", action="store_true",
-                    help="replace a checkpoint this command wrote into --out with other settings "
-                         "(only its own files; a folder it did not write is always refused)")
-    ap.add_argument("--no-remote-code", action="store_true",
-                    help="leave out configuration_pangu_pi.py / modeling_pangu_pi.py (loading then needs pangu-pi)")
+    add_force_argument(ap, "a checkpoint")
+    add_no_remote_code_argument(ap)
     args = ap.parse_args(argv)
     tok = load_tokenizer(args.tokenizer)
     overrides = parse_overrides(args.set)

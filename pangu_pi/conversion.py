@@ -156,6 +156,9 @@ def convert_llama(src: str | Path, out: str | Path, dtype: str | None = None, *,
 
 
 def convert_main(argv: list[str]) -> int:
+    from .outputs import add_force_argument
+    from .remote_code import add_no_remote_code_argument
+
     ap = argparse.ArgumentParser(
         prog="pangu-pi convert-llama",
         description="Convert a transformers LLaMA checkpoint into a PanGu-π checkpoint with equal logits.",
@@ -165,11 +168,8 @@ def convert_main(argv: list[str]) -> int:
     ap.add_argument("--siaf-terms", type=int, default=2, help="n, the SIAF's number of terms (paper: 2)")
     ap.add_argument("--shortcuts", type=int, default=1, help="T, augmented shortcuts per block")
     ap.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="default: the source's")
-    ap.add_argument("--no-remote-code", action="store_true",
-                    help="leave out configuration_pangu_pi.py / modeling_pangu_pi.py (loading then needs pangu-pi)")
-    ap.add_argument("--force", action="store_true",
-                    help="replace a conversion this command wrote into OUT with other settings "
-                         "(only its own files; a folder it did not write is always refused)")
+    add_no_remote_code_argument(ap)
+    add_force_argument(ap, "a conversion")
     args = ap.parse_args(argv)
     out = convert_llama(args.src, args.out, args.dtype, remote_code=not args.no_remote_code, force=args.force,
                         siaf_terms=args.siaf_terms, shortcut_count=args.shortcuts)

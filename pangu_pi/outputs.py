@@ -77,6 +77,13 @@ def _pangu_checkpoint(folder: Path) -> bool:
 _EARLIER = {"tokenizer": (TOKENIZER_FILES, _pangu_tokenizer), "checkpoint": (CHECKPOINT_FILES, _pangu_checkpoint)}
 
 
+def add_force_argument(parser, output: str) -> None:
+    """`--force`, worded the same in every command that writes a folder; `output` names what it writes."""
+    parser.add_argument("--force", action="store_true",
+                        help=f"replace {output} this command wrote there before, with other inputs or settings "
+                             "(only its own files; a folder it did not write is always refused)")
+
+
 def normalise(settings: dict[str, Any]) -> dict[str, Any]:
     """Settings as the marker stores them (JSON types: paths as strings, tuples as lists)."""
     return json.loads(json.dumps(settings, default=str, sort_keys=True))

@@ -170,6 +170,12 @@ def modeling_source() -> str:
     )
 
 
+def add_no_remote_code_argument(parser) -> None:
+    """`--no-remote-code`, for every command that writes a checkpoint."""
+    parser.add_argument("--no-remote-code", action="store_true",
+                        help=f"leave out {CONFIG_FILE} / {MODELING_FILE} (loading then needs pangu-pi)")
+
+
 def write_remote_code(save_directory: str | os.PathLike) -> list[Path]:
     """Write both code files into `save_directory` and add `auto_map` to its `config.json`."""
     folder = Path(save_directory)

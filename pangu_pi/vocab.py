@@ -425,6 +425,7 @@ def extend_tokenizer(
 
 def extend_main(argv: list[str]) -> int:
     from .errors import UserError
+    from .outputs import add_force_argument
 
     parser = argparse.ArgumentParser(
         prog="pangu-pi tokenizer extend",
@@ -439,9 +440,7 @@ def extend_main(argv: list[str]) -> int:
     )
     parser.add_argument("--max-bytes", type=int, default=50_000_000, help="read at most this much domain text")
     parser.add_argument("--seed", type=int, default=0, help="seed of the held-out split")
-    parser.add_argument("--force", action="store_true",
-                        help="replace an extension this command wrote into --out with other settings "
-                             "(only its own files; a folder it did not write is always refused)")
+    add_force_argument(parser, "an extended tokenizer")
     parser.add_argument("--overwrite", action="store_true", help="the former name of --force")
     args = parser.parse_args(argv)
     if args.overwrite:
@@ -577,6 +576,9 @@ def resize_model(model_dir, tokenizer_dir, out_dir, progress: bool = True, remot
 
 
 def resize_main(argv: list[str]) -> int:
+    from .outputs import add_force_argument
+    from .remote_code import add_no_remote_code_argument
+
     parser = argparse.ArgumentParser(
         prog="pangu-pi resize",
         description="Grow a model's embedding and LM head to an extended tokenizer; new rows start as the "
@@ -585,11 +587,8 @@ def resize_main(argv: list[str]) -> int:
     parser.add_argument("model", help="checkpoint folder (HF layout)")
     parser.add_argument("--tokenizer", required=True, help="folder of the extended tokenizer")
     parser.add_argument("--out", required=True, help="folder for the resized checkpoint")
-    parser.add_argument("--no-remote-code", action="store_true",
-                        help="leave out configuration_pangu_pi.py / modeling_pangu_pi.py (loading then needs pangu-pi)")
-    parser.add_argument("--force", action="store_true",
-                        help="replace a checkpoint this command wrote into --out with other settings "
-                             "(only its own files; a folder it did not write is always refused)")
+    add_no_remote_code_argument(parser)
+    add_force_argument(parser, "a checkpoint")
     args = parser.parse_args(argv)
     info = resize_model(args.model, args.tokenizer, args.out, remote_code=not args.no_remote_code, force=args.force)
     print(

@@ -152,15 +152,15 @@ def _readable(folder: Path) -> None:
 
 
 def main(argv: list[str]) -> int:
+    from pangu_pi.outputs import add_force_argument
+    from pangu_pi.remote_code import add_no_remote_code_argument
+
     p = argparse.ArgumentParser(prog="pangu-pi export", description=__doc__.split("\n\n")[0])
     p.add_argument("ckpt", metavar="CKPT", help="checkpoint folder, run's checkpoints/ folder, or run folder")
     p.add_argument("out", metavar="OUT", help="folder for the HF checkpoint")
     p.add_argument("--dtype", help="weights' dtype: float32 | bfloat16 | float16 (default: the training precision)")
-    p.add_argument("--force", action="store_true",
-                   help="replace an export this command wrote into OUT from another checkpoint or with other "
-                        "settings (only its own files; a folder it did not write, or one inside the run, is refused)")
-    p.add_argument("--no-remote-code", action="store_true",
-                   help="leave out configuration_pangu_pi.py / modeling_pangu_pi.py (loading then needs pangu-pi)")
+    add_force_argument(p, "an export")
+    add_no_remote_code_argument(p)
     args = p.parse_args(argv)
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
     out = export_checkpoint(args.ckpt, args.out, dtype=args.dtype, force=args.force,
