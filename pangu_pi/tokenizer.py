@@ -258,14 +258,20 @@ def train_tokenizer(
         raise ValueError(f"vocab_size {vocab_size} is too small: byte fallback alone needs 256 pieces plus specials")
     out = Path(out_dir)
     settings = {"inputs": inputs_fingerprint(files), "vocab_size": vocab_size, "max_bytes": max_bytes}
+
+    def claim():
+        return claim_output(out, "tokenizer train", settings, force=force, earlier="tokenizer",
+                            adopt_earlier=adopt_earlier)
+
+    if claim().state == "same":  # a refusal, or a finished tokenizer, before any lock file is made
+        return out
     out.parent.mkdir(parents=True, exist_ok=True)
     with FileLock(str(out) + ".lock"):
-        claim = claim_output(out, "tokenizer train", settings, force=force, earlier="tokenizer",
-                             adopt_earlier=adopt_earlier)
-        if claim.state == "same":
+        decided = claim()  # again, holding the lock: another process may have just written it
+        if decided.state == "same":
             return out
         with tempfile.TemporaryDirectory(dir=out.parent, prefix=f".{out.name}.spm-") as scratch, \
-                staged_output(claim) as staged:
+                staged_output(decided) as staged:
             spm_path = train_sentencepiece(files, os.path.join(scratch, "spm"), vocab_size, max_bytes, progress)
             fast_tokenizer_from_spm(spm_path).save_pretrained(staged)
             shutil.copy(spm_path, staged / SPM_FILE)

@@ -154,6 +154,7 @@ def test_tokenizer_train(corpus, tmp_path, capsys):
                          *extra], f"{stranger} is not empty and was not written by `pangu-pi tokenizer train`",
                 "--force")
     assert snapshot(stranger) == {PLANTED: b"not pangu-pi's"}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["stranger"], "a refusal left something beside it"
 
     out = tmp_path / "tok"
     train = ["tokenizer", "train", "--input", *corpus, "--out", str(out)]
