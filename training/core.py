@@ -36,7 +36,7 @@ from pangu_pi.config import ConfigError
 from pangu_pi.errors import UserError
 
 from . import checkpoint as ckpt
-from . import faults, launch, run_folder
+from . import faults, launch, run_folder, speed
 from .callbacks import Callback, CallbackList
 from .config import BatchSplit, RunConfig, dump_yaml, resolved_dict, yaml_text
 from .distributed import Dist, QuietExit, end_distributed, init_distributed, quiet_libraries
@@ -148,6 +148,7 @@ class Trainer:
     def __init__(self, recipe: Recipe, d: Dist, run_id: str, progress: bool, callbacks: CallbackList):
         self.recipe, self.d, self.run_id, self.progress, self.callbacks = recipe, d, run_id, progress, callbacks
         self.config, self.split, self.stream = recipe.config, recipe.split, recipe.train_stream
+        self.stream = speed.prefetching(self.stream, d.device)  # pinned and read ahead on CUDA; as is on CPU
         self.out = Path(self.config.out)
         self.root = layout.checkpoint_root(self.out)
         self.rank0 = d.rank == 0
@@ -215,10 +216,10 @@ class Trainer:
         np.random.seed(config.seed)
         torch.manual_seed(config.seed)
 
-        # The model, and what changes how it runs (activation checkpointing) before DeepSpeed wraps it.
+        # The model, and what changes how it runs (activation checkpointing, compiled blocks, the fused
+        # loss: training/speed.py) before DeepSpeed wraps it.
         model = self.recipe.build_model(ds_config)
-        if config.train.activation_checkpointing:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        self.speed = speed.apply_speed_features(model, config.train, ds_config["zero_optimization"]["stage"])
 
         schedule = make_schedule(config.schedule, self.max_steps)
         self.engine, _, _, self.scheduler = deepspeed.initialize(
@@ -272,6 +273,9 @@ class Trainer:
             pass
         for line in recipe.describe(self.d, n_params).splitlines():
             self.logger.message(line)
+        self.logger.message(f"speed: activation checkpointing {self.speed['activation_checkpointing']}, "
+                            f"{self.speed['compiled_blocks']} compiled blocks, "
+                            f"{'fused' if self.speed['fused_loss'] else 'plain'} loss")
         self.fpt = recipe.flops_per_token()
         self.peak = peak_flops(config.log.peak_flops_per_device, config.train.precision)
         self.timer = PhaseTimer(config.log.phase_times, self.d.device)
@@ -340,6 +344,11 @@ class Trainer:
         self.logger.step(row)
         self.summary.update(step=step, loss=loss)
         self.last_row = row
+        # The run's throughput for the summary: from the first logged step (which carries start-up and
+        # compilation) to the last, read where the loss read-back has waited for the device anyway.
+        mark = (now, self.tokens_seen)
+        self.throughput_from = getattr(self, "throughput_from", None) or mark
+        self.throughput_to = mark
 
     def guard(self, step: int, applied: bool) -> None:
         """Count updates DeepSpeed discarded for a non-finite gradient norm; too many in a row stop the run."""
@@ -395,12 +404,28 @@ class Trainer:
 
     # -- finish ----------------------------------------------------------------------------------
 
+    def report_throughput(self) -> None:
+        """tokens/s per GPU and MFU over the run (after its first logged step) in the summary and the log."""
+        from .flops import throughput
+
+        start, end = getattr(self, "throughput_from", None), getattr(self, "throughput_to", None)
+        if start is None or end[1] <= start[1] or end[0] <= start[0]:
+            return
+        figures = throughput(end[1] - start[1], end[0] - start[0], self.d.world, self.fpt, self.peak)
+        self.summary.update(tokens_per_s_per_gpu=figures["tokens_per_s_per_gpu"], mfu=figures["mfu"])
+        mfu = f"MFU {100 * figures['mfu']:.1f}%" if figures["mfu"] is not None else "MFU unknown (no peak FLOP/s)"
+        self.logger.message(f"throughput: {figures['tokens_per_s_per_gpu']:.0f} tokens/s per GPU "
+                            f"({figures['tokens_per_s']:.0f} in all), {mfu}")
+
     def finish(self) -> None:
         if self.summary["checkpoint"] is None and self.resume_from is not None:
             self.summary["checkpoint"] = str(self.resume_from)
             self.logger.message(f"{self.resume_from} is already at step {self.max_steps}, the last; nothing to train")
         if self.callbacks:
             self.callbacks.on_train_end(self.engine, self.recipe, self.d)
+        self.report_throughput()
+        if isinstance(self.stream, speed.PrefetchingStream):
+            self.stream.close()
         self.engine.eval()
         self.recipe.finish(self.engine, self.d, self.summary)
         if self.rank0 and self.config.log.plot:

@@ -20,9 +20,10 @@ def deepspeed_config(config: RunConfig, split: BatchSplit, on_gpu: bool) -> dict
     if t.offload_optimizer:
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": on_gpu}
     optimizer_params: dict[str, Any] = {"lr": o.lr, "betas": list(o.betas), "eps": o.eps, "weight_decay": o.weight_decay}
-    if not (on_gpu and t.offload_optimizer):
+    if not (on_gpu and t.offload_optimizer) and o.implementation == "torch":
         # torch's AdamW: nothing to compile at start-up (DeepSpeed's own Adam ops build with a C++
-        # compiler on first use); on a GPU its fused kernel is as fast as DeepSpeed's. Fused on CPU
+        # compiler on first use); on a GPU its fused kernel is as fast as DeepSpeed's (optim.implementation:
+        # deepspeed takes DeepSpeed's FusedAdam instead; which is faster is to be measured). Fused on CPU
         # too: the unfused update allocates two temporaries the size of the whole flat partition
         # (sqrt(v) and its quotient), 8 bytes a partitioned parameter at the step's peak.
         optimizer_params["torch_adam"] = True

@@ -134,12 +134,11 @@ class Pretraining(Recipe):
         return build_model(self.model_config, ds_config, init_from=self.config.model.get("init_from"))
 
     def loss(self, engine, batch, d):
-        import torch.nn.functional as F
-
         batch = batch.to(d.device, non_blocking=True)
-        logits = engine(input_ids=batch[:, :-1]).logits
-        vocab = self.model_config.vocab_size
-        return F.cross_entropy(logits.float().reshape(-1, vocab), batch[:, 1:].reshape(-1)), batch[:, 1:].numel()
+        # The model computes the loss (train.fused_loss: without forming the logits); the targets are
+        # the inputs shifted by one.
+        loss = engine(input_ids=batch[:, :-1], shift_labels=batch[:, 1:]).loss
+        return loss, batch[:, 1:].numel()
 
     def evaluate(self, engine, d) -> float:
         import torch
