@@ -128,7 +128,7 @@ def convert_llama(src: str | Path, out: str | Path, dtype: str | None = None, *,
     or (with `force`, or the same settings) one this function wrote before (pangu_pi.outputs)."""
     from transformers import AutoConfig, LlamaForCausalLM
 
-    from .outputs import claim_output, staged_output
+    from .outputs import claim_output, folder_fingerprint, staged_output
 
     src, out = Path(src), Path(out)
     if not is_checkpoint(src):
@@ -139,7 +139,7 @@ def convert_llama(src: str | Path, out: str | Path, dtype: str | None = None, *,
     pangu_config_from_llama(src_config, **config_overrides)  # refuse what cannot convert before reading weights
     if out.resolve() == src.resolve() or src.resolve() in out.resolve().parents:
         raise UserError(f"{out} is inside the source checkpoint {src}; write the conversion to a folder of its own")
-    claim = claim_output(out, "convert-llama", {"src": str(src.resolve()), "dtype": dtype,
+    claim = claim_output(out, "convert-llama", {"src": folder_fingerprint(src), "dtype": dtype,
                                                 "remote_code": remote_code, **config_overrides},
                          force=force, earlier="checkpoint")
     torch_dtype = getattr(torch, dtype) if dtype else None

@@ -90,12 +90,19 @@ def normalise(settings: dict[str, Any]) -> dict[str, Any]:
 
 
 def inputs_fingerprint(files) -> str:
-    """A digest of a command's input files (resolved paths and sizes), to tell a re-run on other inputs."""
+    """A digest of a command's input files (resolved paths, sizes and modification times), to tell a
+    re-run on other inputs, or on inputs changed since, from a re-run on the same."""
     digest = hashlib.sha256()
     for f in files:
         path = Path(f).resolve()
-        digest.update(f"{path}\t{path.stat().st_size}\n".encode())
+        st = path.stat()
+        digest.update(f"{path}\t{st.st_size}\t{st.st_mtime_ns}\n".encode())
     return digest.hexdigest()[:16]
+
+
+def folder_fingerprint(folder: str | os.PathLike) -> str:
+    """`inputs_fingerprint` of the files at the top of `folder` (a checkpoint read as an input)."""
+    return inputs_fingerprint(sorted(p for p in Path(folder).iterdir() if p.is_file()))
 
 
 def read_marker(folder: str | os.PathLike) -> dict | None:

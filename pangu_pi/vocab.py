@@ -518,11 +518,12 @@ def resize_model(model_dir, tokenizer_dir, out_dir, progress: bool = True, remot
         raise FileNotFoundError(f"no tokenizer in {tokenizer_dir} (tokenizer.json missing)")
     if out.resolve() in (model_dir.resolve(), tokenizer_dir.resolve()):
         raise UserError(f"--out {out} would overwrite an input; write the resized model to a new folder")
-    from .outputs import claim_output, staged_output
+    from .outputs import claim_output, folder_fingerprint, staged_output
     from .tokenizer import tokenizer_hash
 
-    claim = claim_output(out, "resize", {"model": str(model_dir.resolve()), "tokenizer": tokenizer_hash(tokenizer_dir),
-                                         "remote_code": remote_code}, force=force, earlier="checkpoint")
+    settings = {"model": folder_fingerprint(model_dir), "tokenizer": tokenizer_hash(tokenizer_dir),
+                "remote_code": remote_code}
+    claim = claim_output(out, "resize", settings, force=force, earlier="checkpoint")
 
     new_json = json.loads((tokenizer_dir / "tokenizer.json").read_text(encoding="utf-8"))
     from tokenizers import Tokenizer

@@ -250,6 +250,10 @@ def test_convert_llama(tmp_path, capsys):
     refused(capsys, ["convert-llama", src, str(out), "--shortcuts", "2"], "other settings (shortcut_count 1 -> 2)")
     assert cli(["convert-llama", src, str(out), "--shortcuts", "2", "--force"]) == 0
     assert json.loads((out / "config.json").read_text())["shortcut_count"] == 2
+    torch.manual_seed(1)  # the source replaced by other weights: a re-run is another conversion
+    LlamaForCausalLM(LlamaConfig(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                 num_attention_heads=2, num_key_value_heads=1)).save_pretrained(tmp_path / "llama")
+    refused(capsys, ["convert-llama", src, str(out), "--shortcuts", "2"], "other settings (src)")
     assert (out / PLANTED).read_text() == "not pangu-pi's"
 
 
