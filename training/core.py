@@ -39,11 +39,11 @@ from . import checkpoint as ckpt
 from . import faults, launch, run_folder, speed
 from .callbacks import Callback, CallbackList
 from .config import BatchSplit, RunConfig, dump_yaml, resolved_dict, yaml_text
-from .distributed import Dist, QuietExit, end_distributed, init_distributed, quiet_libraries
-from .engine import build_model, deepspeed_config, param_groups
+from .distributed import Dist, end_distributed, init_distributed, quiet_libraries
+from .engine import deepspeed_config, param_groups
 from .timing import PhaseTimer
 
-__all__ = ["Recipe", "TrainingStopped", "QuietExit", "Dist", "train", "build_model"]
+__all__ = ["Recipe", "Trainer", "TrainingStopped", "train"]
 
 
 class TrainingStopped(UserError):
