@@ -120,7 +120,10 @@ def _check_other_weight(key: str, shape: list[int], base: dict[str, list[int]]) 
             raise AdapterProblem(f"the adapter changes `{match['module']}`, which the served model does not have")
         if len(shape) != 2 or len(target) != 2:
             raise AdapterProblem(f"the adapter's `{key}` is not a matrix (shape {shape})")
-        got, want, what = (shape[1], target[0], "vocabulary") if match["part"] == "A" else (shape[0], target[1], "width")
+        if match["part"] == "A":
+            got, want, what = shape[1], target[0], "vocabulary"
+        else:
+            got, want, what = shape[0], target[1], "width"
         if got != want:
             raise AdapterProblem(
                 f"the adapter was trained for a model of another shape: its `{match['module']}` has a {what} of "
@@ -130,5 +133,6 @@ def _check_other_weight(key: str, shape: list[int], base: dict[str, list[int]]) 
     name = re.sub(r"^base_model\.model\.", "", key).replace(".modules_to_save.default", "")
     if name in base and list(base[name]) != list(shape):
         raise AdapterProblem(
-            f"the adapter was trained for a model of another shape: its `{name}` is {shape}, the served model's is {base[name]}"
+            f"the adapter was trained for a model of another shape: its `{name}` is {shape}, "
+            f"the served model's is {base[name]}"
         )

@@ -76,8 +76,17 @@ def lora_server(base_dir, lora_dir, serve_env, tmp_path_factory):
     serving the base model as "pangu" and the LoRA adapter as "domain", key required."""
     log = tmp_path_factory.mktemp("logs") / "lora_server.log"
     server = start_server(
-        [str(base_dir), "--name", "pangu", "--lora", f"domain={lora_dir}", "--max-model-len", "256",
-         "--tensor-parallel-size", "2"],
+        [
+            str(base_dir),
+            "--name",
+            "pangu",
+            "--lora",
+            f"domain={lora_dir}",
+            "--max-model-len",
+            "256",
+            "--tensor-parallel-size",
+            "2",
+        ],
         serve_env,
         log,
         API_KEY,

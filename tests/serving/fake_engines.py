@@ -51,7 +51,10 @@ class FakeEngine:
 
 
 def models_reply(*ids: str, parent: str | None = None) -> JSONResponse:
-    data = [{"id": ids[0], "object": "model"}, *({"id": i, "object": "model", "parent": parent or ids[0]} for i in ids[1:])]
+    data = [
+        {"id": ids[0], "object": "model"},
+        *({"id": i, "object": "model", "parent": parent or ids[0]} for i in ids[1:]),
+    ]
     return JSONResponse({"object": "list", "data": data})
 
 
@@ -64,12 +67,20 @@ def echo_engine(name: str, *served: str):
         if request.url.path == "/v1/models":
             return models_reply(*served)
         if request.url.path == "/metrics":
-            return Response(f"# TYPE vllm:num_requests_running gauge\nvllm:num_requests_running{{model_name=\"{served[0]}\"}} 0.0\n")
+            return Response(
+                f'# TYPE vllm:num_requests_running gauge\nvllm:num_requests_running{{model_name="{served[0]}"}} 0.0\n'
+            )
         payload = json.loads(body)
         if payload.get("max_tokens", 1) < 0:
-            error = {"message": "max_tokens must be at least 1", "type": "BadRequestError", "param": "max_tokens", "code": 400}
+            error = {
+                "message": "max_tokens must be at least 1",
+                "type": "BadRequestError",
+                "param": "max_tokens",
+                "code": 400,
+            }
             return JSONResponse({"error": error}, status_code=400)
         if payload.get("stream"):
+
             async def events():
                 for i in range(3):
                     yield f"data: {json.dumps({'piece': i, 'engine': name})}\n\n".encode()

@@ -35,10 +35,23 @@ def plain_env() -> dict[str, str]:
 def gateway(base_dir, yunshan_dir, scalar_dir, plain_env, tmp_path_factory):
     log = tmp_path_factory.mktemp("logs") / "gateway.log"
     server = start_server(
-        [str(base_dir), "--name", "pangu", "--variant", f"yunshan={yunshan_dir}", "--variant", f"scalar={scalar_dir}",
-         "--max-model-len", "128", "--log-dir", str(log.parent / "engines")],
-        plain_env, log, KEY,
-    )  # fmt: skip
+        [
+            str(base_dir),
+            "--name",
+            "pangu",
+            "--variant",
+            f"yunshan={yunshan_dir}",
+            "--variant",
+            f"scalar={scalar_dir}",
+            "--max-model-len",
+            "128",
+            "--log-dir",
+            str(log.parent / "engines"),
+        ],
+        plain_env,
+        log,
+        KEY,
+    )
     yield server
     server.stop()
     server.kill_leftovers()
@@ -64,9 +77,16 @@ def test_each_model_is_routed_to_its_own_engine(http, name, base_dir, yunshan_di
     prompt_ids = load_tokenizer(path)("def handler(request):\n").input_ids
     reply = http.post(
         "/v1/completions",
-        json={"model": name, "prompt": prompt_ids, "max_tokens": 12, "temperature": 0, "ignore_eos": True,
-              "logprobs": 0, "return_tokens_as_token_ids": True},
-    )  # fmt: skip
+        json={
+            "model": name,
+            "prompt": prompt_ids,
+            "max_tokens": 12,
+            "temperature": 0,
+            "ignore_eos": True,
+            "logprobs": 0,
+            "return_tokens_as_token_ids": True,
+        },
+    )
     assert reply.status_code == 200, reply.text
     assert reply.json()["model"] == name
     served = [int(t.split(":")[1]) for t in reply.json()["choices"][0]["logprobs"]["tokens"]]
@@ -105,7 +125,9 @@ def test_chat_streaming_through_the_gateway(http):
 
 
 def test_unknown_model_is_a_404_in_openai_format(http):
-    reply = http.post("/v1/chat/completions", json={"model": "pangu-xl", "messages": [{"role": "user", "content": "x"}]})
+    reply = http.post(
+        "/v1/chat/completions", json={"model": "pangu-xl", "messages": [{"role": "user", "content": "x"}]}
+    )
     assert reply.status_code == 404
     error = reply.json()["error"]
     assert error["code"] == "model_not_found" and error["param"] == "model"
@@ -115,7 +137,11 @@ def test_unknown_model_is_a_404_in_openai_format(http):
 def test_engine_errors_and_guard_errors_pass_through(gateway, http):
     assert http.post("/v1/completions", json={"model": "scalar", "prompt": "x", "max_tokens": -3}).status_code == 400
     assert http.post("/v1/chat/completions", json={"model": "scalar"}).status_code == 400
-    bad = httpx.post(f"{gateway.url}/v1/completions", content=b"{oops", headers={**gateway.headers(), "Content-Type": "application/json"})
+    bad = httpx.post(
+        f"{gateway.url}/v1/completions",
+        content=b"{oops",
+        headers={**gateway.headers(), "Content-Type": "application/json"},
+    )
     assert bad.status_code == 400 and "not valid JSON" in bad.json()["error"]["message"]
     assert httpx.get(f"{gateway.url}/v1/models").status_code == 401
     assert httpx.get(f"{gateway.url}/v1/models", headers={"Authorization": "Bearer nope"}).status_code == 401
@@ -145,7 +171,9 @@ def test_engines_refuse_requests_that_bypass_the_gateway(gateway):
             assert reply.status_code == 401 and reply.json()["error"]["code"] == "invalid_api_key"
             # The engines hold requests to the gateway's limits too.
             internal = {"Authorization": f"Bearer {psutil.Process(pid).environ()['PANGU_PI_API_KEY']}"}
-            limited = engine.post("/v1/completions", json={"model": "pangu", "prompt": "x", "n": "5000"}, headers=internal)
+            limited = engine.post(
+                "/v1/completions", json={"model": "pangu", "prompt": "x", "n": "5000"}, headers=internal
+            )
             assert limited.status_code == 400 and limited.json()["error"]["code"] == "limit_exceeded"
 
 
@@ -173,10 +201,18 @@ def _engine_process(gateway, name: str):
 def test_a_killed_engine_is_a_503_at_once_and_comes_back_with_its_adapters(gateway, http, base_dir, lora_dir):
     import psutil
 
-    greedy = {"model": "scalar", "prompt": "def handler(request):\n", "max_tokens": 12, "temperature": 0, "ignore_eos": True}
+    greedy = {
+        "model": "scalar",
+        "prompt": "def handler(request):\n",
+        "max_tokens": 12,
+        "temperature": 0,
+        "ignore_eos": True,
+    }
     before = http.post("/v1/completions", json=greedy).json()["choices"][0]["text"]
     # An adapter loaded at run time on the variant's engine, which a restart must load again.
-    loaded = http.post("/v1/load_lora_adapter", json={"lora_name": "scalar-live", "lora_path": str(lora_dir), "variant": "scalar"})
+    loaded = http.post(
+        "/v1/load_lora_adapter", json={"lora_name": "scalar-live", "lora_path": str(lora_dir), "variant": "scalar"}
+    )
     assert loaded.status_code == 200, loaded.text
     adapted = {**greedy, "model": "scalar-live"}
     adapted_before = http.post("/v1/completions", json=adapted).json()["choices"][0]["text"]

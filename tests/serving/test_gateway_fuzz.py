@@ -8,6 +8,7 @@ answer 5xx, no limit may be crossed at the engine, and a normal request works af
 from __future__ import annotations
 
 import asyncio
+import atexit
 import json
 import shutil
 import socket
@@ -34,15 +35,38 @@ from pangu_pi.serving.gateway import FORWARDED, Gateway
 from pangu_pi.serving.request_guard import CHAT_ROLES, Limits
 
 # Hypothesis keeps caches in ./.hypothesis by default: a scratch folder of its own instead.
-set_hypothesis_home_dir(tempfile.mkdtemp(prefix="hypothesis-"))
+_HYPOTHESIS_HOME = tempfile.mkdtemp(prefix="hypothesis-")
+set_hypothesis_home_dir(_HYPOTHESIS_HOME)
+atexit.register(shutil.rmtree, _HYPOTHESIS_HOME, ignore_errors=True)
 KEY = "outer-key"
 AUTH = {"Authorization": f"Bearer {KEY}"}
 LIMITS = Limits(max_n=4, max_body_bytes=32 * 1024, max_stop=4, max_tools=4, max_json_depth=16, body_timeout_s=0.2)
 MAX_CONCURRENCY, ENGINE_SLOTS, MAX_CONNECTIONS, HEADER_TIMEOUT_S = 8, 4, 24, 0.5
-ROUTES = [*FORWARDED, "/v1/load_lora_adapter", "/v1/unload_lora_adapter", "/v1/models", "/health", "/metrics", "/v1/nope"]
-JSON_TYPES = [None, "application/json", "Application/JSON", "APPLICATION/JSON; charset=utf-8", "application/json;charset=UTF-8",
-              "application/vnd.pangu+json"]  # fmt: skip
-OTHER_TYPES = ["text/plain", "application/x-www-form-urlencoded", "multipart/form-data; boundary=x", "", "garbage", "application/xml"]
+ROUTES = [
+    *FORWARDED,
+    "/v1/load_lora_adapter",
+    "/v1/unload_lora_adapter",
+    "/v1/models",
+    "/health",
+    "/metrics",
+    "/v1/nope",
+]
+JSON_TYPES = [
+    None,
+    "application/json",
+    "Application/JSON",
+    "APPLICATION/JSON; charset=utf-8",
+    "application/json;charset=UTF-8",
+    "application/vnd.pangu+json",
+]
+OTHER_TYPES = [
+    "text/plain",
+    "application/x-www-form-urlencoded",
+    "multipart/form-data; boundary=x",
+    "",
+    "garbage",
+    "application/xml",
+]
 _INT = TypeAdapter(int | None)
 
 
@@ -101,6 +125,7 @@ class Engine:
                 while not self.release.is_set():
                     await asyncio.sleep(0.01)
             if payload.get("prompt") == "forever":
+
                 async def events():
                     try:
                         while True:
@@ -120,13 +145,24 @@ def served():
     folder = Path(tempfile.mkdtemp(prefix="fuzz-", dir="/tmp"))
     engine = Engine()
     with FakeEngine(folder / "a.sock", engine.handle) as fake:
-        gateway = Gateway([state("base", fake.socket, max_lora_rank=16)], "inner", limits=LIMITS,
-                          max_concurrency=MAX_CONCURRENCY, engine_concurrency=ENGINE_SLOTS, queue_timeout_s=0.3)  # fmt: skip
+        gateway = Gateway(
+            [state("base", fake.socket, max_lora_rank=16)],
+            "inner",
+            limits=LIMITS,
+            max_concurrency=MAX_CONCURRENCY,
+            engine_concurrency=ENGINE_SLOTS,
+            queue_timeout_s=0.3,
+        )
         port = free_port()
-        server = uvicorn.Server(uvicorn.Config(
-            gateway.app(KEY), host="127.0.0.1", port=port, log_level="critical",
-            http=protocol_class(MAX_CONNECTIONS, HEADER_TIMEOUT_S, gateway.counters.reject),
-        ))  # fmt: skip
+        server = uvicorn.Server(
+            uvicorn.Config(
+                gateway.app(KEY),
+                host="127.0.0.1",
+                port=port,
+                log_level="critical",
+                http=protocol_class(MAX_CONNECTIONS, HEADER_TIMEOUT_S, gateway.counters.reject),
+            )
+        )
         thread = threading.Thread(target=server.run, daemon=True)
         thread.start()
         while not server.started:
@@ -146,37 +182,66 @@ def assert_normal_request_works(served) -> None:
 # ------------------------------------------------------------------------------------ generators
 
 numbers = st.one_of(
-    st.integers(-5, 10**6), st.floats(-1e6, 1e6, allow_nan=False), st.integers(0, 10**6).map(str),
-    st.integers(0, 10**6).map(lambda i: f"{i}.0"), st.integers(0, 10**6).map(lambda i: f" {i} "), st.booleans(),
-    st.none(), st.text(max_size=4),
-)  # fmt: skip
-fields = st.fixed_dictionaries({}, optional={
-    "model": st.one_of(st.sampled_from(["base", "ada", "nope"]), st.integers(), st.lists(st.integers(), max_size=2)),
-    "n": numbers,
-    "stop": st.one_of(st.text(max_size=4), st.lists(st.text(max_size=3), max_size=8), numbers),
-    "tools": st.lists(st.fixed_dictionaries({"type": st.just("function")}), max_size=8),
-    "messages": st.lists(st.fixed_dictionaries({"role": st.one_of(st.sampled_from(CHAT_ROLES), st.text(max_size=6)),
-                                                "content": st.text(max_size=8)}), max_size=4),  # fmt: skip
-    "prompt": st.text(max_size=16),
-    "lora_name": st.one_of(st.text(max_size=6), st.integers()),
-    "lora_path": st.one_of(st.sampled_from(["/etc", "/etc/passwd", "/nonexistent", ".", ""]), st.text(max_size=8)),
-    "variant": st.one_of(st.sampled_from(["base", "other"]), st.integers()),
-})  # fmt: skip
+    st.integers(-5, 10**6),
+    st.floats(-1e6, 1e6, allow_nan=False),
+    st.integers(0, 10**6).map(str),
+    st.integers(0, 10**6).map(lambda i: f"{i}.0"),
+    st.integers(0, 10**6).map(lambda i: f" {i} "),
+    st.booleans(),
+    st.none(),
+    st.text(max_size=4),
+)
+fields = st.fixed_dictionaries(
+    {},
+    optional={
+        "model": st.one_of(
+            st.sampled_from(["base", "ada", "nope"]), st.integers(), st.lists(st.integers(), max_size=2)
+        ),
+        "n": numbers,
+        "stop": st.one_of(st.text(max_size=4), st.lists(st.text(max_size=3), max_size=8), numbers),
+        "tools": st.lists(st.fixed_dictionaries({"type": st.just("function")}), max_size=8),
+        "messages": st.lists(
+            st.fixed_dictionaries(
+                {"role": st.one_of(st.sampled_from(CHAT_ROLES), st.text(max_size=6)), "content": st.text(max_size=8)}
+            ),
+            max_size=4,
+        ),
+        "prompt": st.text(max_size=16),
+        "lora_name": st.one_of(st.text(max_size=6), st.integers()),
+        "lora_path": st.one_of(st.sampled_from(["/etc", "/etc/passwd", "/nonexistent", ".", ""]), st.text(max_size=8)),
+        "variant": st.one_of(st.sampled_from(["base", "other"]), st.integers()),
+    },
+)
 bodies = st.one_of(
     fields.map(lambda d: ("json", json.dumps(d).encode())),
-    st.integers(LIMITS.max_json_depth + 1, 20_000).map(lambda d: ("deep", b'{"model": "base", "x": ' + b"[" * d + b"]" * d + b"}")),
-    st.integers(1, 4000).map(lambda extra: ("oversized", json.dumps({"model": "base", "prompt": "x" * (LIMITS.max_body_bytes + extra)}).encode())),
+    st.integers(LIMITS.max_json_depth + 1, 20_000).map(
+        lambda d: ("deep", b'{"model": "base", "x": ' + b"[" * d + b"]" * d + b"}")
+    ),
+    st.integers(1, 4000).map(
+        lambda extra: (
+            "oversized",
+            json.dumps({"model": "base", "prompt": "x" * (LIMITS.max_body_bytes + extra)}).encode(),
+        )
+    ),
     st.binary(max_size=64).map(lambda b: ("bytes", b)),
-)  # fmt: skip
+)
 requests_ = st.tuples(
-    st.sampled_from(ROUTES), st.sampled_from(["POST"] * 6 + ["GET", "PUT"]), st.sampled_from(JSON_TYPES + OTHER_TYPES),
-    bodies, st.sampled_from([False] * 15 + [True]),  # one in 16 slow: each costs the body deadline
-)  # fmt: skip
+    st.sampled_from(ROUTES),
+    st.sampled_from(["POST"] * 6 + ["GET", "PUT"]),
+    st.sampled_from(JSON_TYPES + OTHER_TYPES),
+    bodies,
+    st.sampled_from([False] * 15 + [True]),  # one in 16 slow: each costs the body deadline
+)
 
 
 def send_slowly(port: int, method: str, path: str, content_type: str | None, body: bytes) -> int:
     """Headers at once, then half the body, then a pause longer than the body deadline."""
-    head = [f"{method} {path} HTTP/1.1", "Host: gateway", f"Authorization: Bearer {KEY}", f"Content-Length: {len(body)}"]
+    head = [
+        f"{method} {path} HTTP/1.1",
+        "Host: gateway",
+        f"Authorization: Bearer {KEY}",
+        f"Content-Length: {len(body)}",
+    ]
     if content_type is not None:
         head.append(f"Content-Type: {content_type}")
     with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
@@ -230,7 +295,11 @@ def test_a_flood_past_max_concurrency_is_told_to_retry_and_no_engine_holds_more_
 
     def hold(_):
         reply = served.client.post("/v1/completions", json={"model": "base", "prompt": "hold"})
-        return reply.status_code, reply.headers.get("retry-after"), reply.json()["error"]["code"] if reply.status_code != 200 else None
+        return (
+            reply.status_code,
+            reply.headers.get("retry-after"),
+            reply.json()["error"]["code"] if reply.status_code != 200 else None,
+        )
 
     with ThreadPoolExecutor(flood) as pool:
         futures = [pool.submit(hold, i) for i in range(flood)]
@@ -273,8 +342,13 @@ def test_connections_past_the_limit_and_slow_headers_are_refused(served):
 def test_an_abandoned_stream_frees_its_slot_and_the_engine_stream(served):
     engine, gateway = served.engine, served.gateway
     closed = engine.streams_closed
-    with httpx.stream("POST", f"http://127.0.0.1:{served.port}/v1/completions", headers=AUTH, timeout=10,
-                      json={"model": "base", "prompt": "forever", "stream": True}) as reply:  # fmt: skip
+    with httpx.stream(
+        "POST",
+        f"http://127.0.0.1:{served.port}/v1/completions",
+        headers=AUTH,
+        timeout=10,
+        json={"model": "base", "prompt": "forever", "stream": True},
+    ) as reply:
         assert reply.status_code == 200
         lines = reply.iter_lines()  # kept: dropping the iterator would close the stream here already
         assert next(lines) == 'data: {"piece": 0}'

@@ -28,8 +28,10 @@ def sockets():
 
 @pytest.fixture
 def two_engines(sockets):
-    with FakeEngine(sockets / "a.sock", echo_engine("a", "base", "base-lora")) as a, \
-         FakeEngine(sockets / "b.sock", echo_engine("b", "yunshan")) as b:  # fmt: skip
+    with (
+        FakeEngine(sockets / "a.sock", echo_engine("a", "base", "base-lora")) as a,
+        FakeEngine(sockets / "b.sock", echo_engine("b", "yunshan")) as b,
+    ):
         gateway = gateway_for({"base": a.socket, "yunshan": b.socket})
         with TestClient(gateway.app("outer-key")) as client:
             yield client, gateway, a, b
@@ -67,7 +69,9 @@ def test_engine_errors_pass_through_unchanged(two_engines):
 
 
 def test_streams_pass_through_as_server_sent_events(two_engines):
-    with two_engines[0].stream("POST", "/v1/completions", json={"model": "yunshan", "stream": True}, headers=AUTH) as reply:
+    with two_engines[0].stream(
+        "POST", "/v1/completions", json={"model": "yunshan", "stream": True}, headers=AUTH
+    ) as reply:
         assert reply.headers["content-type"].startswith("text/event-stream")
         lines = [line for line in reply.iter_lines() if line.startswith("data:")]
     assert lines[-1] == "data: [DONE]"
@@ -109,11 +113,18 @@ def test_a_dead_engine_gets_503_while_the_others_serve_and_health_names_it(two_e
     assert len(b.seen) == asked
     health = c.get("/health")
     assert health.status_code == 503 and health.json()["down"] == ["yunshan"]
-    assert health.json()["engines"]["yunshan"] == {"status": "restarting", "reason": "killed by SIGKILL", "restarts": 0,
-                                                   "down_for_s": health.json()["engines"]["yunshan"]["down_for_s"]}  # fmt: skip
+    assert health.json()["engines"]["yunshan"] == {
+        "status": "restarting",
+        "reason": "killed by SIGKILL",
+        "restarts": 0,
+        "down_for_s": health.json()["engines"]["yunshan"]["down_for_s"],
+    }
     assert health.json()["engines"]["base"]["status"] == "up"
     gateway.engines["yunshan"].mark_down("exit code 1", gave_up=True)
-    assert "too many restarts" in c.post("/v1/completions", json={"model": "yunshan"}, headers=AUTH).json()["error"]["message"]
+    assert (
+        "too many restarts"
+        in c.post("/v1/completions", json={"model": "yunshan"}, headers=AUTH).json()["error"]["message"]
+    )
 
 
 def test_a_restarted_engine_gets_its_runtime_adapters_back(sockets):
@@ -148,7 +159,10 @@ def test_a_stream_cut_by_a_dying_engine_ends_with_an_error_event(sockets):
 
         return StreamingResponse(dies(), media_type="text/event-stream")
 
-    with FakeEngine(sockets / "a.sock", handle) as engine, TestClient(gateway_for({"base": engine.socket}).app(None)) as c:
+    with (
+        FakeEngine(sockets / "a.sock", handle) as engine,
+        TestClient(gateway_for({"base": engine.socket}).app(None)) as c,
+    ):
         with c.stream("POST", "/v1/completions", json={"model": "base", "stream": True}) as reply:
             lines = [line for line in reply.iter_lines() if line.startswith("data:")]
     assert json.loads(lines[0][5:]) == {"piece": 0}
@@ -161,10 +175,17 @@ def test_an_engine_whose_core_died_is_a_503_other_server_errors_pass_through(soc
             return models_reply("base")
         if json.loads(body)["prompt"] == "dead":
             message = "EngineCore encountered an issue. See stack trace (above) for the root cause."
-            return JSONResponse({"error": {"message": message, "type": "InternalServerError", "param": None, "code": 500}}, 500)
-        return JSONResponse({"error": {"message": "something else", "type": "InternalServerError", "param": None, "code": 500}}, 500)
+            return JSONResponse(
+                {"error": {"message": message, "type": "InternalServerError", "param": None, "code": 500}}, 500
+            )
+        return JSONResponse(
+            {"error": {"message": "something else", "type": "InternalServerError", "param": None, "code": 500}}, 500
+        )
 
-    with FakeEngine(sockets / "a.sock", handle) as engine, TestClient(gateway_for({"base": engine.socket}).app(None)) as c:
+    with (
+        FakeEngine(sockets / "a.sock", handle) as engine,
+        TestClient(gateway_for({"base": engine.socket}).app(None)) as c,
+    ):
         dead = c.post("/v1/completions", json={"model": "base", "prompt": "dead"})
         other = c.post("/v1/completions", json={"model": "base", "prompt": "x"})
     assert dead.status_code == 503 and dead.json()["error"]["code"] == "engine_unavailable"
@@ -176,11 +197,11 @@ def test_an_engine_whose_core_died_is_a_503_other_server_errors_pass_through(soc
 
 def test_metrics_merge_every_engine_labelled_by_engine(sockets):
     text = {
-        "a": '# HELP vllm:num_requests_running Running.\n# TYPE vllm:num_requests_running gauge\n'
-             'vllm:num_requests_running{engine="0",model_name="base"} 2.0\nprocess_cpu_seconds_total 7.5\n',
-        "b": '# HELP vllm:num_requests_running Running.\n# TYPE vllm:num_requests_running gauge\n'
-             'vllm:num_requests_running{engine="0",model_name="yunshan"} 0.0\n',
-    }  # fmt: skip
+        "a": "# HELP vllm:num_requests_running Running.\n# TYPE vllm:num_requests_running gauge\n"
+        'vllm:num_requests_running{engine="0",model_name="base"} 2.0\nprocess_cpu_seconds_total 7.5\n',
+        "b": "# HELP vllm:num_requests_running Running.\n# TYPE vllm:num_requests_running gauge\n"
+        'vllm:num_requests_running{engine="0",model_name="yunshan"} 0.0\n',
+    }
 
     def engine(name, model):
         def handle(request, body):
@@ -191,7 +212,10 @@ def test_metrics_merge_every_engine_labelled_by_engine(sockets):
 
         return handle
 
-    with FakeEngine(sockets / "a.sock", engine("a", "base")) as a, FakeEngine(sockets / "b.sock", engine("b", "yunshan")) as b:
+    with (
+        FakeEngine(sockets / "a.sock", engine("a", "base")) as a,
+        FakeEngine(sockets / "b.sock", engine("b", "yunshan")) as b,
+    ):
         gateway = gateway_for({"base": a.socket, "yunshan": b.socket})
         with TestClient(gateway.app("k")) as c:
             assert c.get("/metrics").status_code == 401
@@ -205,7 +229,9 @@ def test_metrics_merge_every_engine_labelled_by_engine(sockets):
     assert 'pangu_pi_rejected_requests_total{reason="unauthorised"} 1.0' in lines
     # The family's samples follow its header, as Prometheus' text format requires.
     header = lines.index("# TYPE vllm:num_requests_running gauge")
-    assert lines[header + 1].startswith("vllm:num_requests_running{") and lines[header + 2].startswith("vllm:num_requests_running{")
+    assert lines[header + 1].startswith("vllm:num_requests_running{") and lines[header + 2].startswith(
+        "vllm:num_requests_running{"
+    )
 
 
 # ----------------------------------------------------------------------------- adapters at run time
@@ -227,8 +253,10 @@ def _lora(path, hidden, rank=8):
     path.mkdir()
     (path / "adapter_config.json").write_text(json.dumps({"r": rank}))
     prefix = "base_model.model.model.layers.0.self_attn.q_proj"
-    save_file({f"{prefix}.lora_A.weight": torch.zeros(rank, hidden), f"{prefix}.lora_B.weight": torch.zeros(hidden, rank)},
-              str(path / "adapter_model.safetensors"))  # fmt: skip
+    save_file(
+        {f"{prefix}.lora_A.weight": torch.zeros(rank, hidden), f"{prefix}.lora_B.weight": torch.zeros(hidden, rank)},
+        str(path / "adapter_model.safetensors"),
+    )
     return path
 
 
@@ -251,10 +279,17 @@ def adapter_engine(served: list[str], asked: list):
 
 def test_adapters_are_checked_then_loaded_on_the_named_engine_and_routed_there(sockets, tmp_path, capsys):
     asked = []
-    with FakeEngine(sockets / "a.sock", adapter_engine(["base"], asked)) as a, \
-         FakeEngine(sockets / "b.sock", adapter_engine(["yunshan"], asked)) as b:  # fmt: skip
-        gateway = Gateway([state("base", a.socket, model_dir=_model(tmp_path / "m", 16)),
-                           state("yunshan", b.socket, model_dir=_model(tmp_path / "y", 32))], "inner")  # fmt: skip
+    with (
+        FakeEngine(sockets / "a.sock", adapter_engine(["base"], asked)) as a,
+        FakeEngine(sockets / "b.sock", adapter_engine(["yunshan"], asked)) as b,
+    ):
+        gateway = Gateway(
+            [
+                state("base", a.socket, model_dir=_model(tmp_path / "m", 16)),
+                state("yunshan", b.socket, model_dir=_model(tmp_path / "y", 32)),
+            ],
+            "inner",
+        )
         auth = {"Authorization": "Bearer k"}
         with TestClient(gateway.app("k")) as c:
             load = lambda **body: c.post("/v1/load_lora_adapter", json=body, headers=auth)  # noqa: E731
@@ -272,18 +307,32 @@ def test_adapters_are_checked_then_loaded_on_the_named_engine_and_routed_there(s
             refused(load(lora_name="a", lora_path=str(tmp_path)), "no adapter_config.json")
             refused(load(lora_name="a", lora_path=str(_lora(tmp_path / "wide", 32))), "another shape")
             refused(load(lora_name="a", lora_path=str(_lora(tmp_path / "big", 16, rank=64))), "--max-lora-rank 64")
-            refused(load(lora_name="a", lora_path=str(tmp_path / "wide"), variant="nope"), param="variant", mentions="yunshan")
-            refused(load(lora_name="yunshan", lora_path=str(tmp_path / "wide")), param="lora_name", mentions="already served")
+            refused(
+                load(lora_name="a", lora_path=str(tmp_path / "wide"), variant="nope"),
+                param="variant",
+                mentions="yunshan",
+            )
+            refused(
+                load(lora_name="yunshan", lora_path=str(tmp_path / "wide")),
+                param="lora_name",
+                mentions="already served",
+            )
             refused(load(lora_path=str(tmp_path / "wide")), param="lora_name", mentions="lora_name")
             assert asked == [], "nothing invalid reaches an engine"
 
             assert load(lora_name="narrow", lora_path=str(_lora(tmp_path / "narrow", 16))).status_code == 200
             assert load(lora_name="wide", lora_path=str(tmp_path / "wide"), variant="yunshan").status_code == 200
-            assert asked[-1] == ("yunshan", "/v1/load_lora_adapter", {"lora_name": "wide", "lora_path": str(tmp_path / "wide")})
+            assert asked[-1] == (
+                "yunshan",
+                "/v1/load_lora_adapter",
+                {"lora_name": "wide", "lora_path": str(tmp_path / "wide")},
+            )
             ids = [m["id"] for m in c.get("/v1/models", headers=auth).json()["data"]]
             assert ids == ["base", "narrow", "yunshan", "wide"]
             for name, engine in (("narrow", "base"), ("wide", "yunshan")):
-                assert c.post("/v1/completions", json={"model": name, "prompt": "x"}, headers=auth).json() == {"engine": engine}
+                assert c.post("/v1/completions", json={"model": name, "prompt": "x"}, headers=auth).json() == {
+                    "engine": engine
+                }
             assert gateway.engines["yunshan"].loaded == {"wide": str((tmp_path / "wide").resolve())}
 
             assert c.post("/v1/unload_lora_adapter", json={"lora_name": "wide"}, headers=auth).status_code == 200
@@ -302,16 +351,23 @@ def test_the_admin_key_guards_adapters_and_startup_adapters_stay(sockets, tmp_pa
         user, admin = {"Authorization": "Bearer k"}, {"Authorization": "Bearer admin-key"}
         with TestClient(gateway.app("k")) as c:
             narrow = str(_lora(tmp_path / "narrow", 16))
-            for path, body in (("/v1/load_lora_adapter", {"lora_name": "n", "lora_path": narrow}),
-                               ("/v1/unload_lora_adapter", {"lora_name": "law"})):  # fmt: skip
+            for path, body in (
+                ("/v1/load_lora_adapter", {"lora_name": "n", "lora_path": narrow}),
+                ("/v1/unload_lora_adapter", {"lora_name": "law"}),
+            ):
                 refused = c.post(path, json=body, headers=user)
                 assert refused.status_code == 403 and refused.json()["error"]["code"] == "admin_key_required"
                 assert c.post(path, json=body).status_code == 401
             # The inference key still infers; the admin key loads; nobody unloads or replaces `law`.
             assert c.post("/v1/completions", json={"model": "law", "prompt": "x"}, headers=user).status_code == 200
-            assert c.post("/v1/load_lora_adapter", json={"lora_name": "n", "lora_path": narrow}, headers=admin).status_code == 200
-            for path, body in (("/v1/unload_lora_adapter", {"lora_name": "law"}),
-                               ("/v1/load_lora_adapter", {"lora_name": "law", "lora_path": narrow, "load_inplace": True})):  # fmt: skip
+            assert (
+                c.post("/v1/load_lora_adapter", json={"lora_name": "n", "lora_path": narrow}, headers=admin).status_code
+                == 200
+            )
+            for path, body in (
+                ("/v1/unload_lora_adapter", {"lora_name": "law"}),
+                ("/v1/load_lora_adapter", {"lora_name": "law", "lora_path": narrow, "load_inplace": True}),
+            ):
                 fixed = c.post(path, json=body, headers=admin)
                 assert fixed.status_code == 403 and fixed.json()["error"]["code"] == "startup_adapter"
             assert [p for _, p, _ in asked if "lora" in p] == ["/v1/load_lora_adapter"]
@@ -321,9 +377,13 @@ def test_a_malformed_adapter_is_a_400_not_a_500(sockets, tmp_path):
     with FakeEngine(sockets / "a.sock", adapter_engine(["base"], [])) as a:
         gateway = Gateway([state("base", a.socket, model_dir=_model(tmp_path / "m", 16))], "inner")
         with TestClient(gateway.app(None)) as c:
-            for name, config, weights in (("header", {"r": 8}, b"\xff" * 8 + b"{"), ("short", {"r": 8}, b"\x01"),
-                                          ("json", {"r": 8}, (5).to_bytes(8, "little") + b"[1,2]"),
-                                          ("config", [1, 2], None), ("rank", {"r": "x"}, None)):  # fmt: skip
+            for name, config, weights in (
+                ("header", {"r": 8}, b"\xff" * 8 + b"{"),
+                ("short", {"r": 8}, b"\x01"),
+                ("json", {"r": 8}, (5).to_bytes(8, "little") + b"[1,2]"),
+                ("config", [1, 2], None),
+                ("rank", {"r": "x"}, None),
+            ):
                 folder = tmp_path / name
                 folder.mkdir()
                 (folder / "adapter_config.json").write_text(json.dumps(config))
@@ -342,7 +402,10 @@ def test_adapters_with_embeddings_of_another_vocabulary_are_refused(tmp_path):
 
     model = tmp_path / "model"
     model.mkdir()
-    save_file({"model.embed_tokens.weight": torch.zeros(100, 16), "lm_head.weight": torch.zeros(100, 16)}, str(model / "model.safetensors"))
+    save_file(
+        {"model.embed_tokens.weight": torch.zeros(100, 16), "lm_head.weight": torch.zeros(100, 16)},
+        str(model / "model.safetensors"),
+    )
 
     def adapter(name, tensors):
         path = tmp_path / name
@@ -351,8 +414,13 @@ def test_adapters_with_embeddings_of_another_vocabulary_are_refused(tmp_path):
         save_file(tensors, str(path / "adapter_model.safetensors"))
         return path
 
-    fits = adapter("fits", {"base_model.model.model.embed_tokens.lora_embedding_A": torch.zeros(4, 100),
-                            "base_model.model.model.embed_tokens.lora_embedding_B": torch.zeros(16, 4)})  # fmt: skip
+    fits = adapter(
+        "fits",
+        {
+            "base_model.model.model.embed_tokens.lora_embedding_A": torch.zeros(4, 100),
+            "base_model.model.model.embed_tokens.lora_embedding_B": torch.zeros(16, 4),
+        },
+    )
     check_adapter(fits, model, 16)
     wider_vocab = adapter("vocab", {"base_model.model.model.embed_tokens.lora_embedding_A": torch.zeros(4, 120)})
     with pytest.raises(AdapterProblem, match="vocabulary of 120, the served model's has 100"):

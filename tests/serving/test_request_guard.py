@@ -16,7 +16,10 @@ async def echo(request):
 
 
 def app(api_key, limits=None):
-    routes = [Route(p, echo, methods=["GET", "POST", "OPTIONS"]) for p in ("/health", "/metrics", "/v1/completions", "/v1/audio")]
+    routes = [
+        Route(p, echo, methods=["GET", "POST", "OPTIONS"])
+        for p in ("/health", "/metrics", "/v1/completions", "/v1/audio")
+    ]
     return TestClient(RequestGuard(Starlette(routes=routes), api_key=api_key, limits=limits))
 
 
@@ -31,8 +34,12 @@ def test_missing_and_wrong_keys_are_401_on_every_route_but_health():
     client = app("k1")
     for path in ("/metrics", "/v1/completions"):
         assert_error(client.get(path), 401, "authentication_error")
-        assert_error(client.get(path, headers={"Authorization": "Bearer k2"}), 401, "authentication_error", "invalid_api_key")
-        assert_error(client.get(path, headers={"Authorization": "Basic k1"}), 401, "authentication_error", "invalid_api_key")
+        assert_error(
+            client.get(path, headers={"Authorization": "Bearer k2"}), 401, "authentication_error", "invalid_api_key"
+        )
+        assert_error(
+            client.get(path, headers={"Authorization": "Basic k1"}), 401, "authentication_error", "invalid_api_key"
+        )
         assert client.get(path, headers={"Authorization": "Bearer k1"}).status_code == 200
     assert client.get("/health").status_code == 200
 
@@ -55,7 +62,12 @@ def test_key_comes_from_the_environment(monkeypatch):
 
 @pytest.mark.parametrize(
     "body, mentions",
-    [(b'{"prompt": ', "not valid JSON"), (b"", "empty"), (b"[1, 2]", "JSON object, got a JSON list"), (b"\xff\xfe", "not valid JSON")],
+    [
+        (b'{"prompt": ', "not valid JSON"),
+        (b"", "empty"),
+        (b"[1, 2]", "JSON object, got a JSON list"),
+        (b"\xff\xfe", "not valid JSON"),
+    ],
 )
 def test_bad_json_bodies_are_400_with_the_reason(body, mentions):
     reply = app(None).post("/v1/completions", content=body, headers={"Content-Type": "application/json"})
@@ -96,7 +108,9 @@ def test_each_limit_is_a_4xx_naming_it_and_its_flag(body, param, flag):
 
 def test_raised_limits_let_the_request_through():
     client = app(None, Limits(max_n=20000, max_body_bytes=8 << 20, max_stop=100, max_tools=1000))
-    assert client.post("/v1/completions", json={"n": 10000, "stop": ["x"] * 50, "pad": "y" * (5 << 20)}).status_code == 200
+    assert (
+        client.post("/v1/completions", json={"n": 10000, "stop": ["x"] * 50, "pad": "y" * (5 << 20)}).status_code == 200
+    )
 
 
 def test_a_body_over_the_limit_is_refused_without_a_content_length_too():
@@ -104,7 +118,9 @@ def test_a_body_over_the_limit_is_refused_without_a_content_length_too():
         for _ in range(40):
             yield b" " * 100_000
 
-    reply = app(None, Limits(max_body_bytes=1_000_000)).post("/v1/completions", content=chunks(), headers={"Content-Type": "application/json"})
+    reply = app(None, Limits(max_body_bytes=1_000_000)).post(
+        "/v1/completions", content=chunks(), headers={"Content-Type": "application/json"}
+    )
     assert reply.status_code == 413 and "--max-body-bytes" in reply.json()["error"]["message"]
 
 
@@ -126,12 +142,22 @@ def test_the_engines_guard_takes_the_gateways_limits_from_the_environment(monkey
     assert app(None).post("/v1/completions", json={"n": 3}).status_code == 200
     monkeypatch.delenv(LIMITS_ENV)
     assert app(None).post("/v1/completions", json={"n": 17}).status_code == 400  # the defaults otherwise
-    assert app(None, Limits.none()).post("/v1/completions", json={"n": 10**6, "pad": "y" * (3 << 20)}).status_code == 200
+    assert (
+        app(None, Limits.none()).post("/v1/completions", json={"n": 10**6, "pad": "y" * (3 << 20)}).status_code == 200
+    )
     assert app(None, Limits.none()).post("/v1/completions", json={"messages": [{"role": "wizard"}]}).status_code == 400
 
 
-@pytest.mark.parametrize("content_type", ["Application/JSON", "APPLICATION/JSON; charset=UTF-8", "application/json;charset=utf-8",
-                                          " application/vnd.api+json ", None])  # fmt: skip
+@pytest.mark.parametrize(
+    "content_type",
+    [
+        "Application/JSON",
+        "APPLICATION/JSON; charset=UTF-8",
+        "application/json;charset=utf-8",
+        " application/vnd.api+json ",
+        None,
+    ],
+)
 def test_json_media_types_are_parsed_as_the_standard_says(content_type):
     headers = {"Content-Type": content_type} if content_type else {}
     reply = app(None, Limits()).post("/v1/completions", content=b'{"n": 5000}', headers=headers)
@@ -147,13 +173,17 @@ def test_numbers_are_counted_as_vllm_will_read_them(n):
 
 def test_numbers_vllm_would_not_read_are_a_400_and_a_lone_stop_string_counts_one():
     for n in ('"many"', "2.5", "[1]", "1e400", "NaN"):
-        reply = app(None, Limits()).post("/v1/completions", content=f'{{"n": {n}}}', headers={"Content-Type": "application/json"})
+        reply = app(None, Limits()).post(
+            "/v1/completions", content=f'{{"n": {n}}}', headers={"Content-Type": "application/json"}
+        )
         assert_error(reply, 400, "invalid_request_error")
     assert app(None, Limits(max_stop=1)).post("/v1/completions", json={"stop": "x"}).status_code == 200
     assert app(None, Limits(max_stop=1)).post("/v1/completions", json={"stop": ["x", "y"]}).status_code == 400
 
 
-@pytest.mark.parametrize("content_type", ["text/plain", "multipart/form-data; boundary=x", "application/x-www-form-urlencoded"])
+@pytest.mark.parametrize(
+    "content_type", ["text/plain", "multipart/form-data; boundary=x", "application/x-www-form-urlencoded"]
+)
 def test_a_body_that_is_not_json_on_a_json_route_is_415(content_type):
     reply = app(None, Limits()).post("/v1/completions", content=b'{"n": 5000}', headers={"Content-Type": content_type})
     assert_error(reply, 415, "invalid_request_error", "unsupported_media_type")
@@ -170,11 +200,18 @@ def test_every_body_meets_the_size_limit_whatever_its_type_and_route():
 @pytest.mark.parametrize("depth", [65, 5000, 200_000])
 def test_deep_nesting_is_a_400_not_a_crash(depth):
     body = b'{"x": ' + b"[" * depth + b"]" * depth + b"}"
-    reply = app(None, Limits(max_body_bytes=None)).post("/v1/completions", content=body, headers={"Content-Type": "application/json"})
+    reply = app(None, Limits(max_body_bytes=None)).post(
+        "/v1/completions", content=body, headers={"Content-Type": "application/json"}
+    )
     assert_error(reply, 400, "invalid_request_error", "limit_exceeded")
     assert "--max-json-depth" in reply.json()["error"]["message"]
     shallow = b'{"x": ' + b"[" * 60 + b"]" * 60 + b"}"
-    assert app(None, Limits()).post("/v1/completions", content=shallow, headers={"Content-Type": "application/json"}).status_code == 200
+    assert (
+        app(None, Limits())
+        .post("/v1/completions", content=shallow, headers={"Content-Type": "application/json"})
+        .status_code
+        == 200
+    )
 
 
 def test_a_body_that_arrives_too_slowly_is_a_408():
@@ -195,7 +232,12 @@ def test_a_body_that_arrives_too_slowly_is_a_408():
         async def never(scope, receive, send):
             raise AssertionError("the app must not see a body that never arrived")
 
-        scope = {"type": "http", "method": "POST", "path": "/v1/completions", "headers": [(b"content-type", b"application/json")]}
+        scope = {
+            "type": "http",
+            "method": "POST",
+            "path": "/v1/completions",
+            "headers": [(b"content-type", b"application/json")],
+        }
         await RequestGuard(never, api_key="", limits=Limits(body_timeout_s=0.3))(scope, receive, send)
         return sent
 
@@ -210,8 +252,12 @@ def test_the_admin_key_alone_opens_the_adapter_routes():
     client = TestClient(RequestGuard(Starlette(routes=routes), api_key="user", admin_key="admin", limits=Limits()))
     body = {"lora_name": "a", "lora_path": "/x"}
     assert client.post("/v1/load_lora_adapter", json=body, headers={"Authorization": "Bearer admin"}).status_code == 200
-    assert_error(client.post("/v1/load_lora_adapter", json=body, headers={"Authorization": "Bearer user"}), 403,
-                 "permission_error", "admin_key_required")  # fmt: skip
+    assert_error(
+        client.post("/v1/load_lora_adapter", json=body, headers={"Authorization": "Bearer user"}),
+        403,
+        "permission_error",
+        "admin_key_required",
+    )
     assert_error(client.post("/v1/load_lora_adapter", json=body), 401, "authentication_error")
     assert client.post("/v1/completions", json={}, headers={"Authorization": "Bearer user"}).status_code == 200
     assert client.post("/v1/completions", json={}, headers={"Authorization": "Bearer admin"}).status_code == 401

@@ -120,8 +120,15 @@ def test_models_lists_base_and_adapter(http):
 
 def test_lora_adapter_by_name_matches_peft(http, tokenizer, base_dir, lora_dir, hf_models):
     prompt_ids = tokenizer(PROMPTS[1]).input_ids
-    adapted = complete(http, model="domain", prompt=prompt_ids, max_tokens=16, ignore_eos=True,
-                       logprobs=0, return_tokens_as_token_ids=True)  # fmt: skip
+    adapted = complete(
+        http,
+        model="domain",
+        prompt=prompt_ids,
+        max_tokens=16,
+        ignore_eos=True,
+        logprobs=0,
+        return_tokens_as_token_ids=True,
+    )
     served = [int(t.split(":")[1]) for t in adapted["choices"][0]["logprobs"]["tokens"]]
     assert adapted["model"] == "domain"
     assert served == hf_greedy(hf_models(base_dir, lora_dir), prompt_ids, 16)
@@ -130,7 +137,9 @@ def test_lora_adapter_by_name_matches_peft(http, tokenizer, base_dir, lora_dir, 
 
 def test_chat_uses_the_chat_template(http, tokenizer):
     messages = [{"role": "system", "content": "You write Python."}, {"role": "user", "content": "Sort a list."}]
-    reply = http.post("/v1/chat/completions", json={"model": "pangu", "messages": messages, "max_tokens": 12, "temperature": 0})
+    reply = http.post(
+        "/v1/chat/completions", json={"model": "pangu", "messages": messages, "max_tokens": 12, "temperature": 0}
+    )
     assert reply.status_code == 200, reply.text
     chat = reply.json()
     rendered = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
@@ -145,8 +154,9 @@ def test_chat_uses_the_chat_template(http, tokenizer):
 def test_streaming_with_usage_equals_the_whole_answer(http):
     body = {"model": "pangu", "prompt": PROMPTS[2], "max_tokens": 20, "temperature": 0, "ignore_eos": True}
     whole = complete(http, **{k: v for k, v in body.items() if k != "model"})
-    with http.stream("POST", "/v1/completions", json={**body, "stream": True,
-                                                       "stream_options": {"include_usage": True}}) as response:  # fmt: skip
+    with http.stream(
+        "POST", "/v1/completions", json={**body, "stream": True, "stream_options": {"include_usage": True}}
+    ) as response:
         assert response.status_code == 200
         assert response.headers["content-type"].startswith("text/event-stream")
         events = sse_events(response)
@@ -160,8 +170,9 @@ def test_streaming_with_usage_equals_the_whole_answer(http):
 def test_chat_streaming(http):
     body = {"model": "pangu", "messages": [{"role": "user", "content": "hello"}], "max_tokens": 10, "temperature": 0}
     whole = http.post("/v1/chat/completions", json=body).json()["choices"][0]["message"]["content"]
-    with http.stream("POST", "/v1/chat/completions", json={**body, "stream": True,
-                                                            "stream_options": {"include_usage": True}}) as response:  # fmt: skip
+    with http.stream(
+        "POST", "/v1/chat/completions", json={**body, "stream": True, "stream_options": {"include_usage": True}}
+    ) as response:
         events = sse_events(response)
     pieces = [e["choices"][0]["delta"].get("content") or "" for e in events if e["choices"]]
     assert "".join(pieces) == whole
@@ -194,9 +205,15 @@ def test_n_choices_and_seed_reproducibility(http):
 def test_chat_logprobs(http):
     reply = http.post(
         "/v1/chat/completions",
-        json={"model": "pangu", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 5,
-              "temperature": 0, "logprobs": True, "top_logprobs": 3},
-    )  # fmt: skip
+        json={
+            "model": "pangu",
+            "messages": [{"role": "user", "content": "hi"}],
+            "max_tokens": 5,
+            "temperature": 0,
+            "logprobs": True,
+            "top_logprobs": 3,
+        },
+    )
     assert reply.status_code == 200, reply.text
     content = reply.json()["choices"][0]["logprobs"]["content"]
     assert len(content) == 5
@@ -217,19 +234,32 @@ def assert_openai_error(reply: httpx.Response, status: int, mentions: str) -> No
 
 @pytest.mark.parametrize(
     "case",
-    ["malformed json", "missing messages", "negative max_tokens", "prompt too long", "unknown model",
-     "missing key", "wrong key"],  # fmt: skip
+    [
+        "malformed json",
+        "missing messages",
+        "negative max_tokens",
+        "prompt too long",
+        "unknown model",
+        "missing key",
+        "wrong key",
+    ],
 )
 def test_bad_input_gets_openai_4xx_and_server_keeps_serving(lora_server, http, case):
     url = lora_server.url
     good = {"Authorization": f"Bearer {API_KEY}"}
     if case == "malformed json":
-        reply = httpx.post(f"{url}/v1/completions", content=b'{"model": "pangu", "prompt": ', headers={**good, "Content-Type": "application/json"})
+        reply = httpx.post(
+            f"{url}/v1/completions",
+            content=b'{"model": "pangu", "prompt": ',
+            headers={**good, "Content-Type": "application/json"},
+        )
         assert_openai_error(reply, 400, "not valid JSON")
     elif case == "missing messages":
         assert_openai_error(http.post("/v1/chat/completions", json={"model": "pangu"}), 400, "messages")
     elif case == "negative max_tokens":
-        assert_openai_error(http.post("/v1/completions", json={"model": "pangu", "prompt": "x", "max_tokens": -1}), 400, "max_tokens")
+        assert_openai_error(
+            http.post("/v1/completions", json={"model": "pangu", "prompt": "x", "max_tokens": -1}), 400, "max_tokens"
+        )
     elif case == "prompt too long":
         reply = http.post("/v1/completions", json={"model": "pangu", "prompt": [7] * 300, "max_tokens": 4})
         assert_openai_error(reply, 400, "maximum context length")
@@ -262,7 +292,9 @@ def test_64_concurrent_streams_all_complete_unmixed(lora_server, http):
 
     def stream(prompt: str) -> str:
         with httpx.Client(base_url=lora_server.url, headers=lora_server.headers(), timeout=600) as client:
-            with client.stream("POST", "/v1/completions", json={"model": "pangu", "prompt": prompt, "stream": True, **body}) as r:
+            with client.stream(
+                "POST", "/v1/completions", json={"model": "pangu", "prompt": prompt, "stream": True, **body}
+            ) as r:
                 assert r.status_code == 200
                 events = sse_events(r)
         assert events[-1]["choices"][0]["finish_reason"] == "length"
@@ -282,13 +314,34 @@ def test_64_concurrent_streams_all_complete_unmixed(lora_server, http):
 def test_chat_client_streams_the_same_answer(lora_server, http, serve_env):
     expected = http.post(
         "/v1/chat/completions",
-        json={"model": "domain", "messages": [{"role": "user", "content": "print hello"}], "max_tokens": 8, "temperature": 0},
+        json={
+            "model": "domain",
+            "messages": [{"role": "user", "content": "print hello"}],
+            "max_tokens": 8,
+            "temperature": 0,
+        },
     ).json()["choices"][0]["message"]["content"]
     result = subprocess.run(
-        [PANGU_PI, "chat", "--url", lora_server.url, "--model", "domain",
-         "--api-key", API_KEY, "--temperature", "0", "--max-tokens", "8"],
-        input="print hello\n/exit\n", capture_output=True, text=True, env=serve_env, timeout=120,
-    )  # fmt: skip
+        [
+            PANGU_PI,
+            "chat",
+            "--url",
+            lora_server.url,
+            "--model",
+            "domain",
+            "--api-key",
+            API_KEY,
+            "--temperature",
+            "0",
+            "--max-tokens",
+            "8",
+        ],
+        input="print hello\n/exit\n",
+        capture_output=True,
+        text=True,
+        env=serve_env,
+        timeout=120,
+    )
     assert result.returncode == 0, result.stderr
     assert result.stdout == expected + "\n"
 
@@ -296,7 +349,11 @@ def test_chat_client_streams_the_same_answer(lora_server, http, serve_env):
 def test_chat_client_reports_a_wrong_key_in_one_line(lora_server, serve_env):
     result = subprocess.run(
         [PANGU_PI, "chat", "--url", lora_server.url, "--api-key", "wrong"],
-        input="", capture_output=True, text=True, env=serve_env, timeout=120,
+        input="",
+        capture_output=True,
+        text=True,
+        env=serve_env,
+        timeout=120,
     )
     assert result.returncode == 2
     assert result.stderr.startswith("pangu-pi chat: error:") and "Incorrect API key" in result.stderr
@@ -317,14 +374,16 @@ def other_shape_lora(tokenizer_dir, tmp_path_factory):
 
 
 def served_tokens(http, model: str, prompt_ids: list[int], n: int = 16) -> list[int]:
-    reply = complete(http, model=model, prompt=prompt_ids, max_tokens=n, ignore_eos=True, logprobs=0,
-                     return_tokens_as_token_ids=True)  # fmt: skip
+    reply = complete(
+        http, model=model, prompt=prompt_ids, max_tokens=n, ignore_eos=True, logprobs=0, return_tokens_as_token_ids=True
+    )
     assert reply["model"] == model
     return [int(t.split(":")[1]) for t in reply["choices"][0]["logprobs"]["tokens"]]
 
 
-def test_an_adapter_loaded_at_run_time_serves_like_one_loaded_at_start(lora_server, http, tokenizer, lora_dir, other_shape_lora,
-                                                                       tmp_path):  # fmt: skip
+def test_an_adapter_loaded_at_run_time_serves_like_one_loaded_at_start(
+    lora_server, http, tokenizer, lora_dir, other_shape_lora, tmp_path
+):
     prompt_ids = tokenizer(PROMPTS[1]).input_ids
     load = lambda **body: http.post("/v1/load_lora_adapter", json=body)  # noqa: E731
     # Bad ones first: each a 400 that names the problem, and the engine goes on serving.
@@ -339,7 +398,12 @@ def test_an_adapter_loaded_at_run_time_serves_like_one_loaded_at_start(lora_serv
     started = http.post("/v1/unload_lora_adapter", json={"lora_name": "domain"})
     assert started.status_code == 403 and started.json()["error"]["code"] == "startup_adapter"
     assert_openai_error(load(lora_name="live", lora_path=str(lora_dir), variant="nope"), 400, "variant")
-    assert httpx.post(f"{lora_server.url}/v1/load_lora_adapter", json={"lora_name": "x", "lora_path": str(lora_dir)}).status_code == 401
+    assert (
+        httpx.post(
+            f"{lora_server.url}/v1/load_lora_adapter", json={"lora_name": "x", "lora_path": str(lora_dir)}
+        ).status_code
+        == 401
+    )
 
     reply = load(lora_name="live", lora_path=str(lora_dir))
     assert reply.status_code == 200, reply.text
@@ -359,7 +423,9 @@ def test_an_adapter_loaded_at_run_time_serves_like_one_loaded_at_start(lora_serv
 # ------------------------------------------------------------------------------------------ limits
 
 
-@pytest.mark.parametrize("limit", ["role", "n", "n as text", "body", "stop", "tools", "mixed-case type", "deep", "not json"])
+@pytest.mark.parametrize(
+    "limit", ["role", "n", "n as text", "body", "stop", "tools", "mixed-case type", "deep", "not json"]
+)
 def test_each_request_limit_is_a_4xx_naming_its_flag_and_serving_goes_on(lora_server, http, limit):
     chat = {"model": "pangu", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
     if limit == "role":
@@ -369,9 +435,14 @@ def test_each_request_limit_is_a_4xx_naming_its_flag_and_serving_goes_on(lora_se
     elif limit in ("mixed-case type", "deep", "not json"):
         content, content_type, status, mentions = {
             "mixed-case type": (json.dumps({**chat, "n": 5000.0}), "Application/JSON; charset=UTF-8", 400, "--max-n"),
-            "deep": ('{"model": "pangu", "x": ' + "[" * 100_000 + "]" * 100_000 + "}", "application/json", 400, "--max-json-depth"),
+            "deep": (
+                '{"model": "pangu", "x": ' + "[" * 100_000 + "]" * 100_000 + "}",
+                "application/json",
+                400,
+                "--max-json-depth",
+            ),
             "not json": (json.dumps(chat), "text/plain", 415, "Content-Type"),
-        }[limit]  # fmt: skip
+        }[limit]
         reply = http.post("/v1/chat/completions", content=content, headers={"Content-Type": content_type})
         assert_openai_error(reply, status, mentions)
     else:
@@ -380,9 +451,17 @@ def test_each_request_limit_is_a_4xx_naming_its_flag_and_serving_goes_on(lora_se
             "n as text": ({**chat, "n": "10000"}, "--max-n"),
             "body": ({**chat, "padding": "x" * (5 * 1024 * 1024)}, "--max-body-bytes"),
             "stop": ({**chat, "stop": [f"s{i}" for i in range(100)]}, "--max-stop"),
-            "tools": ({**chat, "tools": [{"type": "function", "function": {"name": f"f{i}", "parameters": {"type": "object"}}}
-                                          for i in range(200)]}, "--max-tools"),
-        }[limit]  # fmt: skip
+            "tools": (
+                {
+                    **chat,
+                    "tools": [
+                        {"type": "function", "function": {"name": f"f{i}", "parameters": {"type": "object"}}}
+                        for i in range(200)
+                    ],
+                },
+                "--max-tools",
+            ),
+        }[limit]
         reply = http.post("/v1/chat/completions", json=body)
         assert_openai_error(reply, 413 if limit == "body" else 400, flag)
         assert reply.json()["error"]["code"] == "limit_exceeded"

@@ -121,8 +121,21 @@ def test_a_variant_without_tokenizer_is_refused(tmp_path):
 
 def test_engine_command_line(tmp_path):
     base = checkpoint(tmp_path / "base")
-    argv = [str(base), "--lora", f"a={adapter(tmp_path / 'a', 12)}", "--lora", f"b={adapter(tmp_path / 'b', 4)}",
-            "--max-model-len", "1024", "--api-key", "secret", "-tp", "2", "--", "--enforce-eager"]  # fmt: skip
+    argv = [
+        str(base),
+        "--lora",
+        f"a={adapter(tmp_path / 'a', 12)}",
+        "--lora",
+        f"b={adapter(tmp_path / 'b', 4)}",
+        "--max-model-len",
+        "1024",
+        "--api-key",
+        "secret",
+        "-tp",
+        "2",
+        "--",
+        "--enforce-eager",
+    ]
     args = parse_args(argv)
     engines = server.plan_engines(args, tmp_path / "sockets")
     cmd = server.engine_command(engines[0], args)
@@ -133,7 +146,10 @@ def test_engine_command_line(tmp_path):
     assert flag("--max-lora-rank") == "16"  # vLLM's next allowed rank above the largest adapter's 12
     assert flag("--max-loras") == "4" and flag("--max-model-len") == "1024" and flag("--tensor-parallel-size") == "2"
     assert flag("--middleware") == "pangu_pi.serving.request_guard.RequestGuard"
-    assert cmd[cmd.index("--lora-modules") + 1 : cmd.index("--lora-modules") + 3] == [f"a={tmp_path / 'a'}", f"b={tmp_path / 'b'}"]
+    assert cmd[cmd.index("--lora-modules") + 1 : cmd.index("--lora-modules") + 3] == [
+        f"a={tmp_path / 'a'}",
+        f"b={tmp_path / 'b'}",
+    ]
     assert cmd[-1] == "--enforce-eager"
     assert "secret" not in " ".join(cmd), "the key must not be visible in the process list"
 
@@ -161,8 +177,9 @@ def test_detects_the_cpu_build_here():
 
 def test_chat_client_says_when_nothing_listens():
     port = free_port()
-    result = subprocess.run([PANGU_PI, "chat", "--url", f"http://127.0.0.1:{port}"], input="", capture_output=True,
-                            text=True, timeout=120)  # fmt: skip
+    result = subprocess.run(
+        [PANGU_PI, "chat", "--url", f"http://127.0.0.1:{port}"], input="", capture_output=True, text=True, timeout=120
+    )
     assert result.returncode == 2
     assert "cannot reach" in result.stderr and "pangu-pi serve" in result.stderr and "Traceback" not in result.stderr
 
@@ -186,10 +203,34 @@ def test_limit_and_backpressure_flags_default_and_must_be_positive(tmp_path):
     base = checkpoint(tmp_path / "base")
     args = parse_args([str(base)])
     assert args.limits == Limits(16, 2 * 1024 * 1024, 16, 128, 64, 30.0)
-    assert (args.max_concurrency, args.max_connections, args.header_timeout, args.queue_timeout) == (512, 1024, 10.0, 30.0)
+    assert (args.max_concurrency, args.max_connections, args.header_timeout, args.queue_timeout) == (
+        512,
+        1024,
+        10.0,
+        30.0,
+    )
     assert args.slots_per_engine == 256 and parse_args([str(base), "--", "--max-num-seqs", "8"]).slots_per_engine == 8
-    raised = parse_args([str(base), "--max-n", "64", "--max-body-bytes", "9000000", "--max-stop", "40", "--max-tools", "500",
-                         "--max-json-depth", "100", "--body-timeout", "5", "--max-concurrency", "3", "--engine-concurrency", "2"])  # fmt: skip
+    raised = parse_args(
+        [
+            str(base),
+            "--max-n",
+            "64",
+            "--max-body-bytes",
+            "9000000",
+            "--max-stop",
+            "40",
+            "--max-tools",
+            "500",
+            "--max-json-depth",
+            "100",
+            "--body-timeout",
+            "5",
+            "--max-concurrency",
+            "3",
+            "--engine-concurrency",
+            "2",
+        ]
+    )
     assert raised.limits == Limits(64, 9_000_000, 40, 500, 100, 5.0)
     assert raised.max_concurrency == 3 and raised.slots_per_engine == 2
     for flag in ("--max-n", "--max-concurrency", "--header-timeout", "--max-json-depth"):
@@ -199,8 +240,17 @@ def test_limit_and_backpressure_flags_default_and_must_be_positive(tmp_path):
 
 def test_kv_cache_is_chosen_to_fit_free_memory_unless_set(tmp_path, monkeypatch):
     base = checkpoint(tmp_path / "base")
-    (base / "config.json").write_text(json.dumps({"num_hidden_layers": 24, "num_attention_heads": 16, "hidden_size": 2048,
-                                                  "max_position_embeddings": 2048, "dtype": "float32"}))  # fmt: skip
+    (base / "config.json").write_text(
+        json.dumps(
+            {
+                "num_hidden_layers": 24,
+                "num_attention_heads": 16,
+                "hidden_size": 2048,
+                "max_position_embeddings": 2048,
+                "dtype": "float32",
+            }
+        )
+    )
     (base / "model.safetensors").write_bytes(b"\0" * 1000)
     monkeypatch.delenv(server.KV_CACHE_ENV, raising=False)
     args = parse_args([str(base), "--dtype", "float32"])
@@ -216,7 +266,10 @@ def test_kv_cache_is_chosen_to_fit_free_memory_unless_set(tmp_path, monkeypatch)
     chosen, line = kv_cache.choose_kv_cache(engines, args, "cpu")
     assert chosen == 1 and "memory is short" in line
     assert kv_cache.choose_kv_cache(engines, args, "cuda") == (None, "")
-    assert kv_cache.choose_kv_cache(engines, parse_args([str(base), "--", "--gpu-memory-utilization", "0.5"]), "cpu")[0] is None
+    assert (
+        kv_cache.choose_kv_cache(engines, parse_args([str(base), "--", "--gpu-memory-utilization", "0.5"]), "cpu")[0]
+        is None
+    )
     monkeypatch.setenv(server.KV_CACHE_ENV, "3")
     assert kv_cache.choose_kv_cache(engines, args, "cpu") == (None, "")
 
@@ -229,11 +282,13 @@ def test_root_cause_is_the_error_that_says_why_not_the_last_line():
 (EngineCore pid=2) ERROR 12-01 21:43:02 [core.py:1510] RuntimeError: Worker failed with error 'Available memory on node 0', please check the stack trace above for the root cause
 Traceback (most recent call last):
 RuntimeError: Engine core initialization failed. See root cause above. Failed core proc(s): {}
-"""
+"""  # noqa: E501 (real log lines, kept whole)
     assert server.root_cause(log.splitlines()) == (
         "ValueError: Available memory on node 0 (5.68/8.09 GiB) is less than requested memory for kv (100.0 GiB)."
     )
-    assert server.root_cause(["RuntimeError: Engine core initialization failed. See root cause above."]).startswith("RuntimeError")
+    assert server.root_cause(["RuntimeError: Engine core initialization failed. See root cause above."]).startswith(
+        "RuntimeError"
+    )
     assert server.root_cause(["nothing to see"]) is None
 
 
@@ -242,10 +297,28 @@ def test_an_engine_that_cannot_start_is_one_line_naming_the_cause_and_the_log(ba
     env = {**serve_env, server.KV_CACHE_ENV: "100"}  # more KV cache than this machine has
     logs = tmp_path / "logs"
     result = subprocess.run(
-        [PANGU_PI, "serve", str(base_dir), "--name", "pangu", "--port", str(free_port()), "--dtype", "float32",
-         "--max-model-len", "128", "--log-dir", str(logs), "--", "--enforce-eager"],
-        capture_output=True, text=True, env=env, timeout=600,
-    )  # fmt: skip
+        [
+            PANGU_PI,
+            "serve",
+            str(base_dir),
+            "--name",
+            "pangu",
+            "--port",
+            str(free_port()),
+            "--dtype",
+            "float32",
+            "--max-model-len",
+            "128",
+            "--log-dir",
+            str(logs),
+            "--",
+            "--enforce-eager",
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+    )
     assert result.returncode == 2
     error = [line for line in result.stderr.splitlines() if line.startswith("pangu-pi serve: error:")]
     assert len(error) == 1, result.stderr[-3000:]

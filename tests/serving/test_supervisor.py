@@ -15,7 +15,15 @@ import pytest
 
 from pangu_pi.serving import engines as engines_module
 from pangu_pi.serving.config import parse_args
-from pangu_pi.serving.engines import Launch, describe_exit, plan_engines, private_folder, start_engine, stop_engines, wait_until_healthy
+from pangu_pi.serving.engines import (
+    Launch,
+    describe_exit,
+    plan_engines,
+    private_folder,
+    start_engine,
+    stop_engines,
+    wait_until_healthy,
+)
 from pangu_pi.serving.supervisor import Supervisor
 
 FAKE_ENGINE = """
@@ -78,9 +86,10 @@ def stand_in(tmp_path, monkeypatch):
     monkeypatch.setenv("FAKE_ENGINE_PIDS", str(tmp_path / "pids"))
     command = {"argv": None}
     monkeypatch.setattr(
-        engines_module, "engine_command",
+        engines_module,
+        "engine_command",
         lambda engine, config: command["argv"] or [sys.executable, str(script), "--uds", str(engine.socket)],
-    )  # fmt: skip
+    )
     sockets = private_folder("pangu-pi-test-")
     made = []
 
@@ -130,7 +139,9 @@ def test_a_dead_engine_is_restarted_with_its_leftovers_stopped_then_given_up(sta
         if supervisor is not None:
             supervisor.stop()
     err = capsys.readouterr().err
-    assert "engine 'm' died (killed by SIGKILL)" in err and "restarting it in 1 s" in err and "restarting it in 2 s" in err
+    assert (
+        "engine 'm' died (killed by SIGKILL)" in err and "restarting it in 1 s" in err and "restarting it in 2 s" in err
+    )
     assert "ValueError: the stand-in cannot start" in err and "giving up after 2 restarts" in err
     log = (tmp_path / "logs" / "m.log").read_text()
     assert log.count("==== pangu-pi serve: engine m starting") == 3 and "fake engine up" in log
@@ -151,8 +162,9 @@ def test_a_foreign_listener_on_a_restarting_engines_socket_never_gets_a_request(
         monkeypatch.setenv("FAKE_ENGINE_DELAY", "3")
         engine.process.send_signal(signal.SIGKILL)
         wait_for(lambda: engine.state.status == "starting", 10)
-        impostor = subprocess.Popen([sys.executable, "-c", IMPOSTOR, str(engine.socket), str(received)],
-                                    stdout=subprocess.PIPE, text=True)  # fmt: skip
+        impostor = subprocess.Popen(
+            [sys.executable, "-c", IMPOSTOR, str(engine.socket), str(received)], stdout=subprocess.PIPE, text=True
+        )
         assert impostor.stdout.readline().strip() == "listening"
         wait_for(lambda: "was refused" in engine.state.reason, 10)
         assert engine.state.status != "up" and f"process {impostor.pid}" in engine.state.reason

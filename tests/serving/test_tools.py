@@ -57,8 +57,10 @@ def server(base_dir, yunshan_dir, serve_env, tmp_path_factory):
     log = tmp_path_factory.mktemp("logs") / "tools_server.log"
     running = start_server(
         [str(base_dir), "--name", "pangu", "--variant", f"yunshan={yunshan_dir}", "--max-model-len", "512"],
-        serve_env, log, KEY,
-    )  # fmt: skip
+        serve_env,
+        log,
+        KEY,
+    )
     yield running
     running.stop()
     running.kill_leftovers()
@@ -187,14 +189,13 @@ def test_key_and_request_checks_stay_in_front(server, client):
     with pytest.raises(openai.AuthenticationError):
         keyless.chat.completions.create(model="pangu", messages=QUESTION, tools=TOOLS, tool_choice="required")
     with pytest.raises(openai.BadRequestError):  # a named function that is not among the tools
-        client.chat.completions.create(
-            model="yunshan", messages=QUESTION, tools=TOOLS, tool_choice=named("nope")
-        )
+        client.chat.completions.create(model="yunshan", messages=QUESTION, tools=TOOLS, tool_choice=named("nope"))
     with pytest.raises(openai.BadRequestError):  # a schema that is not a schema
         client.chat.completions.create(
-            model="pangu", messages=QUESTION,
+            model="pangu",
+            messages=QUESTION,
             response_format={"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": 12}}},
-        )  # fmt: skip
+        )
     reply = chat(client, "yunshan", False, tools=TOOLS, tool_choice=named("set_unit"))
     assert_valid_call(reply["tool_calls"][0], "set_unit")  # and it keeps serving
 
@@ -217,6 +218,12 @@ def test_engines_get_the_tool_parser_and_compact_json_unless_told_otherwise(base
     other = command("--tool-call-parser", "llama3_json")
     assert other[other.index("--tool-call-parser") + 1] == "llama3_json"
     # The user's own vLLM flags after `--` replace ours rather than clash with them.
-    mine = command("--", "--tool-call-parser", "pythonic", "--enable-auto-tool-choice",
-                   "--structured-outputs-config", '{"backend": "guidance"}')  # fmt: skip
+    mine = command(
+        "--",
+        "--tool-call-parser",
+        "pythonic",
+        "--enable-auto-tool-choice",
+        "--structured-outputs-config",
+        '{"backend": "guidance"}',
+    )
     assert mine.count("--tool-call-parser") == 1 and mine.count("--structured-outputs-config") == 1

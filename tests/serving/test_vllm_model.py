@@ -55,13 +55,21 @@ def make_op(module, tp_size=1, **overrides):
     return op
 
 
-@pytest.mark.parametrize("overrides", [{}, {"siaf_param_shape": "scalar", "siaf_learn_weight": True, "siaf_terms": 3},
-                                       {"siaf_activation": "gelu", "siaf_learn_weight": True}])  # fmt: skip
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        {},
+        {"siaf_param_shape": "scalar", "siaf_learn_weight": True, "siaf_terms": 3},
+        {"siaf_activation": "gelu", "siaf_learn_weight": True},
+    ],
+)
 def test_siaf_op_on_concatenated_gate_up(vllm_model, overrides):
     op = make_op(vllm_model, **overrides)
     width = 352
     gate_up = torch.randn(5, 2 * width)
-    expected = siaf_and_mul_reference(gate_up[:, :width], gate_up[:, width:], op.scale, op.shift, op.coef, op.activation)
+    expected = siaf_and_mul_reference(
+        gate_up[:, :width], gate_up[:, width:], op.scale, op.shift, op.coef, op.activation
+    )
     torch.testing.assert_close(op(gate_up), expected)
     torch.testing.assert_close(op.forward_native(gate_up), expected)
 
@@ -92,7 +100,10 @@ def test_hf_weight_names_map_onto_the_stacked_layers(vllm_model):
         "model.layers.3.mlp.gate_proj.weight": ("model.layers.3.mlp.gate_up_proj.weight", 0),
         "model.layers.3.mlp.up_proj.weight": ("model.layers.3.mlp.gate_up_proj.weight", 1),
         "model.layers.1.mlp.siaf.scale": ("model.layers.1.mlp.siaf.scale", None),
-        "model.layers.1.augmented_shortcuts.0.expand.weight": ("model.layers.1.augmented_shortcuts.0.expand.weight", None),
+        "model.layers.1.augmented_shortcuts.0.expand.weight": (
+            "model.layers.1.augmented_shortcuts.0.expand.weight",
+            None,
+        ),
     }
     for hf_name, expected in cases.items():
         assert mapper._map_name_with_shard(hf_name) == expected
