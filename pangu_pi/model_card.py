@@ -16,6 +16,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+from . import run_layout
 from .parameters import count_parameters
 
 CARD_FILE = "README.md"
@@ -97,7 +98,7 @@ def _read_yaml(path: Path) -> dict:
 
 def _metrics(run_dir: Path, up_to_step: int | None = None) -> list[dict]:
     rows = []
-    path = run_dir / "metrics.jsonl"
+    path = run_dir / run_layout.METRICS
     if path.is_file():
         for line in path.read_text(encoding="utf-8").splitlines():
             try:
@@ -136,7 +137,7 @@ def run_facts(run_dir: str | os.PathLike, state: dict | None = None) -> dict[str
     """What a training run folder (`pangu-pi pretrain` or `pangu-pi finetune`) knows, up to the step of
     `state` (a checkpoint's trainer/state.json) or to its last logged step. None if it is no run folder."""
     run_dir = Path(run_dir)
-    config = _read_yaml(run_dir / "config.yaml")
+    config = _read_yaml(run_dir / run_layout.RUN_CONFIG)
     if not isinstance(config.get("model"), dict) or not isinstance(config.get("data"), dict):
         return None
     state = state or {}
@@ -167,11 +168,11 @@ def pretraining_facts(checkpoint: str | os.PathLike) -> dict[str, Any]:
     """What a training checkpoint (RUN/checkpoints/step_N) knows about its run, up to its step."""
     checkpoint = Path(checkpoint)
     state = {}
-    if (checkpoint / "trainer" / "state.json").is_file():
-        state = json.loads((checkpoint / "trainer" / "state.json").read_text())
+    if (checkpoint / run_layout.TRAINER_STATE).is_file():
+        state = json.loads((checkpoint / run_layout.TRAINER_STATE).read_text())
     # The run folder's metrics hold the losses; the checkpoint's own config is the one it ran with.
-    facts = run_facts(checkpoint.parent.parent, state) or {}
-    own = _read_yaml(checkpoint / "config.yaml")
+    facts = run_facts(run_layout.run_of(checkpoint), state) or {}
+    own = _read_yaml(checkpoint / run_layout.RUN_CONFIG)
     if own and not facts:
         facts = {"kind": "pretraining", "steps": state.get("step"), "tokens_seen": state.get("tokens_seen")}
     facts["checkpoint"] = checkpoint.name
@@ -370,8 +371,9 @@ def write_model_card(folder: str | os.PathLike, model=None, run: dict | None = N
         # A checkpoint written inside a run folder (`pangu-pi finetune` writes RUN/model) describes that run.
         run = previous.get("run") if model is None else run_facts(folder.resolve().parent)
     tokenizer_folder = folder if (folder / "tokenizer.json").is_file() else None
-    if tokenizer_folder is None and run and run.get("run") and (Path(run["run"]) / "tokenizer").is_dir():
-        tokenizer_folder = Path(run["run"]) / "tokenizer"  # fine-tuning saves it beside the weights only after them
+    run_tokenizer = Path(run["run"]) / run_layout.TOKENIZER if run and run.get("run") else None
+    if tokenizer_folder is None and run_tokenizer is not None and run_tokenizer.is_dir():
+        tokenizer_folder = run_tokenizer  # fine-tuning saves it beside the weights only after them
     if tokenizer_folder is None and run and run.get("base_model"):
         tokenizer_folder = run["base_model"]
     values = config.to_dict()
