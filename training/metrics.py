@@ -20,8 +20,10 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-METRICS_FILE = "metrics.jsonl"
-PLOT_FILE = "loss_curves.png"
+from pangu_pi import run_layout
+
+METRICS_FILE = run_layout.METRICS
+PLOT_FILE = run_layout.LOSS_PLOT
 
 # The FLOP formula and the table of device peaks live in training/flops.py; imported here, where
 # the core and the benchmarks have always found them.
@@ -148,7 +150,7 @@ class RunLogger:
             from torch.utils.tensorboard import SummaryWriter
 
             # purge_step drops events a dead run wrote past the checkpoint we resumed from.
-            self._tb = SummaryWriter(str(self.out_dir / "tensorboard"), purge_step=start_step + 1)
+            self._tb = SummaryWriter(str(self.out_dir / run_layout.TENSORBOARD), purge_step=start_step + 1)
         if progress:
             from tqdm.auto import tqdm
 
@@ -241,7 +243,7 @@ def _wandb_run(project: str, out_dir: Path, run_config: dict):
     OUT/wandb_id). WANDB_MODE=offline writes it under OUT/wandb with no network, for `wandb sync`."""
     import wandb
 
-    id_file = out_dir / "wandb_id"
+    id_file = out_dir / run_layout.WANDB_ID
     run_id = id_file.read_text().strip() if id_file.is_file() else uuid.uuid4().hex[:12]
     id_file.write_text(run_id + "\n")
     return wandb.init(project=project, dir=str(out_dir), id=run_id, resume="allow", name=out_dir.name,
