@@ -4,7 +4,8 @@
 
 Backends:
 - "reference": plain torch (reference.py), the specification; about 3n+2 passes over the tensor and n
-  intermediates kept for backward.
+  intermediates kept for backward. Without autograd (generation) its stacked form, the same function
+  in half the ops (`siaf_and_mul_stacked`).
 - "compiled": `torch.compile`d forward and backward in one autograd.Function (siaf_compiled.py),
   saving only the inputs; the CPU fast path. Falls back to the reference where compilation fails.
 - "triton": fused Triton forward and backward kernels (siaf_triton.py); CUDA tensors, or CPU tensors
@@ -31,7 +32,7 @@ import os
 import torch
 
 from . import auto_table
-from .reference import ACTIVATIONS, siaf_and_mul_reference
+from .reference import ACTIVATIONS, siaf_and_mul_reference, siaf_and_mul_stacked
 
 BACKENDS = ("auto", "reference", "compiled", "triton")
 ENV_BACKEND = "PANGU_PI_SIAF_BACKEND"
@@ -128,7 +129,7 @@ def siaf_and_mul(
     `scale`, `shift` and `weight` are (n,) or (n, width); `gate` and `up` have any leading shape.
     """
     if backend == "reference":  # the cheapest call: no table lookup
-        return siaf_and_mul_reference(gate, up, scale, shift, weight, activation)
+        return _reference(gate, up, scale, shift, weight, activation)
     width = gate.shape[-1]
     tokens = gate.numel() // width if width else 0
     chosen = resolve_backend(backend, gate.device, gate.dtype, tokens, width)
@@ -140,7 +141,14 @@ def siaf_and_mul(
         from .siaf_compiled import siaf_and_mul_compiled
 
         return siaf_and_mul_compiled(gate, up, scale, shift, weight, activation)
-    return siaf_and_mul_reference(gate, up, scale, shift, weight, activation)
+    return _reference(gate, up, scale, shift, weight, activation)
+
+
+def _reference(gate, up, scale, shift, weight, activation):
+    # Without autograd (generation) the stacked form: the same function in half the ops.
+    if torch.is_grad_enabled():
+        return siaf_and_mul_reference(gate, up, scale, shift, weight, activation)
+    return siaf_and_mul_stacked(gate, up, scale, shift, weight, activation)
 
 
 # The LM head's fused loss (plain torch, one path for CPU and GPU): the trainer's `train.fused_loss`.

@@ -18,9 +18,9 @@ estimate that tools/gpu_check.sh's figures (`siaf_call_cpu_us_*`, kernel times) 
   where the reference makes 3n+2 passes; at 8192 × 5632 Triton and torch.compile of the reference
   measured the same (0.848 / 0.847 ms fwd+bwd) and Triton needs no per-shape compilation.
 - CUDA, graph → triton: one kernel, launched by inductor's generated code or replayed by the graph.
-- CPU: compiled (inductor C++) except at decode token counts and inside a graph, where the reference
-  is cheaper to call (measured on the 2-core CPU machine, RESULTS.md 2026-12-04) or fused by the
-  outer compiler anyway.
+- CPU: compiled (inductor C++) except for calls of up to ~40k elements (decode; measured on the
+  2-core CPU machine, RESULTS.md 2026-12-04), where the reference is cheaper to call, and inside a
+  graph, where the outer compiler fuses the reference anyway.
 - A backend that cannot run (Triton missing, a dtype it does not take, compilation broken) falls back
   triton → compiled → reference.
 
@@ -49,9 +49,11 @@ NAMED_BACKENDS = ("reference", "compiled", "triton")
 DECODE_MAX_TOKENS = 64
 # Eager CUDA: where device time starts to outweigh a call's CPU cost (estimate, see the docstring).
 CUDA_EAGER_TRITON_FROM_TOKENS = 2048
-# CPU: the reference's few small ops cost less to call than the compiled op's guards and dispatch
-# up to this many tokens (measured: RESULTS.md, 2026-12-04).
-CPU_REFERENCE_UP_TO_TOKENS = 16
+# CPU, eager: the reference's few small ops cost less than the compiled op's dispatch and guards up to
+# about 40k elements (tokens × width) a call. Measured on the 2-core CPU machine, one thread, n = 2 with
+# a learned c (RESULTS.md, 2026-12-04): width 352, reference/compiled µs 20/41 at 1 token, 53/72 at 64,
+# 186/146 at 256; width 5632, 29/48 at 1, 60/78 at 4, 205/151 at 16. As (widths up to, tokens up to):
+CPU_REFERENCE_UP_TO = ((512, 64), (2048, 16), (8192, 6), (None, 3))
 ANY = "*"
 
 
@@ -92,8 +94,11 @@ DEFAULT_RULES: tuple[Rule, ...] = (
     Rule("triton", "cuda", TRITON_DTYPES, graph=False,
          why="device time rules: one pass over gate/up; at 8192x5632 bf16 triton 0.848 ms = torch.compile 0.847"),
     Rule("compiled", "cuda", why="dtypes the Triton kernels do not take (float64)"),
-    Rule("reference", "cpu", tokens=(0, CPU_REFERENCE_UP_TO_TOKENS), graph=False,
-         why="a few small ops cost less to call than the compiled op (2-core CPU, measured)"),
+    *(
+        Rule("reference", "cpu", tokens=(0, tokens), width=(low, high), graph=False,
+             why="decode-sized: a few small ops cost less to call than the compiled op (2-core CPU, measured)")
+        for (low, (high, tokens)) in zip((0, 513, 2049, 8193), CPU_REFERENCE_UP_TO)
+    ),
     Rule("compiled", "cpu", why="inductor's one-pass forward and backward (CPU, measured)"),
     Rule("reference", why="other devices (meta, mps, …)"),
 )  # fmt: skip

@@ -116,6 +116,29 @@ def siaf_and_mul_reference(
     return out * up
 
 
+def siaf_and_mul_stacked(
+    gate: torch.Tensor,
+    up: torch.Tensor,
+    scale: torch.Tensor,
+    shift: torch.Tensor,
+    weight: torch.Tensor | None = None,
+    activation: str = "silu",
+) -> torch.Tensor:
+    """The same function as `siaf_and_mul_reference`, all n terms at once on a (..., n, width) view.
+
+    Where no gradient is taken (generation) the reference backend runs this form: 4 torch ops (5 with
+    a learned c) against the per-term loop's 8 (11) for n = 2, i.e. half the kernel launches of a
+    decode step's SIAF on a GPU and ~35% less CPU time per call on this CPU (RESULTS.md, 2026-12-04).
+    The loop stays the specification: its autograd graph is the one every backend is tested against.
+    """
+    check_siaf_args(gate, up, scale, shift, weight, activation)
+    n = scale.shape[0]
+    terms = ACTIVATIONS[activation](torch.addcmul(shift.view(n, -1), gate.unsqueeze(-2), scale.view(n, -1)))
+    if weight is not None:
+        terms = terms * weight.view(n, -1)
+    return terms.sum(-2) * up
+
+
 def identity_init(n: int) -> tuple[list[float], list[float], list[float]]:
     """(a, b, c) that make the SIAF equal its base activation: c = (1, 0, …), a = 1, b = 0."""
     return [1.0] * n, [0.0] * n, [1.0] + [0.0] * (n - 1)

@@ -31,6 +31,7 @@ from pangu_pi.kernels.reference import (
     check_siaf_args,
     identity_init,
     siaf_and_mul_reference,
+    siaf_and_mul_stacked,
     spread_init,
 )
 
@@ -170,6 +171,27 @@ def test_closed_form_derivatives_match_autograd(rng, activation, table):
     y2, dy2 = table[activation](x.detach())
     torch.testing.assert_close(y2, y.detach(), rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(dy2, dy, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("activation", list(ACTIVATIONS))
+@pytest.mark.parametrize("per_channel,has_weight", LAYOUTS)
+def test_stacked_form_is_the_reference(rng, activation, per_channel, has_weight):
+    inputs = make_inputs(rng, (2, 3, 7), 3, per_channel, has_weight)
+    g, u, a, b, c = (None if t is None else t.double().cpu() for t in inputs)
+    torch.testing.assert_close(
+        siaf_and_mul_stacked(g, u, a, b, c, activation), siaf_and_mul_reference(g, u, a, b, c, activation),
+        rtol=1e-12, atol=1e-12,
+    )
+
+
+def test_reference_backend_runs_the_stacked_form_without_autograd(rng, monkeypatch):
+    calls = []
+    monkeypatch.setattr(kernels, "siaf_and_mul_stacked", lambda *a: calls.append("stacked") or a[0])
+    g, u, a, b, _ = make_inputs(rng, (1, 37), 2, True, False)
+    with torch.no_grad():
+        siaf_and_mul(g, u, a, b, backend="reference")
+    siaf_and_mul(g, u, a.requires_grad_(), b, backend="reference")
+    assert calls == ["stacked"]
 
 
 def test_inits_are_as_documented():
@@ -511,9 +533,13 @@ AUTO_TABLE_CASES = [
     ("cuda", torch.bfloat16, 16384, 5632, True, "triton"),
     ("cuda", torch.float64, 1, 352, False, "compiled"),  # a dtype Triton does not take
     ("cuda", torch.float64, 1, 352, True, "reference"),
-    ("cpu", torch.float32, 1, 5632, False, "reference"),  # CPU decode
-    ("cpu", torch.float32, 16, 352, False, "reference"),
-    ("cpu", torch.float32, 17, 352, False, "compiled"),
+    ("cpu", torch.float32, 1, 5632, False, "reference"),  # CPU decode: up to ~40k elements a call
+    ("cpu", torch.float32, 6, 5632, False, "reference"),
+    ("cpu", torch.float32, 7, 5632, False, "compiled"),
+    ("cpu", torch.float32, 64, 352, False, "reference"),
+    ("cpu", torch.float32, 65, 352, False, "compiled"),
+    ("cpu", torch.float32, 3, 11008, False, "reference"),
+    ("cpu", torch.float32, 4, 11008, False, "compiled"),
     ("cpu", torch.bfloat16, 16384, 11008, False, "compiled"),
     ("cpu", torch.float32, 1, 352, True, "reference"),  # inside torch.compile: traced, fused by inductor
     ("meta", torch.float32, 4096, 5632, False, "reference"),
@@ -572,13 +598,13 @@ def test_bad_auto_table_is_one_clear_error(monkeypatch, text, message):
 
 
 def test_siaf_and_mul_looks_up_the_call_shape(rng, monkeypatch):
-    # A decode-sized call on CPU runs the reference, a prefill-sized one the compiled op.
+    # A decode-sized call on CPU runs the reference, a prefill-sized one (130 tokens × 37) the compiled op.
     monkeypatch.delenv(ENV_BACKEND, raising=False)
     calls = []
     monkeypatch.setattr(siaf_compiled, "siaf_and_mul_compiled", lambda *a: calls.append("compiled") or a[0])
     g, u, a, b, _ = make_inputs(rng, (1, 1, 37), 2, True, False)
     siaf_and_mul(g, u, a, b)
-    g, u, a, b, _ = make_inputs(rng, (2, 64, 37), 2, True, False)
+    g, u, a, b, _ = make_inputs(rng, (2, 65, 37), 2, True, False)
     siaf_and_mul(g, u, a, b)
     assert calls == ["compiled"]
 
@@ -762,7 +788,9 @@ def test_bench_kernels_reports_its_json_line(capsys):
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
     # Width 37 and per-channel n = 2 silu: a specialisation the compiled tests above already built.
-    result = bench.main(["--tokens", "128", "--width", "37", "--repeats", "2", "--warmup", "1", "--cpu-only"])
+    result = bench.main(
+        ["--tokens", "128", "--width", "37", "--repeats", "2", "--warmup", "1", "--cpu-only", "--no-figures"]
+    )
     last = capsys.readouterr().out.strip().splitlines()[-1]
     import json
 
