@@ -61,12 +61,6 @@ SIAF_OP_NAME = "pangu_pi_siaf_and_mul"
 logger = init_logger(__name__)
 
 
-def _fused_backend() -> str:
-    # The Triton kernel is the fused path on CUDA; until the kernels package offers it, "auto"
-    # lets it pick the best it has.
-    return "triton" if "triton" in kernels.BACKENDS else "auto"
-
-
 def _siaf_and_mul_fused(
     gate: torch.Tensor,
     up: torch.Tensor,
@@ -75,7 +69,8 @@ def _siaf_and_mul_fused(
     weight: torch.Tensor | None,
     activation: str,
 ) -> torch.Tensor:
-    return kernels.siaf_and_mul(gate, up, scale, shift, weight, activation=activation, backend=_fused_backend())
+    # "auto": the kernels' table picks per call shape, and inside a CUDA graph capture the fused kernel.
+    return kernels.siaf_and_mul(gate, up, scale, shift, weight, activation=activation, backend="auto")
 
 
 def _siaf_and_mul_fake(gate, up, scale, shift, weight, activation):
