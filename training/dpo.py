@@ -4,5 +4,5 @@ run it with `pangu-pi finetune` and `finetune.mode: dpo`. The old names resolve 
 from ._moved import moved_names
 
 __getattr__ = moved_names(__name__, dict.fromkeys(
-    ("PreferenceTuning", "dpo_loss", "sequence_logps", "load_pairs", "REFERENCE_FILE", "METRICS"),
+    ("PreferenceTuning", "dpo_loss", "sequence_logps", "load_pairs", "METRICS"),
     "pangu_pi.training.recipes.dpo"))

@@ -19,13 +19,9 @@ from __future__ import annotations
 import sys
 from typing import Any
 
-from pangu_pi import run_layout as layout
-
 from . import command, recipes
 from ._moved import moved_names
 from .config import RunConfig, build_config
-
-SUMMARY_FILE = layout.FINETUNE_SUMMARY
 
 
 def build_finetune_config(values: dict | None = None, overrides: list[str] | None = None) -> RunConfig:

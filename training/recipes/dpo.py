@@ -46,7 +46,6 @@ from ..evaluation import sharded_sums
 from ..sft_data import IGNORE_INDEX
 from .sft import Finetuning, RowStream, load_data
 
-REFERENCE_FILE = layout.DPO_REFERENCE
 METRICS = ("rewards_chosen", "rewards_rejected", "margin", "accuracy", "logps_chosen", "logps_rejected")
 
 
@@ -127,12 +126,12 @@ class PreferenceTuning(Finetuning):
         import torch
 
         fingerprint = self.data.fingerprint()
-        stored = Path(resume_from) / REFERENCE_FILE if resume_from is not None else None
+        stored = Path(resume_from) / layout.DPO_REFERENCE if resume_from is not None else None
         if stored is not None:
             if not stored.is_file():
-                raise UserError(f"{resume_from} has no {REFERENCE_FILE}: the starting model's log-probabilities are "
-                                "not stored with this run, and trained weights cannot stand in for them; start a new "
-                                "run folder")
+                raise UserError(f"{resume_from} has no {layout.DPO_REFERENCE}: the starting model's log-probabilities "
+                                "are not stored with this run, and trained weights cannot stand in for them; start a "
+                                "new run folder")
             saved = torch.load(stored, map_location="cpu", weights_only=True)
             if saved["fingerprint"] != fingerprint:
                 raise UserError(f"the preference data differ from those this run started with (fingerprint "
@@ -144,7 +143,7 @@ class PreferenceTuning(Finetuning):
             self.reference = self._score_reference(engine, d)
             self.reference_source = "computed once by the starting model"
             if d.rank == 0:
-                path = Path(self.config.out) / REFERENCE_FILE
+                path = Path(self.config.out) / layout.DPO_REFERENCE
                 tmp = path.with_name(path.name + ".tmp")
                 torch.save({"fingerprint": fingerprint, "init_from": str(self.config.model["init_from"]),
                             "logps": self.reference}, tmp)
@@ -242,9 +241,9 @@ class PreferenceTuning(Finetuning):
 
     def checkpoint_files(self) -> dict:
         files = super().checkpoint_files()
-        stored = Path(self.config.out) / REFERENCE_FILE
+        stored = Path(self.config.out) / layout.DPO_REFERENCE
         if self.reference is not None and stored.is_file():
-            files[REFERENCE_FILE] = stored
+            files[layout.DPO_REFERENCE] = stored
         return files
 
     def describe(self, d, n_params) -> str:
