@@ -281,8 +281,13 @@ def engine_env(
     # function's whole parameter schema and obeys the compact-JSON setting, where the structural-tag
     # path leaves arguments free unless a tool says `strict` and allows unbounded whitespace.
     env.setdefault("VLLM_ENFORCE_STRICT_TOOL_CALLING", "0")
-    # The engines import serving.* (plugin, middleware) from wherever this package is.
-    root = str(Path(__file__).resolve().parent.parent)
+    # The engines import pangu_pi (plugin, middleware) from wherever this process has it: the folder
+    # that holds the `pangu_pi` package (this module's grandparent only in a checkout, where serving/
+    # sits beside pangu_pi/; installed, that would be pangu_pi/ itself, whose `kernels`, `config` ...
+    # would then shadow top-level packages of those names).
+    import pangu_pi
+
+    root = str(Path(pangu_pi.__file__).resolve().parent.parent)
     env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
     return env
 
