@@ -38,8 +38,10 @@ from pangu_pi.overrides import parse_override
 RECIPES = ("pretrain", "finetune")
 # The projections vLLM serves LoRA adapters on (and peft's names for them in this model).
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-FINETUNE_MODES = ("full", "lora", "dpo")
+FINETUNE_MODES = ("full", "lora", "dpo", "grpo")
 DPO_LOSSES = ("sigmoid", "ipo")
+GRPO_LOSSES = ("grpo", "dr_grpo", "dapo")
+GRPO_GENERATORS = ("hf", "vllm")
 OPTIMIZER_IMPLEMENTATIONS = ("torch", "deepspeed")
 
 
@@ -156,6 +158,31 @@ class DpoConfig:
 
 
 @dataclass
+class GrpoConfig:
+    """Online RL with verifiable rewards (`finetune.mode: grpo`), training/recipes/grpo.py."""
+
+    num_generations: int = 8  # G: completions sampled per prompt, normalised against each other
+    # grpo: per-sequence token mean, then the mean | dr_grpo: Σ over tokens / (rows × max_completion_length)
+    # | dapo: Σ over tokens / the tokens of the whole optimizer step (TRL's definitions)
+    loss_type: str = "dapo"
+    beta: float = 0.0  # weight of the KL to the reference (k3 estimator); 0 needs no reference at all
+    epsilon: float = 0.2  # clip the importance ratio below at 1 - epsilon
+    epsilon_high: float | None = None  # ... and above at 1 + epsilon_high (null = epsilon; DAPO's clip-higher: 0.28)
+    num_iterations: int = 1  # optimizer steps on each batch of completions (importance ratios from the 2nd on)
+    scale_rewards: str = "group"  # group: advantages divided by the group's std | none: Dr. GRPO's unscaled
+    temperature: float = 1.0
+    top_p: float = 1.0
+    max_completion_length: int = 256  # tokens sampled at most per completion
+    # [{function: built-in name or module:function, weight: 1.0, name: metric name, ...options}]
+    # (training/rewards.py)
+    rewards: list = field(default_factory=list)
+    generator: str = "hf"  # hf: the policy's own generate() | vllm: a colocated vLLM engine
+    # LoRA adapters (finetune.lora.*; the reference is the model with them disabled) rather than
+    # every weight. null: LoRA when the config sets any finetune.lora key, else full weights.
+    lora: bool | None = None
+
+
+@dataclass
 class FinetuneConfig:
     """What only fine-tuning has."""
 
@@ -164,12 +191,14 @@ class FinetuneConfig:
     mode: str = "full"
     lora: LoraConfig = field(default_factory=LoraConfig)
     dpo: DpoConfig = field(default_factory=DpoConfig)
+    grpo: GrpoConfig = field(default_factory=GrpoConfig)
     examples: int | None = None  # examples (pairs, for dpo) drawn into the mixture per epoch; null = all of them
     epochs: float = 1.0  # passes over the packed rows (pairs) when train.max_steps is null
 
     @property
     def uses_lora(self) -> bool:
-        return self.mode == "lora" or (self.mode == "dpo" and bool(self.dpo.lora))
+        return (self.mode == "lora" or (self.mode == "dpo" and bool(self.dpo.lora))
+                or (self.mode == "grpo" and bool(self.grpo.lora)))
 
 
 @dataclass
@@ -502,6 +531,9 @@ def build_config(values: dict | None = None, overrides: list[str] | None = None,
         # DPO on LoRA when the user configured LoRA (finetune.lora.* in the file or a --set).
         user_lora = isinstance(values.get("finetune"), dict) and "lora" in values["finetune"]
         config.finetune.dpo.lora = config.finetune.mode == "dpo" and user_lora
+    if recipe == "finetune" and config.finetune.grpo.lora is None:
+        user_lora = isinstance(values.get("finetune"), dict) and "lora" in values["finetune"]
+        config.finetune.grpo.lora = config.finetune.mode == "grpo" and user_lora
     check(config, check_paths=check_paths)
     return config
 
@@ -605,7 +637,7 @@ def check_finetune(config: RunConfig) -> None:
     need(bool(config.data.datasets), "set data.datasets to a list of {path: chat.jsonl, weight: 1.0}")
     need(config.data.seq_len >= 8, f"data.seq_len must be at least 8, got {config.data.seq_len}")
     lora_dpo = "dpo" in str(f.mode).lower() and "lora" in str(f.mode).lower()
-    need(f.mode in FINETUNE_MODES, f"finetune.mode must be full, lora or dpo, got {f.mode!r}"
+    need(f.mode in FINETUNE_MODES, f"finetune.mode must be full, lora or dpo, or grpo (online RL), got {f.mode!r}"
          + ("; for DPO on LoRA adapters set finetune.mode=dpo and finetune.dpo.lora=true" if lora_dpo else ""))
     need(f.examples is None or f.examples >= 1, f"finetune.examples must be at least 1 or null, got {f.examples}")
     need(f.epochs > 0, f"finetune.epochs must be positive, got {f.epochs}")
@@ -616,6 +648,8 @@ def check_finetune(config: RunConfig) -> None:
          f"finetune.dpo.label_smoothing must be in [0, 0.5), got {dpo.label_smoothing}")
     need(dpo.label_smoothing == 0 or dpo.loss_type == "sigmoid",
          "finetune.dpo.label_smoothing applies to loss_type sigmoid only; set it to 0 for ipo")
+    if f.mode == "grpo":
+        check_grpo(config)
     if f.uses_lora:
         need(config.train.zero_stage in (1, 2),
              "LoRA trains a few million weights at most: use train.zero_stage 1 or 2, not 3")
@@ -628,6 +662,37 @@ def check_finetune(config: RunConfig) -> None:
             need(name in LORA_TARGETS,
                  f"finetune.lora.target_modules: {name!r} is not a projection vLLM serves LoRA on{hint} "
                  f"(choose among {', '.join(LORA_TARGETS)})")
+
+
+def check_grpo(config: RunConfig) -> None:
+    """`finetune.grpo.*`, checked before any compute (the rewards are imported by the recipe's plan)."""
+    def need(ok: bool, message: str) -> None:
+        if not ok:
+            raise ConfigError(message)
+
+    g = config.finetune.grpo
+    need(g.num_generations >= 2, f"finetune.grpo.num_generations (G) must be at least 2: advantages compare a "
+                                 f"completion with the others of its group; got {g.num_generations}")
+    need(g.loss_type in GRPO_LOSSES, f"finetune.grpo.loss_type must be {', '.join(GRPO_LOSSES)}, got {g.loss_type!r}")
+    need(g.beta >= 0 and math.isfinite(g.beta), f"finetune.grpo.beta must be >= 0 (0: no KL term), got {g.beta}")
+    need(0 < g.epsilon < 1, f"finetune.grpo.epsilon must be in (0, 1), got {g.epsilon}")
+    need(g.epsilon_high is None or g.epsilon_high > 0,
+         f"finetune.grpo.epsilon_high must be positive or null, got {g.epsilon_high}")
+    need(g.num_iterations >= 1, f"finetune.grpo.num_iterations must be at least 1, got {g.num_iterations}")
+    need(g.scale_rewards in ("group", "none"),
+         f"finetune.grpo.scale_rewards must be group or none, got {g.scale_rewards!r}")
+    need(g.temperature > 0 and math.isfinite(g.temperature),
+         f"finetune.grpo.temperature must be positive, got {g.temperature}")
+    need(0 < g.top_p <= 1, f"finetune.grpo.top_p must be in (0, 1], got {g.top_p}")
+    need(1 <= g.max_completion_length < config.data.seq_len,
+         f"finetune.grpo.max_completion_length ({g.max_completion_length}) must be at least 1 and below data.seq_len "
+         f"({config.data.seq_len}), which holds the prompt and the completion")
+    need(g.generator in GRPO_GENERATORS, f"finetune.grpo.generator must be hf or vllm, got {g.generator!r}")
+    need(bool(g.rewards), "finetune.grpo.rewards is empty; list at least one, e.g. "
+                          "[{function: numeric_answer, weight: 1.0}]")
+    need(config.train.zero_stage in (1, 2),
+         "finetune.mode grpo samples with the policy's own generate(), which under ZeRO-3 would gather every "
+         "weight per token; use train.zero_stage 1 or 2")
 
 
 @dataclass(frozen=True)

@@ -60,7 +60,7 @@ def truncate_metrics(path: str | Path, last_step: int) -> None:
 # Keys of a step row that are bookkeeping rather than curves.
 _NOT_SCALARS = {"step", "skipped", "tokens"}
 # The preference recipe's curves, drawn in a panel of their own beside the loss.
-PREFERENCE_CURVES = ("margin", "accuracy")
+PREFERENCE_CURVES = ("margin", "accuracy", "reward")  # reward: GRPO's mean reward per step (and val_reward)
 
 
 def _scalars(row: dict) -> dict[str, float]:
@@ -105,7 +105,7 @@ def plot_losses(metrics_path: str | Path, png_path: str | Path) -> Path | None:
                 if curve:
                     right.plot(*zip(*curve), style, label=name.replace("_", " "), linewidth=1, markersize=3)
         right.set_xlabel("optimizer step")
-        right.set_ylabel("reward margin / preference accuracy")
+        right.set_ylabel("reward margin / preference accuracy / mean reward")
         right.grid(alpha=0.3)
         right.legend()
     fig.tight_layout()

@@ -4,9 +4,10 @@
     pretrain            pretrain.py     pangu-pi pretrain (also continued pretraining: model.init_from)
     full, lora          sft.py          pangu-pi finetune, finetune.mode: full | lora (chat SFT)
     dpo                 dpo.py          pangu-pi finetune, finetune.mode: dpo (builds on sft.py)
+    grpo                grpo.py         pangu-pi finetune, finetune.mode: grpo (builds on sft.py)
 
-A recipe imports the core (training/core.py) and, at most, a recipe it builds on: dpo imports sft,
-never the reverse, and this table is the only place that knows them all.
+A recipe imports the core (training/core.py) and, at most, a recipe it builds on: dpo and grpo
+import sft, never the reverse, and this table is the only place that knows them all.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from __future__ import annotations
 from ..config import RunConfig, build_config
 from ..core import Recipe, train
 from .dpo import PreferenceTuning
+from .grpo import GroupRelativeTuning
 from .pretrain import Pretraining
 from .sft import Finetuning
 
@@ -22,6 +24,7 @@ RECIPES: dict[str, type[Recipe]] = {
     "full": Finetuning,
     "lora": Finetuning,
     "dpo": PreferenceTuning,
+    "grpo": GroupRelativeTuning,
 }
 
 

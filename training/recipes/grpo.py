@@ -43,8 +43,9 @@ Logged per step (metrics.jsonl, TensorBoard, W&B, the plot): `reward` (mean weig
 `reward_std`, `reward_NAME` and `reward_NAME_std` per reward function, `completion_length`,
 `truncated_fraction` (cut off at max_completion_length), `zero_std_fraction` (groups whose rewards are
 all equal: no signal), `clip_fraction` (tokens whose ratio the clip holds), `kl` (β > 0),
-`reward_error_fraction`. With `eval.every`: `val_reward` (greedy completions of the held-out prompts,
-mean reward), `val_reward_NAME`, `val_completion_length`; `val_loss` is −val_reward.
+`reward_error_fraction`. With `eval.every`: `val_reward` (the mean reward of G completions of each
+held-out prompt, sampled as in training from seeds fixed for the run), `val_reward_NAME`,
+`val_completion_length`; `val_loss` is −val_reward.
 
 Refused before compute: G < 2 and every other bad `finetune.grpo.*` value (training/config.py), a
 reward that is not importable, a prompt file with no usable prompts; malformed records are counted
@@ -66,6 +67,7 @@ from .. import rewards as reward_lib
 from .sft import Finetuning, base_tokenizer, row_order
 
 ADVANTAGE_EPS = 1e-4  # TRL's: keeps a near-constant group from blowing its advantages up
+EVAL_SEED_OFFSET = 2**40  # held-out row r samples from sample_seed(seed, 2**40 + r): no training position's seed
 
 
 # ------------------------------------------------------------------------------------------------
@@ -456,7 +458,7 @@ class GroupRelativeTuning(Finetuning):
         metrics.update(m)
         return loss, int(r.attention_mask.sum()), metrics
 
-    # -- evaluation: greedy completions of the held-out prompts ----------------------------------
+    # -- evaluation: completions of the held-out prompts -----------------------------------------
 
     def evaluate(self, engine, d):
         import torch
@@ -466,22 +468,29 @@ class GroupRelativeTuning(Finetuning):
         names = [fn.name for fn in self.rewards]
         rows = self.val_rows[: max(self.config.eval.samples, d.world)]
 
+        G = self.grpo.num_generations
+
         def score(engine, items):
             total = torch.zeros(4 + 2 * len(names), dtype=torch.float64)
             for row in items:
+                # G completions, sampled as in training but from seeds of the held-out row alone, so
+                # every evaluation of the run draws the same random numbers: the curve moves with the policy.
                 p = self.data[row]
-                ids, mask, stopped = self._generate(engine.module, p.prompt_ids, 1, None, d.device)
-                n = int(mask[0].sum())
-                per_fn, totals, _ = self._score([p], [ids[0, :n].tolist()], [bool(stopped[0])], [row])
-                if not math.isnan(totals[0]):
-                    total[0] += totals[0]
-                    total[1] += 1
-                total[2] += n
-                total[3] += 1
-                for k, col in enumerate(per_fn):
-                    if not math.isnan(col[0]):
-                        total[4 + 2 * k] += col[0]
-                        total[5 + 2 * k] += 1
+                ids, mask, stopped = self._generate(engine.module, p.prompt_ids, G,
+                                                    sample_seed(self.config.seed, EVAL_SEED_OFFSET + row), d.device)
+                lens = mask.sum(1).tolist()
+                per_fn, totals, _ = self._score([p] * G, [ids[k, :n].tolist() for k, n in enumerate(lens)],
+                                                stopped.tolist(), [row] * G)
+                for k in range(G):
+                    if not math.isnan(totals[k]):
+                        total[0] += totals[k]
+                        total[1] += 1
+                    for f, col in enumerate(per_fn):
+                        if not math.isnan(col[k]):
+                            total[4 + 2 * f] += col[k]
+                            total[5 + 2 * f] += 1
+                total[2] += sum(lens)
+                total[3] += G
             return total
 
         t = sharded_sums(engine, d, rows, self.split.micro_batch_size, score, width=4 + 2 * len(names)).tolist()
