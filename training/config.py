@@ -34,6 +34,8 @@ import yaml
 from pangu_pi.config import ConfigError, PanGuPiConfig
 from pangu_pi.overrides import deep_merge as _deep_merge
 from pangu_pi.overrides import parse_override
+from pangu_pi.overrides import write_yaml as dump_yaml  # noqa: F401 (the trainer and tests name it here)
+from pangu_pi.overrides import yaml_text  # noqa: F401 (a config as YAML, in the order it was built)
 
 RECIPES = ("pretrain", "finetune")
 # The projections vLLM serves LoRA adapters on (and peft's names for them in this model).
@@ -751,11 +753,3 @@ def resolved_dict(config: RunConfig, split: BatchSplit | None = None, vocab_size
         }
     return out
 
-
-def yaml_text(data: dict) -> str:
-    """A config as YAML, in the order it was built (what `load_config` reads back)."""
-    return yaml.safe_dump(data, sort_keys=False, allow_unicode=True)
-
-
-def dump_yaml(data: dict, path: str | Path) -> None:
-    Path(path).write_text(yaml_text(data))
