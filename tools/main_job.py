@@ -149,10 +149,13 @@ def main(argv: list[str] | None = None) -> int:
 
     stage("1/5 tokenizer on the embedded default corpus (the Python standard library)")
     inputs = ["--input", *args.input] if args.input else []
-    run(pangu("tokenizer", "train", "--vocab-size", str(args.vocab_size), "--out", str(tok_dir), *inputs))
+    # A second run with the same inputs reuses the tokenizer and shards; with other --input or
+    # --vocab-size, --force lets them replace their own earlier outputs (never other files).
+    run(pangu("tokenizer", "train", "--vocab-size", str(args.vocab_size), "--out", str(tok_dir), "--force", *inputs))
 
     stage("2/5 token shards")
-    run(pangu("data", "prepare", "--tokenizer", str(tok_dir), "--out", str(data_dir), "--workers", "2", *inputs))
+    run(pangu("data", "prepare", "--tokenizer", str(tok_dir), "--out", str(data_dir), "--workers", "2", "--force",
+              *inputs))
 
     stage(f"3/5 pretraining the tiny PanGu-π with DeepSpeed in {args.nproc} processes")
     # Every run trains from scratch; the tokenizer and shards above are what a second run reuses.
