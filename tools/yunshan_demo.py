@@ -16,7 +16,11 @@ where a later run finds and reuses it (delete a stage's folder to redo it):
     4. dpo/                      `pangu-pi finetune` with finetune.mode: dpo from sft/model, on
                                  demo/preference.jsonl: the right answer against a plausible wrong
                                  one of the same family (configs/yunshan_dpo_tiny.yaml)
-    5. eval/*.json               held-out multiple-choice accuracy (and bits per character on the
+    5. grpo/                     `pangu-pi finetune` with finetune.mode: grpo from dpo/model, on
+                                 demo/grpo_prompts.jsonl: the training questions, finance ones (and
+                                 law ones with a number for answer) scored by that number, the other
+                                 law ones asked as two-option multiple choice (configs/yunshan_grpo_tiny.yaml)
+    6. eval/*.json               held-out multiple-choice accuracy (and bits per character on the
                                  held-out domain prose) before (the base) and after each stage
     summary.json                 the figures, also printed as a table
 """
@@ -119,8 +123,44 @@ def preference_pairs(demo_dir: Path, seed: int) -> Path:
     return path
 
 
+# Families whose rule ends the answer with the figure asked for (an amount, a rate, a year): GRPO
+# checks that number. The others (a verdict; marginal_rate's answer ends with the bracket bound, not
+# the rate) are asked as multiple choice between the right answer and the pair's wrong one.
+NUMERIC_FAMILIES = {"simple_interest", "compound_interest", "percent_change", "tax_owed", "filing_deadline",
+                    "inheritance"}
+
+
+def grpo_prompts(demo_dir: Path, seed: int, limit: int = 2000) -> Path:
+    """demo/grpo_prompts.jsonl from the training cases' preference pairs (the held-out questions stay
+    unseen): `{"prompt", "answer": NUMBER}` for the numeric families (numeric_answer), `{"prompt" with
+    options A and B, "option": LETTER}` for the others (option_letter), `family` on each."""
+    from pangu_pi.training.rewards import last_number
+
+    path = demo_dir / "grpo_prompts.jsonl"
+    if path.is_file():
+        return path
+    rng = random.Random(seed * 9_173 + 5)
+    rows = []
+    for line in preference_pairs(demo_dir, seed).read_text(encoding="utf-8").splitlines()[:limit]:
+        pair = json.loads(line)
+        right, wrong = pair["chosen"][0]["content"], pair["rejected"][0]["content"]
+        if pair["family"] in NUMERIC_FAMILIES:
+            rows.append({"prompt": pair["prompt"], "answer": last_number(right), "family": pair["family"]})
+            continue
+        options = [right, wrong] if rng.random() < 0.5 else [wrong, right]
+        letter = "AB"[options.index(right)]
+        question = pair["prompt"][-1]["content"]
+        asked = f"{question}\nA) {options[0]}\nB) {options[1]}\nAnswer with the letter of the right option."
+        rows.append({"prompt": [*pair["prompt"][:-1], {"role": "user", "content": asked}], "option": letter,
+                     "family": pair["family"]})
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    os.replace(tmp, path)
+    return path
+
+
 def demo(run_dir: Path, *, base_steps: int, continue_steps: int, sft_steps: int, dpo_steps: int, add_pieces: int,
-         eval_limit: int | None, seed: int) -> dict:
+         eval_limit: int | None, seed: int, grpo_steps: int = 30) -> dict:
     from pangu_pi.corpus import default_corpus_files
 
     run_dir = run_dir.resolve()
@@ -206,13 +246,25 @@ def demo(run_dir: Path, *, base_steps: int, continue_steps: int, sft_steps: int,
     dpo_summary = json.loads((dpo / "finetune_summary.json").read_text())
     end("prefer")
 
-    # 4. Held-out accuracy before and after.
+    # 5. Online RL with verifiable rewards: the rule's number, or the right option, from the DPO model.
+    stage("reinforce")
+    prompts = grpo_prompts(demo_dir, seed)
+    grpo = run_dir / "grpo"
+    if not _done(grpo / "model"):
+        run(["finetune", "--config", "configs/yunshan_grpo_tiny.yaml", "--nproc", "2", "--out", str(grpo),
+             "--no-progress", "--set", f"model.init_from={dpo / 'model'}", "--max-steps", str(grpo_steps),
+             "--set", f"data.datasets=[{{path: {prompts}, weight: 1.0}}]", "--set", f"seed={seed}"], log)
+    grpo_summary = json.loads((grpo / "finetune_summary.json").read_text())
+    end("reinforce")
+
+    # 6. Held-out accuracy before and after.
     stage("eval")
     figures = {
         "base": evaluate(base_hf, demo_dir, run_dir / "eval" / "base.json", log, eval_limit),
         "continued": evaluate(continued_hf, demo_dir, run_dir / "eval" / "continued.json", log, eval_limit),
         "instruct": evaluate(sft / "model", demo_dir, run_dir / "eval" / "instruct.json", log, eval_limit),
         "preference": evaluate(dpo / "model", demo_dir, run_dir / "eval" / "preference.json", log, eval_limit),
+        "grpo": evaluate(grpo / "model", demo_dir, run_dir / "eval" / "grpo.json", log, eval_limit),
     }
     end("eval")
     summary = {
@@ -222,10 +274,14 @@ def demo(run_dir: Path, *, base_steps: int, continue_steps: int, sft_steps: int,
         "after_acc": figures["instruct"]["acc"],
         "sft_acc": figures["instruct"]["acc"],
         "dpo_acc": figures["preference"]["acc"],
+        "grpo_acc": figures["grpo"]["acc"],
         "dpo_heldout_pairs": {k: dpo_summary.get(k) for k in ("val_loss", "val_accuracy", "val_margin")},
+        "grpo_rewards": {k: grpo_summary.get("grpo", {}).get(k) for k in ("first_reward", "final_reward")}
+        | {"val_reward": grpo_summary.get("val_reward")},
         "stages": figures,
         "seconds": timings,
-        "steps": {"base": base_steps, "continue": continue_steps, "sft": sft_steps, "dpo": dpo_steps},
+        "steps": {"base": base_steps, "continue": continue_steps, "sft": sft_steps, "dpo": dpo_steps,
+                  "grpo": grpo_steps},
         "run": str(run_dir),
     }
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
@@ -241,8 +297,10 @@ def report(summary: dict) -> str:
         f"  {'model':<36} {'acc':>6} {'acc_norm':>9} {'bits/char':>10}",
     ]
     names = {"base": "before: base", "continued": "after continued pretraining", "instruct": "after instruction tuning",
-             "preference": "after preference tuning (DPO)"}
+             "preference": "after preference tuning (DPO)", "grpo": "after RL with verifiable rewards (GRPO)"}
     for key, label in names.items():
+        if key not in s:  # a summary written before the stage existed
+            continue
         r = s[key]
         lines.append(f"  {label:<36} {100 * r['acc']:5.1f}% {100 * r['acc_norm']:8.1f}% {r['bits_per_char']:10.3f}")
     clear_win = summary["after_acc"] > max(summary["before_acc"], summary["chance"]) + 0.05
@@ -258,6 +316,12 @@ def report(summary: dict) -> str:
                 if pairs.get("val_accuracy") is not None else "")
         lines.append(f"preference tuning: accuracy {word} from {100 * summary['sft_acc']:.1f}% (SFT) to "
                      f"{100 * summary['dpo_acc']:.1f}% (DPO){held}")
+    if "grpo_acc" in summary:
+        r = summary.get("grpo_rewards") or {}
+        rewards = (f"; training reward {r['first_reward']:.3f} → {r['final_reward']:.3f}"
+                   if r.get("first_reward") is not None else "")
+        lines.append(f"GRPO: accuracy {100 * summary['dpo_acc']:.1f}% (DPO) → {100 * summary['grpo_acc']:.1f}%"
+                     f"{rewards}")
     return "\n".join(lines)
 
 
@@ -268,6 +332,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--continue-steps", type=int, default=100, help="continued-pretraining steps")
     p.add_argument("--sft-steps", type=int, default=120, help="instruction-tuning steps")
     p.add_argument("--dpo-steps", type=int, default=60, help="preference-tuning (DPO) steps after instruction tuning")
+    p.add_argument("--grpo-steps", type=int, default=30, help="GRPO steps after preference tuning")
     p.add_argument("--add", type=int, default=500, help="new tokenizer pieces to learn (at most)")
     p.add_argument("--eval-limit", type=int, help="score only the first N held-out questions")
     p.add_argument("--seed", type=int, default=0)
@@ -275,9 +340,10 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
     summary = demo(Path(args.run), base_steps=args.base_steps, continue_steps=args.continue_steps,
                    sft_steps=args.sft_steps, dpo_steps=args.dpo_steps, add_pieces=args.add, eval_limit=args.eval_limit,
-                   seed=args.seed)
+                   seed=args.seed, grpo_steps=args.grpo_steps)
     print(json.dumps({"before_acc": round(summary["before_acc"], 4), "after_acc": round(summary["after_acc"], 4),
                       "sft_acc": round(summary["sft_acc"], 4), "dpo_acc": round(summary["dpo_acc"], 4),
+                      "grpo_acc": round(summary["grpo_acc"], 4),
                       "chance": CHANCE}))
     return 0
 
