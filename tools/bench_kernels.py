@@ -27,6 +27,23 @@ the peak is reported as unavailable. As a cross-check, the bytes each backend sa
 
 On CUDA, peak memory is torch.cuda.max_memory_allocated above the allocation before the step, and
 times come from CUDA events.
+
+Figures (`run_figures`, unless --no-figures), for the backend a device runs fused (triton on CUDA,
+compiled on CPU; `siaf_backend` names it):
+- `siaf_fwd_bw_fraction`, `siaf_fwd_bwd_bw_fraction`: bytes at the minimal traffic (forward reads
+  gate, up and writes out: 3 tensors; forward+backward adds dout, gate, up read and dgate, dup
+  written: 8) per second, as a fraction of a same-device copy of a large tensor (read + write). The
+  worst over --figure-shapes; per shape in `siaf_figures`. On CPU these are CPU figures
+  (`figures_device`), nothing about a GPU.
+- `siaf_vs_compile_fwd_bwd` (and `_fwd`): torch.compile of the plain reference's time / the backend's.
+- `siaf_call_cpu_us_decode` / `_prefill`: host time of one call (inference, no gradient) of the
+  backend `auto` picks at a decode shape (1 token) and a prefill shape (--prefill-tokens); every
+  backend's in `siaf_call_cpu_us`. On CUDA that is launch cost (no synchronisation inside the timed
+  calls); on CPU it includes the arithmetic.
+- `kernel_errors`: ‖x − ref‖ / ‖ref‖ against float64, for the output and the five gradients (learned
+  c, per-channel parameters in the activations' dtype), per dtype and shape (--error-shapes).
+
+    python tools/bench_kernels.py --quick                 # CPU smoke test: small shapes, every JSON key
 """
 
 from __future__ import annotations
@@ -68,12 +85,28 @@ def parse_args(argv=None):
         action="store_true",
         help="without CUDA, run the Triton section on CPU under TRITON_INTERPRET=1 (a smoke test, small shapes)",
     )
+    p.add_argument("--quick", action="store_true", help="small shapes and few repeats (a smoke test)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="CPU threads for torch (1 gives steady CPU figures on a shared machine: an OpenMP region "
+                        "with a descheduled thread waits for a whole time slice)")
+    p.add_argument("--no-figures", action="store_true", help="skip the bandwidth, call-cost and error figures")
+    p.add_argument("--figure-shapes", default="8192x5632,4096x11008,16384x11008",
+                   help="TOKENSxWIDTH,... for the bandwidth fractions and the ratio to torch.compile")
+    p.add_argument("--error-shapes", default="333x1001,4096x5632", help="TOKENSxWIDTH,... for kernel_errors")
+    p.add_argument("--error-dtypes", default="bfloat16,float32")
+    p.add_argument("--prefill-tokens", type=int, default=4096, help="the prefill shape of the call-cost figure")
     p.add_argument(
         "--bare-compile",
         action="store_true",
         help="also time torch.compile(reference) on CPU, for comparison (another compilation, ~1 min)",
     )
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.quick:  # small defaults; shapes given explicitly are kept
+        args.tokens, args.width, args.repeats, args.warmup = min(args.tokens, 256), min(args.width, 352), 3, 1
+        for name, small in (("figure_shapes", "256x352"), ("error_shapes", "64x352,1024x352"), ("prefill_tokens", 256)):
+            if getattr(args, name) == p.get_default(name):
+                setattr(args, name, small)
+    return args
 
 
 def make_inputs(args, device):
@@ -177,7 +210,7 @@ def time_interleaved(backends, inputs, dout, args, timer):
             # Freeing the last step's gradients and output is not part of the op: both happen outside
             # the timed region.
             clear_grads(inputs)
-            seconds, out = timer(lambda: step(b, inputs, dout, args.activation))
+            seconds, out = timer(lambda b=b: step(b, inputs, dout, args.activation))
             times[b].append(seconds)
             del out
     return times
@@ -313,8 +346,170 @@ def run_cpu(args, result):
         print(f"  torch.compile(reference) vs reference: {result['bare_compile_speedup']:.2f}× faster")
 
 
+
+# ------------------------------------------------------------------------------------------- figures
+
+
+def _shapes(text: str) -> list[tuple[int, int]]:
+    return [tuple(int(x) for x in item.lower().split("x")) for item in text.split(",") if item]
+
+
+def _timer_for(device):
+    return cuda_timer if device.type == "cuda" else cpu_timer
+
+
+def _median_time(fn, repeats, warmup, device) -> float:
+    timer = _timer_for(device)
+    for _ in range(warmup):
+        fn()
+    return statistics.median(timer(fn)[0] for _ in range(repeats))
+
+
+def large_copy_gbps(device, repeats: int) -> float:
+    """A same-device copy of a large tensor (1 GiB on CUDA, 256 MiB on CPU), counted read + write."""
+    nbytes = (1 << 30) if device.type == "cuda" else (1 << 28)
+    return nbytes / copy_seconds(nbytes, repeats, device, _timer_for(device)) / 1e9
+
+
+def figure_inputs(tokens, width, dtype, device, seed=0):
+    args = argparse.Namespace(tokens=tokens, width=width, terms=2, param_shape="channel", weight=True,
+                              dtype=str(dtype).removeprefix("torch."))
+    return make_inputs(args, device)
+
+
+def bandwidth_figures(args, device, backend, copy_gbps) -> dict:
+    dtype = getattr(torch, args.dtype)
+    figures = {}
+    for tokens, width in _shapes(args.figure_shapes):
+        inputs, dout = figure_inputs(tokens, width, dtype, device)
+        elem = inputs[0].element_size()
+        times = {}
+        for b in (backend, "bare-compile"):
+
+            def fwd(b=b, inputs=inputs):
+                return call(b, inputs, args.activation)
+
+            def fwd_bwd(b=b, inputs=inputs, dout=dout):
+                clear_grads(inputs)
+                return step(b, inputs, dout, args.activation)
+
+            with torch.no_grad():
+                times[b, "fwd"] = _median_time(fwd, args.repeats, args.warmup + 1, device)
+            times[b, "fwd_bwd"] = _median_time(fwd_bwd, args.repeats, args.warmup + 1, device)
+        fwd_gbps = 3 * tokens * width * elem / times[backend, "fwd"] / 1e9
+        fb_gbps = 8 * tokens * width * elem / times[backend, "fwd_bwd"] / 1e9
+        figures[f"{tokens}x{width}"] = dict(
+            fwd_ms=times[backend, "fwd"] * 1e3, fwd_bwd_ms=times[backend, "fwd_bwd"] * 1e3,
+            compile_fwd_ms=times["bare-compile", "fwd"] * 1e3,
+            compile_fwd_bwd_ms=times["bare-compile", "fwd_bwd"] * 1e3,
+            fwd_bw_fraction=fwd_gbps / copy_gbps, fwd_bwd_bw_fraction=fb_gbps / copy_gbps,
+            vs_compile_fwd=times["bare-compile", "fwd"] / times[backend, "fwd"],
+            vs_compile_fwd_bwd=times["bare-compile", "fwd_bwd"] / times[backend, "fwd_bwd"],
+        )  # fmt: skip
+        f = figures[f"{tokens}x{width}"]
+        print(f"  {tokens}x{width} {args.dtype} {backend}: fwd {f['fwd_ms']:.3f} ms "
+              f"({f['fwd_bw_fraction']:.0%} of copy), "
+              f"fwd+bwd {f['fwd_bwd_ms']:.3f} ms ({f['fwd_bwd_bw_fraction']:.0%}); torch.compile(reference) "
+              f"{f['compile_fwd_bwd_ms']:.3f} ms: {f['vs_compile_fwd_bwd']:.2f}x")
+    return figures
+
+
+def call_cpu_us(args, device, backends) -> dict:
+    """Median host µs of one inference call per backend, at 1 token and at --prefill-tokens."""
+    from pangu_pi.kernels import resolve_backend
+
+    dtype = getattr(torch, args.dtype)
+    out = {}
+    for regime, tokens in (("decode", 1), ("prefill", args.prefill_tokens)):
+        inputs, _ = figure_inputs(tokens, args.width, dtype, device)
+        inputs = [t.detach() for t in inputs]
+        for b in backends + ["auto"]:
+            with torch.inference_mode():
+                for _ in range(args.warmup + 2):
+                    call(b, inputs, args.activation)
+                if device.type == "cuda":
+                    torch.cuda.synchronize()
+                times = []
+                for _ in range(max(args.repeats, 20) if regime == "decode" else args.repeats):
+                    t0 = time.perf_counter()
+                    call(b, inputs, args.activation)
+                    times.append(time.perf_counter() - t0)
+                if device.type == "cuda":
+                    torch.cuda.synchronize()
+            out.setdefault(b, {})[regime] = statistics.median(times) * 1e6
+        chosen = resolve_backend("auto", device, dtype, tokens, args.width, False)
+        out.setdefault("auto_picks", {})[regime] = chosen
+    return out
+
+
+def error_figures(args, device, backend) -> dict:
+    """‖x − ref‖ / ‖ref‖ against float64 for the output and the five gradients."""
+    errors = {}
+    for dtype_name in args.error_dtypes.split(","):
+        dtype = getattr(torch, dtype_name)
+        for tokens, width in _shapes(args.error_shapes):
+            inputs, dout = figure_inputs(tokens, width, dtype, device)
+            # Parameters in the activations' dtype, as a model held in that dtype has them.
+            inputs = [t.detach().to(dtype).requires_grad_() for t in inputs]
+            out = call(backend, inputs, args.activation)
+            out.backward(dout)
+            ref = [t.detach().double().requires_grad_() for t in inputs]
+            ref_out = siaf_and_mul_reference(*ref, args.activation)
+            ref_out.backward(dout.double())
+            names = ["out", "gate", "up", "scale", "shift", "weight"]
+            pairs = [(out, ref_out)] + [(t.grad, r.grad) for t, r in zip(inputs, ref)]
+            e = {k: ((x.double() - r).norm() / r.norm()).item() for k, (x, r) in zip(names, pairs)}
+            e["worst"] = max(e.values())
+            errors[f"{dtype_name}_{tokens}x{width}"] = e
+            print(f"  errors {dtype_name} {tokens}x{width} ({backend} vs float64): worst {e['worst']:.2e} "
+                  + " ".join(f"{k} {v:.1e}" for k, v in e.items() if k != "worst"))
+            del inputs, ref, out, ref_out
+    return errors
+
+
+def run_figures(args, result, device):
+    cuda = device.type == "cuda"
+    backend = "triton" if cuda else "compiled"
+    print(f"\nFigures on {device.type} ({'GPU' if cuda else 'CPU figures, nothing about a GPU'}), backend {backend}")
+    copy_gbps = large_copy_gbps(device, args.repeats)
+    print(f"  copy of a large tensor: {copy_gbps:.1f} GB/s (read + write)")
+    figures = bandwidth_figures(args, device, backend, copy_gbps)
+    calls = call_cpu_us(args, device, ["reference", "compiled"] + (["triton"] if cuda else []))
+    for b, v in calls.items():
+        if b != "auto_picks":
+            print(f"  host µs per call, {b:<9}: decode {v['decode']:8.1f}  "
+                  f"prefill ({args.prefill_tokens}) {v['prefill']:8.1f}")
+    print(f"  auto picks {calls['auto_picks']}")
+    errors = error_figures(args, device, backend)
+    worst = lambda key: min(f[key] for f in figures.values())  # noqa: E731
+    result.update(
+        siaf_backend=backend,
+        figures_device="cuda" if cuda else "cpu",
+        copy_gbps_large=copy_gbps,
+        siaf_fwd_bw_fraction=worst("fwd_bw_fraction"),
+        siaf_fwd_bwd_bw_fraction=worst("fwd_bwd_bw_fraction"),
+        siaf_vs_compile_fwd=worst("vs_compile_fwd"),
+        siaf_vs_compile_fwd_bwd=worst("vs_compile_fwd_bwd"),
+        siaf_figures=figures,
+        siaf_call_cpu_us_decode=calls["auto"]["decode"],
+        siaf_call_cpu_us_prefill=calls["auto"]["prefill"],
+        siaf_call_cpu_us=calls,
+        kernel_errors=errors,
+    )
+
+
 def main(argv=None) -> dict:
     args = parse_args(argv)
+    threads = torch.get_num_threads()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    try:
+        return _main(args)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _main(args) -> dict:
     print(
         f"SIAF fwd+bwd: {args.tokens} tokens × {args.width} width, {args.dtype}, n = {args.terms}, "
         f"{args.activation}, {args.param_shape} parameters, weight {'learned' if args.weight else 'None'}; "
@@ -331,6 +526,11 @@ def main(argv=None) -> dict:
         if os.environ.get("TRITON_INTERPRET") != "1":
             raise SystemExit("--triton-on-cpu needs TRITON_INTERPRET=1 in the environment (set before Python starts)")
         run_device(args, result, torch.device("cpu"))
+    if not args.no_figures:
+        if torch.cuda.is_available() and not args.cpu_only:
+            run_figures(args, result, torch.device("cuda"))
+        else:
+            run_figures(args, result, torch.device("cpu"))
     print(json.dumps(result))
     return result
 
