@@ -9,6 +9,8 @@ the folder entries it wrote. Before any work, `claim_output` decides:
 - a folder with the same command's complete marker and the same settings: "same" (the command may
   reuse it, as `tokenizer train` does, or write it again: the result is the same);
 - the same command with other settings: refused, unless `force`, then "replace";
+- an output from before markers (nothing but the command's file names, and pangu-pi's by its
+  content): refused, unless `force`, since its settings are unknown;
 - anything else (no marker: a folder the user or another tool made; another command's output):
   refused whatever `force` says, because replacing it would delete files pangu-pi did not write.
 
