@@ -236,6 +236,33 @@ def test_the_yunshan_demo_grpo_prompts_score_the_rules_answer_1_and_a_wrong_one_
     assert sum(bad) <= 0.1 * 90  # a wrong answer of a numeric family can end with the right figure only by chance
 
 
+def test_the_prompt_stream_gives_a_step_the_same_prompts_on_any_process_count_and_resumes():
+    """A step takes the same global positions (hence prompts and sampling seeds) whether one process
+    runs its micro-batches or two share them; the position survives a change of accumulation steps;
+    rollouts saved mid-cycle refuse another process count."""
+    from pangu_pi.training.recipes.grpo import PromptStream, Rollout
+
+    rows = list(range(20))
+    one = PromptStream(None, rows, seed=5, accum=2, iterations=1, world=1)
+    two = [PromptStream(None, rows, seed=5, accum=1, iterations=1, world=2) for _ in range(2)]
+    for _ in range(3):  # three optimizer steps of 4 prompts
+        plan = one.next_batch(2, 0, 1)["prompts"]
+        assert one.next_batch(2, 0, 1) == {"micro": 1}
+        shared = [two[r].next_batch(2, r, 2)["prompts"][0] for r in range(2)]
+        assert sorted(sum(plan, [])) == sorted(sum(shared, []))
+    assert one.samples_consumed == two[0].samples_consumed == 12
+    moved = PromptStream(None, rows, seed=5, accum=1, iterations=1, world=2)
+    moved.load_state_dict(one.state_dict())
+    assert moved.samples_consumed == 12 and moved.calls == 3
+    cycle = PromptStream(None, rows, seed=5, accum=1, iterations=2, world=1)
+    cycle.next_batch(4, 0, 1)
+    cycle.buffer = [Rollout(*(torch.zeros(2, 3) for _ in range(5)))]
+    state = cycle.state_dict()
+    assert len(state["buffer"]) == 1  # mid-cycle: the completions travel with the checkpoint
+    with pytest.raises(UserError, match="resume on 1 processes, or from a checkpoint at a step that is a multiple"):
+        PromptStream(None, rows, seed=5, accum=1, iterations=2, world=2).load_state_dict(state)
+
+
 # ------------------------------------------------------------------------------------------------
 # Runs
 
