@@ -102,7 +102,9 @@ class PromptDataset:
             for path in expand_inputs([spec.path]):
                 prompts += read_prompt_jsonl(path, tokenizer, max_prompt_len, stats)[0]
             if not prompts:
-                raise ValueError(f"{spec.path}: no usable prompts ({stats.report()}); each line must be {LAYOUT}")
+                reasons = ", ".join(f"{reason}: {n}" for reason, n in stats.malformed.most_common()) or "no records"
+                raise ValueError(f"{spec.path}: no usable prompts ({stats.read} records read; {reasons}); each line "
+                                 f"must be {LAYOUT}")
             per_source[spec.path] = stats.to_dict()
             self.records.merge(stats)
             datasets.append(prompts)

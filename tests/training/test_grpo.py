@@ -175,7 +175,7 @@ def test_a_prompt_file_without_prompts_and_an_unimportable_reward_are_refused_be
     config["data"]["datasets"] = [str(empty)]
     with pytest.raises(UserError, match="no usable prompts") as err:
         _run(config)
-    assert "no_prompt: 2" in str(err.value)
+    assert "no_prompt: 2" in str(err.value) and "\n" not in str(err.value)
     config = _config(work, tmp_path / "b", rewards=[{"function": "no_such_rewards_module:score"}])
     with pytest.raises(UserError, match="cannot import module 'no_such_rewards_module'") as err:
         _run(config)
