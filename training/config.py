@@ -190,12 +190,13 @@ class FinetuneConfig:
 
     # full: every weight, an HF checkpoint in OUT/model | lora: an adapter in OUT/adapter
     # dpo: preference pairs, full weights (OUT/model) or, with dpo.lora, an adapter (OUT/adapter)
+    # grpo: prompts and rewards (online RL), full weights or, with grpo.lora, an adapter
     mode: str = "full"
     lora: LoraConfig = field(default_factory=LoraConfig)
     dpo: DpoConfig = field(default_factory=DpoConfig)
     grpo: GrpoConfig = field(default_factory=GrpoConfig)
-    examples: int | None = None  # examples (pairs, for dpo) drawn into the mixture per epoch; null = all of them
-    epochs: float = 1.0  # passes over the packed rows (pairs) when train.max_steps is null
+    examples: int | None = None  # examples (pairs for dpo, prompts for grpo) drawn per epoch; null = all of them
+    epochs: float = 1.0  # passes over the packed rows (pairs, prompts) when train.max_steps is null
 
     @property
     def uses_lora(self) -> bool:

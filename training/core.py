@@ -1,6 +1,6 @@
 """The training core that every recipe runs on.
 
-A recipe (training/recipes/: pretrain, sft, dpo) supplies its model, its data stream and its loss
+A recipe (training/recipes/: pretrain, sft, dpo, grpo) supplies its model, its data stream and its loss
 through the `Recipe` interface below. The core runs it, one named step at a time:
 
     claim       rank 0 makes OUT this run's (training/run_folder.py: one run per folder, a lock)
