@@ -104,17 +104,23 @@ DEFAULT_RULES: tuple[Rule, ...] = (
 )  # fmt: skip
 
 _python_overrides: tuple[Rule, ...] = ()
+# (environment table text, override generation, device, dtype, tokens, width, graph) → Rule. A plain
+# dict: hashing the rules themselves on every call (an lru_cache keyed by the table) cost ~5 µs a call,
+# a quarter of a decode-sized reference call.
+_cache: dict[tuple, Rule] = {}
+_generation = 0
 
 
 def set_override_rules(rules) -> None:
     """Rules tried before the defaults (and after PANGU_PI_SIAF_AUTO_TABLE's); [] clears them."""
-    global _python_overrides
+    global _python_overrides, _generation
     rules = tuple(rules)
     for r in rules:
         if r.backend not in NAMED_BACKENDS:
             raise UserError(f"SIAF auto rule names backend {r.backend!r}; use one of {', '.join(NAMED_BACKENDS)}")
     _python_overrides = rules
-    lookup.cache_clear()
+    _generation += 1
+    _cache.clear()
 
 
 def _parse_range(text: str, what: str, spec: str) -> tuple[int, int | None]:
@@ -165,20 +171,20 @@ def rules() -> tuple[Rule, ...]:
     return parse_table(os.environ.get(ENV_TABLE, "")) + _python_overrides + DEFAULT_RULES
 
 
-@functools.lru_cache(maxsize=4096)
-def _lookup(table: tuple[Rule, ...], device: str, dtype: str, tokens: int, width: int, graph: bool) -> Rule:
-    for rule in table:
-        if rule.matches(device, dtype, tokens, width, graph):
-            return rule
-    return Rule("reference", why="no rule matched")
-
-
 def lookup(device: str, dtype: str, tokens: int, width: int, graph: bool) -> Rule:
     """The first rule of the table in force that matches (cached per call signature)."""
-    return _lookup(rules(), device, dtype, tokens, width, graph)
-
-
-lookup.cache_clear = _lookup.cache_clear  # type: ignore[attr-defined]
+    env = os.environ.get(ENV_TABLE, "")
+    key = (env, _generation, device, dtype, tokens, width, graph)
+    rule = _cache.get(key)
+    if rule is None:
+        rule = next(
+            (r for r in parse_table(env) + _python_overrides + DEFAULT_RULES if r.matches(*key[2:])),
+            Rule("reference", why="no rule matched"),
+        )
+        if len(_cache) >= 4096:  # prefill token counts vary without bound
+            _cache.clear()
+        _cache[key] = rule
+    return rule
 
 
 def regime(tokens: int, graph: bool) -> str:
