@@ -257,6 +257,12 @@ def loss_comparison(argv: list[str] | None) -> dict:
     return result
 
 
+def _default_fused_loss() -> bool:
+    from pangu_pi.training.config import TrainConfig
+
+    return TrainConfig().fused_loss
+
+
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -316,7 +322,7 @@ def main(argv: list[str] | None = None) -> dict:
         "settings": {"preset": args.preset, "vocab_size": args.vocab_size, "seq_len": args.seq_len,
                      "micro_batch": args.micro_batch, "grad_accum": args.grad_accum, "steps": args.steps,
                      "warmup_steps": args.warmup_steps, "precision": args.precision, "zero_stage": args.zero_stage,
-                     "compile": args.compile, "fused_loss": sets.get("train.fused_loss", "default"),
+                     "compile": args.compile, "fused_loss": sets.get("train.fused_loss", _default_fused_loss()),
                      "set": args.set, "llama": "identity-configured PanGu-π (1 SIAF term, a=1, b=0; no shortcut)"},
     }
     for name, fig in (("PanGu-π", pangu), ("LLaMA", llama)):
