@@ -10,8 +10,9 @@ TRL's GRPOTrainer runs here unchanged:
                     special tokens removed)
     completion_ids  one per completion: the sampled token ids (the end-of-turn token included)
     **fields        every other field of the prompt records, one value per completion (`answer`,
-                    `tools`, ...), and `stopped` (whether the completion ended with an end-of-turn
-                    token rather than at finetune.grpo.max_completion_length)
+                    `tools`, ...; a field named like an argument here is not passed), and `stopped`
+                    (whether the completion ended with an end-of-turn token rather than at
+                    finetune.grpo.max_completion_length)
 
 Return one number per completion, or None where the function does not apply (a format check on a
 record that has no schema). Configure them as a list; each entry names a built-in or `module:function`,

@@ -338,7 +338,8 @@ class GroupRelativeTuning(Finetuning):
         import torch
 
         texts = [self.tokenizer.decode(ids, skip_special_tokens=True) for ids in completion_ids]
-        keys = sorted({k for p in prompts for k in p.fields})
+        # A record field named like one of the call's own arguments cannot reach the rewards.
+        keys = sorted({k for p in prompts for k in p.fields} - {"prompts", "completions", "completion_ids", "stopped"})
         fields = {k: [p.fields.get(k) for p in prompts] for k in keys}
         fields["stopped"] = list(stopped)
         per_fn, totals, errors = reward_lib.score(
