@@ -468,33 +468,34 @@ def error_figures(args, device, backend) -> dict:
 
 
 def run_figures(args, result, device):
+    """Errors first, then call costs, then bandwidth (the part that compiles most): after each, a JSON
+    line marked "partial", so a run cut short by a time limit keeps what it measured."""
     cuda = device.type == "cuda"
     backend = "triton" if cuda else "compiled"
     print(f"\nFigures on {device.type} ({'GPU' if cuda else 'CPU figures, nothing about a GPU'}), backend {backend}")
-    copy_gbps = large_copy_gbps(device, args.repeats)
-    print(f"  copy of a large tensor: {copy_gbps:.1f} GB/s (read + write)")
-    figures = bandwidth_figures(args, device, backend, copy_gbps)
+    result.update(siaf_backend=backend, figures_device="cuda" if cuda else "cpu")
+    result["kernel_errors"] = error_figures(args, device, backend)
+    print(json.dumps({**result, "partial": True}), flush=True)
     calls = call_cpu_us(args, device, ["reference", "compiled"] + (["triton"] if cuda else []))
     for b, v in calls.items():
         if b != "auto_picks":
             print(f"  host µs per call, {b:<9}: decode {v['decode']:8.1f}  "
                   f"prefill ({args.prefill_tokens}) {v['prefill']:8.1f}")
     print(f"  auto picks {calls['auto_picks']}")
-    errors = error_figures(args, device, backend)
+    result.update(siaf_call_cpu_us_decode=calls["auto"]["decode"], siaf_call_cpu_us_prefill=calls["auto"]["prefill"],
+                  siaf_call_cpu_us=calls)
+    print(json.dumps({**result, "partial": True}), flush=True)
+    copy_gbps = large_copy_gbps(device, args.repeats)
+    print(f"  copy of a large tensor: {copy_gbps:.1f} GB/s (read + write)")
+    figures = bandwidth_figures(args, device, backend, copy_gbps)
     worst = lambda key: min(f[key] for f in figures.values())  # noqa: E731
     result.update(
-        siaf_backend=backend,
-        figures_device="cuda" if cuda else "cpu",
         copy_gbps_large=copy_gbps,
         siaf_fwd_bw_fraction=worst("fwd_bw_fraction"),
         siaf_fwd_bwd_bw_fraction=worst("fwd_bwd_bw_fraction"),
         siaf_vs_compile_fwd=worst("vs_compile_fwd"),
         siaf_vs_compile_fwd_bwd=worst("vs_compile_fwd_bwd"),
         siaf_figures=figures,
-        siaf_call_cpu_us_decode=calls["auto"]["decode"],
-        siaf_call_cpu_us_prefill=calls["auto"]["prefill"],
-        siaf_call_cpu_us=calls,
-        kernel_errors=errors,
     )
 
 
