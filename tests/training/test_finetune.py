@@ -219,7 +219,7 @@ def test_lora_adapter_saves_in_the_served_layout_and_changes_the_output(base_dir
         ("optim.lrr=1e-3", "did you mean 'optim.lr'"),
         ("finetune.lora.rank=4", "did you mean 'finetune.lora.r'"),
         ("warmup_steps=3", "did you mean 'schedule.warmup_steps'"),
-        ("finetune.mode=qlora", "finetune.mode must be full, lora, dpo"),
+        ("finetune.mode=qlora", "finetune.mode must be full, lora.*got 'qlora'"),
         ("finetune.lora.target_modules=[q_prj]", "did you mean 'q_proj'"),
     ],
 )
