@@ -15,7 +15,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pangu_pi.kernels import ENV_BACKEND, resolve_backend, siaf_and_mul
+from pangu_pi.kernels import ENV_BACKEND, resolve_backend, siaf_and_mul, siaf_and_mul_reference
 
 pytestmark = [
     pytest.mark.gpu,
@@ -87,3 +87,27 @@ def test_inductor_inlines_the_triton_op_and_matches_eager():
         for _ in range(3):  # record, then replay the CUDA graph
             out = compiled(x, layers).clone()
     torch.testing.assert_close(out, eager, rtol=2e-2, atol=2e-2)
+
+
+def test_inductor_inlines_the_triton_op_in_training():
+    # train.compile compiles each decoder block: inside that graph "auto" picks the Triton op, so its
+    # registered backward (the backward triton_op) runs in inductor's backward graph too.
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(256, 64, generator=gen).to("cuda").requires_grad_()
+    w = (torch.randn(2 * 704, 64, generator=gen) * 0.1).to("cuda").requires_grad_()
+    a, b, c = ((1 + torch.randn(2, 704, generator=gen) * 0.1).to("cuda").requires_grad_() for _ in range(3))
+
+    def block(x, w, a, b, c, op):
+        gate, up = (x @ w.t()).chunk(2, dim=-1)
+        return op(gate, up, a, b, c).square().sum()
+
+    leaves = [x, w, a, b, c]
+    ref_leaves = [t.detach().double().requires_grad_() for t in leaves]
+    ref_loss = block(*ref_leaves, siaf_and_mul_reference)
+    ref_loss.backward()
+    fused = lambda *args: siaf_and_mul(*args, backend="auto")  # noqa: E731
+    loss = torch.compile(block, fullgraph=True)(*leaves, fused)
+    loss.backward()
+    torch.testing.assert_close(loss.double(), ref_loss, rtol=1e-4, atol=1e-4)
+    for t, r in zip(leaves, ref_leaves):
+        torch.testing.assert_close(t.grad.double(), r.grad, rtol=1e-3, atol=1e-4)
