@@ -294,7 +294,7 @@ def report(summary: dict) -> str:
     n = s["base"]["n"]
     lines = [
         f"\nheld-out multiple choice ({n} questions, 4 options; chance {100 * summary['chance']:.0f}%):",
-        f"  {'model':<36} {'acc':>6} {'acc_norm':>9} {'bits/char':>10}",
+        f"  {'model':<40} {'acc':>6} {'acc_norm':>9} {'bits/char':>10}",
     ]
     names = {"base": "before: base", "continued": "after continued pretraining", "instruct": "after instruction tuning",
              "preference": "after preference tuning (DPO)", "grpo": "after RL with verifiable rewards (GRPO)"}
@@ -302,7 +302,7 @@ def report(summary: dict) -> str:
         if key not in s:  # a summary written before the stage existed
             continue
         r = s[key]
-        lines.append(f"  {label:<36} {100 * r['acc']:5.1f}% {100 * r['acc_norm']:8.1f}% {r['bits_per_char']:10.3f}")
+        lines.append(f"  {label:<40} {100 * r['acc']:5.1f}% {100 * r['acc_norm']:8.1f}% {r['bits_per_char']:10.3f}")
     clear_win = summary["after_acc"] > max(summary["before_acc"], summary["chance"]) + 0.05
     verdict = "beats" if clear_win else "does NOT clearly beat"
     lines.append(f"after {100 * summary['after_acc']:.1f}% {verdict} before {100 * summary['before_acc']:.1f}% "
