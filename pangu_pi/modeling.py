@@ -380,6 +380,9 @@ class PanGuPiModel(PanGuPiPreTrainedModel):
                 position_embeddings=position_embeddings,
                 attention_mask=mask,
                 past_key_values=past_key_values if use_cache else None,
+                # Attention backends that need the positions (flash attention's packed documents, a
+                # sequence-parallel wrapper gathering them) read them here, as in transformers' models.
+                position_ids=position_ids,
                 **kwargs,
             )
         hidden = self.norm(hidden)

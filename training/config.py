@@ -109,6 +109,12 @@ class TrainConfig:
     fused_loss: bool = True
     max_bad_steps: int = 5  # stop after this many optimizer steps in a row skipped for a non-finite loss/grad
     log_every: int = 1  # write a metrics line every this many optimizer steps
+    # Ranks that split each sequence (DeepSpeed Ulysses: training/sequence_parallel.py); the
+    # data-parallel degree is processes / sequence_parallel.
+    sequence_parallel: int = 1
+    # The SIAF FFN and the augmented shortcuts computed a tile of tokens at a time, their
+    # intermediates recomputed in backward (DeepSpeed's TiledMLP: training/tiled_compute.py).
+    tiled_mlp: bool = False
 
 
 @dataclass
@@ -597,6 +603,12 @@ def check(config: RunConfig, check_paths: bool = True) -> None:
     need(t.zero_stage in (1, 2, 3), f"train.zero_stage must be 1, 2 or 3, got {t.zero_stage}")
     need(t.max_bad_steps >= 1, f"train.max_bad_steps must be at least 1, got {t.max_bad_steps}")
     need(t.log_every >= 1, f"train.log_every must be at least 1, got {t.log_every}")
+    need(isinstance(t.sequence_parallel, int) and not isinstance(t.sequence_parallel, bool)
+         and t.sequence_parallel >= 1,
+         f"train.sequence_parallel must be a whole number >= 1 (1: off), got {t.sequence_parallel!r}")
+    need(not (t.tiled_mlp and t.compile),
+         "train.tiled_mlp recomputes the FFN in DeepSpeed's autograd function, which train.compile's blocks "
+         "cannot trace; set one of them to false")
     need(t.activation_checkpointing in (True, False, "none", "full", "selective"),
          f"train.activation_checkpointing must be none, full or selective (true/false mean full/none), "
          f"got {t.activation_checkpointing!r}")

@@ -37,6 +37,7 @@ from pangu_pi.errors import UserError
 
 from . import checkpoint as ckpt
 from . import faults, launch, run_folder, speed
+from . import sequence_parallel as sequence_parallel_
 from .callbacks import Callback, CallbackList
 from .config import BatchSplit, RunConfig, dump_yaml, resolved_dict, yaml_text
 from .distributed import Dist, end_distributed, init_distributed, quiet_libraries
@@ -71,6 +72,9 @@ class Recipe:
     model_config: Any
     train_stream: Any  # next_batch(n, rank, world) -> batch; samples_consumed; state_dict(); load_state_dict()
     progress: bool = True
+    # Set by the core before the engine is built: None, or the run's sequence parallelism
+    # (training/sequence_parallel.py), whose `causal_lm_loss` a recipe's `loss` calls on whole sequences.
+    sequence_parallel: Any = None
 
     def plan(self, world_size: int, progress: bool) -> Any:
         raise NotImplementedError
@@ -128,7 +132,11 @@ def train(recipe: Recipe, *, progress: bool = True, callbacks: list[Callback] | 
 
     def claim_and_plan():
         claim.append(run_folder.claim(recipe.config.out, recipe.config.recipe, force=force))
-        return claim[0].run_id, recipe.plan(d.world, progress)
+        # Sequence parallelism: N ranks share each sequence, so the batch splits over world / N.
+        sp = recipe.config.train.sequence_parallel
+        if sp > 1:
+            sequence_parallel_.check(recipe.config, d.world, recipe.config.model_config())
+        return claim[0].run_id, recipe.plan(d.world // sp, progress)
 
     try:
         run_id, plan = d.share_from_rank0(claim_and_plan)
@@ -137,6 +145,7 @@ def train(recipe: Recipe, *, progress: bool = True, callbacks: list[Callback] | 
     finally:
         for c in claim:
             c.release()
+        sequence_parallel_.teardown()
         end_distributed()
         if env is not None:
             launch.restore_env(env)
@@ -220,6 +229,15 @@ class Trainer:
         # loss: training/speed.py) before DeepSpeed wraps it.
         model = self.recipe.build_model(ds_config)
         self.speed = speed.apply_speed_features(model, config.train, ds_config["zero_optimization"]["stage"])
+        if config.train.tiled_mlp:
+            from .tiled_compute import tile_token_wise_modules
+
+            self.speed["tiled_modules"] = tile_token_wise_modules(model)
+        # Ulysses attention registered for this model, SP and SP×DP groups built (DeepSpeed reduces
+        # gradients and partitions ZeRO state over all ranks, and divides by the DP degree).
+        self.sp = self.recipe.sequence_parallel = sequence_parallel_.setup(
+            model, config, self.d, self.split.micro_batch_size)
+        self.dp_rank, self.dp_world = (self.sp.dp_rank, self.sp.dp_world) if self.sp else (self.d.rank, self.d.world)
 
         schedule = make_schedule(config.schedule, self.max_steps)
         self.engine, _, _, self.scheduler = deepspeed.initialize(
@@ -227,6 +245,7 @@ class Trainer:
             model_parameters=param_groups(model, config.optim.weight_decay),
             config=ds_config,
             lr_scheduler=lambda opt: lr_scheduler(opt, schedule),
+            mpu=self.sp.mpu if self.sp else None,
         )
 
     def restore(self) -> None:
@@ -273,9 +292,14 @@ class Trainer:
             pass
         for line in recipe.describe(self.d, n_params).splitlines():
             self.logger.message(line)
+        if self.sp:
+            self.logger.message(self.sp.describe())
+        self.summary.update(sequence_parallel=self.sp.size if self.sp else 1, data_parallel=self.dp_world)
         self.logger.message(f"speed: activation checkpointing {self.speed['activation_checkpointing']}, "
                             f"{self.speed['compiled_blocks']} compiled blocks, "
-                            f"{'fused' if self.speed['fused_loss'] else 'plain'} loss")
+                            f"{'fused' if self.speed['fused_loss'] else 'plain'} loss"
+                            + (f", {self.speed['tiled_modules']} tiled FFN/shortcut modules"
+                               if self.speed.get("tiled_modules") else ""))
         self.fpt = recipe.flops_per_token()
         self.peak = peak_flops(config.log.peak_flops_per_device, config.train.precision)
         self.timer = PhaseTimer(config.log.phase_times, self.d.device)
@@ -286,7 +310,8 @@ class Trainer:
         """One micro-batch: data, forward and loss, backward, DeepSpeed's step (which applies the
         update only at the accumulation boundary). Returns device tensors; nothing is read back."""
         recipe, engine, d, timer = self.recipe, self.engine, self.d, self.timer
-        batch = self.stream.next_batch(self.split.micro_batch_size, d.rank, d.world)
+        # The ranks of an SP group read the same samples (each keeps its slice of the tokens).
+        batch = self.stream.next_batch(self.split.micro_batch_size, self.dp_rank, self.dp_world)
         timer.mark("data")
         loss, n_tokens, *extra = recipe.loss(engine, batch, d)
         if self.callbacks:
@@ -341,6 +366,8 @@ class Trainer:
                "tokens_per_s": tps, "tokens_per_s_per_gpu": per_device,
                "mfu": per_device * self.fpt / self.peak if self.peak and self.fpt else None,
                "skipped": not applied, "tokens": self.tokens_seen, **dict(zip(names, means)), **self.timer.read()}
+        if self.sp:
+            row["sequence_parallel"] = self.sp.size
         self.logger.step(row)
         self.summary.update(step=step, loss=loss)
         self.last_row = row

@@ -17,7 +17,9 @@ and stage3.py):
   tensors the size of that group (sqrt(v) and its quotient) for the unfused one;
 - activations kept for backward, counted tensor by tensor for a PanGu-π block with fused (SDPA /
   flash) attention, so no seq² term; with activation checkpointing only each block's input is kept,
-  plus one block's activations while it is recomputed;
+  plus one block's activations while it is recomputed; under `train.sequence_parallel: N` each rank
+  keeps 1/N of every sequence's tokens (Ulysses trades the split of tokens for a split of heads in
+  attention, the same number of elements), and the batch splits over world / N data-parallel ranks;
 - the logits and their fp32 loss copies, which at a 100k vocabulary rival a block's activations;
 - DeepSpeed's gradient bucket and, under ZeRO-3, the reduce-scatter's interleaved copy of it (each
   capped by the parameter count: a bucket holds at most every gradient); below ZeRO-3 the all-gather
@@ -74,6 +76,7 @@ class MemoryEstimate:
     logits: float
     buffers: float
     baseline: float = 0.0
+    sequence_parallel: int = 1
 
     @property
     def total(self) -> float:
@@ -109,7 +112,8 @@ def estimate_memory(run_config, world_size: int, vocab_size: int | None = None, 
     """Bytes per GPU for `run_config` (a pangu_pi.training.config.RunConfig) on `world_size` GPUs;
     `device="cpu"` for a CPU-only run (DeepSpeed's CPU settings and the process baseline)."""
     model = run_config.model_config(vocab_size)
-    split = resolve_batch(run_config.batch, world_size)
+    sp = getattr(run_config.train, "sequence_parallel", 1)
+    split = resolve_batch(run_config.batch, world_size // sp)  # the batch splits over the DP ranks
     on_gpu = device != "cpu"
     ds = deepspeed_config(run_config, split, on_gpu)  # the trainer's own, with the run's overrides
     zero = ds.get("zero_optimization", {})
@@ -133,7 +137,7 @@ def estimate_memory(run_config, world_size: int, vocab_size: int | None = None, 
     fused = ds.get("optimizer", {}).get("params", {}).get("fused", False)
     optimizer_temporaries = 0.0 if offload or fused else 8 * group
 
-    tokens = split.micro_batch_size * run_config.data.seq_len
+    tokens = split.micro_batch_size * run_config.data.seq_len // sp  # this rank's slice of each sequence
     per_layer = activation_elements_per_token_per_layer(model) * tokens * b
     layers = model.num_hidden_layers
     from .speed import ac_mode, selective_elements_per_token_per_layer
@@ -167,7 +171,7 @@ def estimate_memory(run_config, world_size: int, vocab_size: int | None = None, 
         buffers = (reduce_bucket + min(P, float(zero.get("allgather_bucket_size", 5e8)))) * b
     baseline = 0.0 if on_gpu else float(CPU_PROCESS_BASELINE)
     return MemoryEstimate(P, n, stage, weights, gathered, gradients, optimizer, gradient_copy,
-                          optimizer_temporaries, activations, logits, buffers, baseline)
+                          optimizer_temporaries, activations, logits, buffers, baseline, sp)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -175,14 +179,17 @@ def main(argv: list[str] | None = None) -> int:
 
     parser = argparse.ArgumentParser(prog="python -m pangu_pi.training.memory", description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", required=True)
-    parser.add_argument("--gpus", type=int, required=True, help="data-parallel size (all GPUs of all nodes)")
+    parser.add_argument("--gpus", type=int, required=True,
+                        help="all GPUs of all nodes (data parallel × train.sequence_parallel)")
     parser.add_argument("--device", choices=("cuda", "cpu"), default="cuda", help="cpu: a run on processors alone")
     add_set_argument(parser, "override config keys, e.g. train.zero_stage=3")
     args = parser.parse_args(argv)
     config = load_config(args.config, args.set)
     est = estimate_memory(config, args.gpus, device=args.device)
     print(f"{args.config}: {est.parameters / 1e9:.2f} B parameters, ZeRO-{est.zero_stage}, "
-          f"{config.train.precision}, {args.gpus} {'processes' if args.device == 'cpu' else 'GPUs'}")
+          f"{config.train.precision}, {args.gpus} {'processes' if args.device == 'cpu' else 'GPUs'}"
+          + (f", sequence parallel {est.sequence_parallel} (data parallel {args.gpus // est.sequence_parallel})"
+             if est.sequence_parallel > 1 else ""))
     print(est.table())
     return 0
 

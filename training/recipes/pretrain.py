@@ -135,6 +135,8 @@ class Pretraining(Recipe):
 
     def loss(self, engine, batch, d):
         batch = batch.to(d.device, non_blocking=True)
+        if self.sequence_parallel:  # this rank's slice of every sequence (training/sequence_parallel.py)
+            return self.sequence_parallel.causal_lm_loss(engine, batch[:, :-1], batch[:, 1:])
         # The model computes the loss (train.fused_loss: without forming the logits); the targets are
         # the inputs shifted by one.
         loss = engine(input_ids=batch[:, :-1], shift_labels=batch[:, 1:]).loss

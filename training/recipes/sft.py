@@ -122,6 +122,12 @@ class RowStream:
         self.samples_consumed = int(state["samples_consumed"])
 
 
+def _rows_without_mask(items) -> dict:
+    import torch
+
+    return {k: torch.stack([item[k] for item in items]) for k in ("input_ids", "labels", "position_ids")}
+
+
 def split_rows(n_rows: int, config: RunConfig) -> tuple[list[int], list[int]]:
     """(training rows, held-out rows): with evaluation on, `data.val_fraction` of the packed rows
     (at least one), drawn by a seeded shuffle, are kept out of training."""
@@ -181,6 +187,10 @@ class Finetuning(Recipe):
         self._loaded = None
 
     def make_stream(self, rows: list[int]) -> RowStream:
+        if self.config.train.sequence_parallel > 1:
+            # No (T, T) block mask per row: under sequence parallelism attention rebuilds the whole
+            # sequence's from the gathered position ids (training/sequence_parallel.py).
+            return RowStream(self.data, rows, self.config.seed, self.attn, collate=_rows_without_mask)
         return RowStream(self.data, rows, self.config.seed, self.attn)
 
     def plan(self, world_size: int, progress: bool) -> dict:
@@ -227,6 +237,16 @@ class Finetuning(Recipe):
 
     def loss(self, engine, batch, d):
         batch = {k: v.to(d.device, non_blocking=True) for k, v in batch.items()}
+        if self.sequence_parallel:
+            # Shifted before the split (a slice's last target is the next slice's first token); the
+            # block mask is rebuilt from the gathered position ids (training/sequence_parallel.py).
+            import torch.nn.functional as F
+
+            from ..sft_data import IGNORE_INDEX
+
+            shift = F.pad(batch["labels"], (0, 1), value=IGNORE_INDEX)[:, 1:]
+            return self.sequence_parallel.causal_lm_loss(engine, batch["input_ids"], shift, batch["position_ids"],
+                                                         ignore_index=IGNORE_INDEX)
         # The model computes assistant_loss's value from the labels (train.fused_loss: without
         # forming the logits); it shifts them itself.
         return engine(**batch).loss, int(batch["input_ids"].numel())
