@@ -51,11 +51,13 @@ LAUNCH = "import sys; from pangu_pi.cli import main; sys.exit(main(sys.argv[1:])
 def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", type=Path, help="PanGu-π checkpoint (default: build one of --preset)")
-    p.add_argument("--preset", default="tiny", help="shape of the built checkpoint, e.g. pangu-pi-1b (the vocabulary is "
+    p.add_argument("--preset", default="tiny",
+                   help="shape of the built checkpoint, e.g. pangu-pi-1b (the vocabulary is "
                    "that of a tokenizer trained on the embedded corpus)")
     p.add_argument("--workdir", type=Path, help="scratch folder for checkpoints and caches (default: a temp dir)")
     p.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
-    p.add_argument("--requests-per-client", type=int, default=2, help="requests per client at each level (min 4 in all)")
+    p.add_argument("--requests-per-client", type=int, default=2,
+                   help="requests per client at each level (min 4 in all)")
     p.add_argument("--prompt-tokens", type=int, default=64)
     p.add_argument("--max-tokens", type=int, default=64)
     p.add_argument("--dtype", default="float32")
@@ -124,7 +126,8 @@ class Server:
         cmd = [sys.executable, "-c", LAUNCH, "serve", str(model), "--name", name, "--port", str(self.port),
                "--dtype", args.dtype, "--max-model-len", str(args.prompt_tokens + args.max_tokens + 8),
                "--", "--max-num-seqs", str(max(args.concurrency)), *vllm_args]  # fmt: skip
-        self.process = subprocess.Popen(cmd, env=env, stdout=open(log, "wb"), stderr=subprocess.STDOUT, start_new_session=True)
+        self.process = subprocess.Popen(cmd, env=env, stdout=open(log, "wb"), stderr=subprocess.STDOUT,
+                                        start_new_session=True)
         self.headers: dict[str, str] = {}
 
     def wait(self, timeout: float = 900) -> None:
@@ -502,7 +505,8 @@ def report(results: list[dict], args: argparse.Namespace) -> int:
         if "weight_bytes_per_s" in ratios:
             share = ratios["weight_bytes_per_s"] / ratios["memory_bandwidth_bytes_per_s"]
             ratios["weight_bytes_per_s_vs_bandwidth"] = share
-    print(json.dumps({**ratios, "prompt_tokens": args.prompt_tokens, "max_tokens": args.max_tokens, "results": results}))
+    print(json.dumps({**ratios, "prompt_tokens": args.prompt_tokens, "max_tokens": args.max_tokens,
+                      "results": results}))
     return 0
 
 

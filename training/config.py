@@ -617,7 +617,8 @@ def check(config: RunConfig, check_paths: bool = True) -> None:
          "compiler cannot trace; use train.zero_stage 1 or 2 with compile, or set train.compile=false")
     need(o.implementation in OPTIMIZER_IMPLEMENTATIONS,
          f"optim.implementation must be {' or '.join(OPTIMIZER_IMPLEMENTATIONS)}, got {o.implementation!r}")
-    need(config.checkpoint.save_every >= 1, f"checkpoint.save_every must be at least 1, got {config.checkpoint.save_every}")
+    need(config.checkpoint.save_every >= 1,
+         f"checkpoint.save_every must be at least 1, got {config.checkpoint.save_every}")
     need(
         config.checkpoint.keep_last is None or config.checkpoint.keep_last >= 1,
         f"checkpoint.keep_last must be at least 1 or null, got {config.checkpoint.keep_last}",
@@ -658,7 +659,8 @@ def check_finetune(config: RunConfig) -> None:
     need(f.epochs > 0, f"finetune.epochs must be positive, got {f.epochs}")
     dpo = f.dpo
     need(dpo.beta > 0 and math.isfinite(dpo.beta), f"finetune.dpo.beta must be a positive number, got {dpo.beta}")
-    need(dpo.loss_type in DPO_LOSSES, f"finetune.dpo.loss_type must be {' or '.join(DPO_LOSSES)}, got {dpo.loss_type!r}")
+    need(dpo.loss_type in DPO_LOSSES,
+         f"finetune.dpo.loss_type must be {' or '.join(DPO_LOSSES)}, got {dpo.loss_type!r}")
     need(0 <= dpo.label_smoothing < 0.5,
          f"finetune.dpo.label_smoothing must be in [0, 0.5), got {dpo.label_smoothing}")
     need(dpo.label_smoothing == 0 or dpo.loss_type == "sigmoid",
@@ -670,7 +672,8 @@ def check_finetune(config: RunConfig) -> None:
              "LoRA trains a few million weights at most: use train.zero_stage 1 or 2, not 3")
         need(lora.r >= 1, f"finetune.lora.r must be at least 1, got {lora.r}")
         need(0 <= lora.dropout < 1, f"finetune.lora.dropout must be in [0, 1), got {lora.dropout}")
-        need(bool(lora.target_modules), "finetune.lora.target_modules is empty; name some of " + ", ".join(LORA_TARGETS))
+        need(bool(lora.target_modules),
+             "finetune.lora.target_modules is empty; name some of " + ", ".join(LORA_TARGETS))
         for name in lora.target_modules:
             close = difflib.get_close_matches(str(name), LORA_TARGETS, n=1)
             hint = f"; did you mean {close[0]!r}?" if close else ""

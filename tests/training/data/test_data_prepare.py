@@ -263,4 +263,5 @@ def test_an_unguarded_script_with_workers_fails_fast_instead_of_hanging(tokenize
     run = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=240, cwd=tmp_path)
     assert run.returncode == 1
     assert "called while a worker process was importing the main script" in run.stderr
-    assert run.stderr.strip().splitlines()[-1].startswith("pangu_pi.training.data.shards.DataError: a tokenizing worker")
+    last_line = run.stderr.strip().splitlines()[-1]
+    assert last_line.startswith("pangu_pi.training.data.shards.DataError: a tokenizing worker")
