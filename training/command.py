@@ -68,7 +68,9 @@ def main(argv: list[str], recipe: str) -> int:
         try:
             # Every data, tokenizer and resume problem reported once (and the default data built once),
             # before any rank starts.
-            recipes.recipe_for(config).plan(args.nproc, progress=progress)
+            from .sequence_parallel import data_parallel_world
+
+            recipes.recipe_for(config).plan(data_parallel_world(config, args.nproc), progress=progress)
             return launch.spawn_local(args.nproc, launch.rank_command(argv, recipe),
                                       env=run_folder.launcher_env(config.out))
         finally:

@@ -133,10 +133,7 @@ def train(recipe: Recipe, *, progress: bool = True, callbacks: list[Callback] | 
     def claim_and_plan():
         claim.append(run_folder.claim(recipe.config.out, recipe.config.recipe, force=force))
         # Sequence parallelism: N ranks share each sequence, so the batch splits over world / N.
-        sp = recipe.config.train.sequence_parallel
-        if sp > 1:
-            sequence_parallel_.check(recipe.config, d.world, recipe.config.model_config())
-        return claim[0].run_id, recipe.plan(d.world // sp, progress)
+        return claim[0].run_id, recipe.plan(sequence_parallel_.data_parallel_world(recipe.config, d.world), progress)
 
     try:
         run_id, plan = d.share_from_rank0(claim_and_plan)

@@ -118,6 +118,15 @@ def check(config, world_size: int, model_config) -> None:
                         "flash attention); set model.attn_implementation to sdpa or flash_attention_2")
 
 
+def data_parallel_world(config, world_size: int) -> int:
+    """The processes a run's batch splits over: world / `train.sequence_parallel`, after `check`
+    (rank 0 and the --nproc launcher call this before any compute)."""
+    n = config.train.sequence_parallel
+    if n > 1:
+        check(config, world_size, config.model_config())
+    return world_size // n
+
+
 # ------------------------------------------------------------------------------------------------
 # Setup and teardown
 

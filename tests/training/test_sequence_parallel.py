@@ -106,6 +106,7 @@ def _losses(out: Path) -> dict[int, float]:
 def _close(a: dict, b: dict, tol: float) -> None:
     assert sorted(a) == sorted(b), (sorted(a), sorted(b))
     worst = max(abs(a[s] - b[s]) for s in a)
+    print(f"steps {min(a)}-{max(a)}: largest per-step loss difference {worst:.2e}")
     assert worst <= tol, f"largest per-step loss difference {worst:.3g} > {tol}: {a} vs {b}"
 
 
@@ -145,6 +146,12 @@ def test_pretraining_split_over_two_ranks_reproduces_the_losses_and_resumes_unsp
     proc = _run("pretrain", _pretrain_config(pretrain_cache, 2), split, 2)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "sequence parallel: 2 ranks per sequence" in proc.stdout + proc.stderr
+    from pangu_pi.training.metrics import read_metrics
+
+    rows = [r for r in read_metrics(split / "metrics.jsonl") if "loss" in r]
+    assert rows and all(r["sequence_parallel"] == 2 for r in rows)
+    # every rank holds half of each sequence's tokens; the run counts them all (4 × 64 a step)
+    assert rows[-1]["tokens"] == STEPS * 4 * 64
     reference = _losses(ref)
     assert sorted(reference) == list(range(1, STEPS + 1))
     _close(_losses(split), reference, 1e-5)
@@ -285,3 +292,15 @@ def test_tiled_ffn_and_shortcut_give_the_plain_loss_and_gradients():
     assert losses[0] == pytest.approx(losses[1], abs=1e-6)
     for (name, a), b in zip(plain.named_parameters(), tiled.parameters()):
         torch.testing.assert_close(b.grad, a.grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_the_launcher_refuses_a_process_count_sequence_parallel_cannot_split(tmp_path):
+    config = tmp_path / "run.yaml"
+    config.write_text(yaml.safe_dump({"model": {"preset": "tiny"}, "data": {"seq_len": 32},
+                                      "train": {"max_steps": 1, "sequence_parallel": 2}}))
+    proc = subprocess.run([*PANGU_PI, "pretrain", "--config", str(config), "--out", str(tmp_path / "run"),
+                           "--nproc", "3", "--no-progress"], capture_output=True, text=True, env=_env(), timeout=120)
+    assert proc.returncode == 2
+    errors = [line for line in proc.stderr.splitlines() if "error" in line]
+    assert len(errors) == 1 and "train.sequence_parallel 2 does not divide the 3 processes" in errors[0], proc.stderr
+    assert not (tmp_path / "run" / "checkpoints").exists()
