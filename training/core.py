@@ -75,6 +75,7 @@ class Recipe:
     # Set by the core before the engine is built: None, or the run's sequence parallelism
     # (training/sequence_parallel.py), whose `causal_lm_loss` a recipe's `loss` calls on whole sequences.
     sequence_parallel: Any = None
+    rows_per_sample: int = 1  # rows one sample adds to a forward (a DPO pair: 2)
 
     def plan(self, world_size: int, progress: bool) -> Any:
         raise NotImplementedError
@@ -233,7 +234,7 @@ class Trainer:
         # Ulysses attention registered for this model, SP and SP×DP groups built (DeepSpeed reduces
         # gradients and partitions ZeRO state over all ranks, and divides by the DP degree).
         self.sp = self.recipe.sequence_parallel = sequence_parallel_.setup(
-            model, config, self.d, self.split.micro_batch_size)
+            model, config, self.d, self.split.micro_batch_size * self.recipe.rows_per_sample)
         self.dp_rank, self.dp_world = (self.sp.dp_rank, self.sp.dp_world) if self.sp else (self.d.rank, self.d.world)
 
         schedule = make_schedule(config.schedule, self.max_steps)

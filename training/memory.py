@@ -113,6 +113,10 @@ def estimate_memory(run_config, world_size: int, vocab_size: int | None = None, 
     `device="cpu"` for a CPU-only run (DeepSpeed's CPU settings and the process baseline)."""
     model = run_config.model_config(vocab_size)
     sp = getattr(run_config.train, "sequence_parallel", 1)
+    if world_size % sp:
+        from pangu_pi.config import ConfigError
+
+        raise ConfigError(f"train.sequence_parallel {sp} does not divide the {world_size} GPUs; pick a divisor")
     split = resolve_batch(run_config.batch, world_size // sp)  # the batch splits over the DP ranks
     on_gpu = device != "cpu"
     ds = deepspeed_config(run_config, split, on_gpu)  # the trainer's own, with the run's overrides

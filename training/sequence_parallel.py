@@ -37,7 +37,7 @@ from typing import Any
 from pangu_pi.errors import UserError
 
 ATTENTION = "sdpa_documents"  # the core attention SP runs on SDPA (documents masked from positions)
-RECIPES = ("pretrain", "full", "lora")  # the recipes whose loss is a token-level causal-LM loss
+RECIPES = ("pretrain", "full", "lora", "dpo")  # the recipes that can split their sequences
 
 
 @dataclass
@@ -80,9 +80,49 @@ class SequenceParallel:
         dist.all_reduce(whole, group=self.group)
         return part + (whole - part.detach()), int(local["input_ids"].numel())
 
+    def sequence_logps(self, engine, input_ids, shift_labels, ignore_index: int = -100):
+        """(Σ log-probs of the counted tokens, their count) per row of whole, right-padded sequences,
+        each rank scoring its slice; the sums are all-reduced over the group with autograd, so a loss
+        built from them is the same on every rank (see `group_loss` for its gradient)."""
+        import torch
+        import torch.distributed as dist
+        import torch.distributed.nn.functional as dist_nn
+        import torch.nn.functional as F
+
+        pad = -input_ids.shape[1] % self.size  # right padding to a multiple of N: never attended, not counted
+        if pad:
+            input_ids = F.pad(input_ids, (0, pad), value=0)
+            shift_labels = F.pad(shift_labels, (0, pad), value=ignore_index)
+        positions = torch.arange(input_ids.shape[1], device=input_ids.device).expand_as(input_ids)
+        local = self.shard({"input_ids": input_ids, "shift_labels": shift_labels, "position_ids": positions})
+        logits = engine(input_ids=local["input_ids"], position_ids=local["position_ids"]).logits
+        targets = local["shift_labels"]
+        per_token = -F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1),
+                                     ignore_index=ignore_index, reduction="none").view(targets.shape)
+        counts = (targets != ignore_index).sum(-1)
+        dist.all_reduce(counts, group=self.group)
+        sums = per_token.sum(-1)
+        sums = dist_nn.all_reduce(sums, group=self.group) if sums.requires_grad else _summed(sums, self.group)
+        return sums, counts
+
+    def group_loss(self, loss):
+        """A loss computed identically on every rank of the group from `sequence_logps`' sums: the
+        all-reduce's backward adds the N ranks' gradients, so backward runs on loss / N; the value
+        stays the loss."""
+        part = loss / self.size
+        return part + (loss - part).detach()
+
     def describe(self) -> str:
         return (f"sequence parallel: {self.size} ranks per sequence (DeepSpeed Ulysses on {self.attention!r}), "
                 f"data parallel over {self.dp_world}")
+
+
+def _summed(tensor, group):
+    import torch.distributed as dist
+
+    tensor = tensor.detach().clone()
+    dist.all_reduce(tensor, group=group)
+    return tensor
 
 
 # ------------------------------------------------------------------------------------------------
@@ -97,9 +137,9 @@ def check(config, world_size: int, model_config) -> None:
     fix = "set train.sequence_parallel to a divisor of it (1 turns it off)"
     mode = "pretrain" if config.recipe == "pretrain" else config.finetune.mode
     if mode not in RECIPES:
-        raise UserError(f"train.sequence_parallel {n}: the {mode} recipe cannot split its sequences (its loss "
-                        "reads whole sequences); sequence parallelism runs pretraining and SFT (full, lora); "
-                        "set train.sequence_parallel=1")
+        raise UserError(f"train.sequence_parallel {n}: the {mode} recipe cannot split its sequences (it "
+                        "generates them token by token); sequence parallelism runs pretraining, SFT (full, lora) "
+                        "and DPO; set train.sequence_parallel=1")
     if world_size % n:
         raise UserError(f"train.sequence_parallel {n} does not divide the {world_size} processes; {fix}, or "
                         f"launch a multiple of {n} processes")

@@ -67,9 +67,9 @@ def test_recipes_and_attention_sequence_parallel_cannot_take_are_refused(tmp_pat
          "train": {"sequence_parallel": 2, "max_steps": 1},
          "finetune": {"mode": mode, "grpo": {"rewards": [{"function": "numeric_answer", "weight": 1.0}]}}},
         recipe="finetune", check_paths=False)
-    for mode in ("dpo", "grpo"):
-        with pytest.raises(UserError, match=f"the {mode} recipe cannot split"):
-            sp.check(config_for(mode), 2, config.model_config())
+    with pytest.raises(UserError, match="the grpo recipe cannot split"):
+        sp.check(config_for("grpo"), 2, config.model_config())
+    sp.check(config_for("dpo"), 2, config.model_config())  # DPO sums each sequence's slices over the group
 
 
 def test_sequence_parallel_must_be_a_positive_whole_number():
@@ -133,7 +133,8 @@ def _pretrain_config(cache: Path, sp: int) -> dict:
         "schedule": {"kind": "cosine", "warmup_steps": 2},
         "train": {"max_steps": STEPS, "precision": "fp32", "zero_stage": 2, "sequence_parallel": sp},
         "checkpoint": {"save_every": 5},
-        "eval": {"every": 0},
+        # evaluation scores whole sequences on every rank (SP is off in eval): the same held-out loss
+        "eval": {"every": 5, "samples": 8},
         "log": {"tensorboard": False, "plot": False},
     }
 
@@ -155,6 +156,12 @@ def test_pretraining_split_over_two_ranks_reproduces_the_losses_and_resumes_unsp
     reference = _losses(ref)
     assert sorted(reference) == list(range(1, STEPS + 1))
     _close(_losses(split), reference, 1e-5)
+    val = {r["step"]: r["val_loss"] for r in read_metrics(ref / "metrics.jsonl") if r.get("val_loss") is not None}
+    assert sorted(val) == [5, 10]
+    # 1e-4: a held-out loss reads the weights after that step's update, one update beyond the last
+    # training loss compared (fp32 sums in another order drift by ~2e-5 over 10 updates at lr 3e-3).
+    _close({r["step"]: r["val_loss"] for r in read_metrics(split / "metrics.jsonl") if r.get("val_loss") is not None},
+           val, 1e-4)
 
     # Stopped under SP 2 after step 5 (only that checkpoint and the metrics up to it survive),
     # resumed under SP 1 on one process: DeepSpeed's universal checkpoint, the same next sample.
@@ -239,6 +246,8 @@ def test_memory_estimate_counts_one_slice_of_each_sequence_per_rank():
     assert split.logits == pytest.approx(whole.logits / 2)
     with pytest.raises(Exception, match="global_batch_size"):
         estimate_memory(config(2), 8)  # 4 DP ranks cannot split the 4 sequences in micro-batches of 2
+    with pytest.raises(Exception, match="does not divide the 3 GPUs"):
+        estimate_memory(config(2), 3)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -304,3 +313,37 @@ def test_the_launcher_refuses_a_process_count_sequence_parallel_cannot_split(tmp
     errors = [line for line in proc.stderr.splitlines() if "error" in line]
     assert len(errors) == 1 and "train.sequence_parallel 2 does not divide the 3 processes" in errors[0], proc.stderr
     assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+@pytest.mark.slow
+def test_dpo_split_over_two_ranks_reproduces_the_losses(sft_inputs, tmp_path):
+    base, _ = sft_inputs
+    rng = random.Random(1)
+    pairs = tmp_path / "pairs.jsonl"
+    with pairs.open("w") as f:
+        for _ in range(48):
+            a, b = rng.randint(2, 60), rng.randint(2, 60)
+            f.write(json.dumps({"prompt": [{"role": "user", "content": f"What is {a} plus {b}?"}],
+                                "chosen": [{"role": "assistant", "content": f"{a} plus {b} is {a + b}."}],
+                                "rejected": [{"role": "assistant", "content": rng.choice(["No idea.", "Ask else."])}]})
+                    + "\n")
+
+    def config(sp: int) -> dict:
+        # Right-padded pairs of odd widths (padded again to a multiple of 2 under SP); the
+        # reference log-probs computed once by the starting model, on whole sequences.
+        return {"model": {"init_from": str(base)},
+                "data": {"datasets": [{"path": str(pairs), "weight": 1.0}], "seq_len": 64},
+                "train": {"max_steps": 6, "precision": "fp32", "sequence_parallel": sp},
+                "batch": {"global_batch_size": 4, "micro_batch_size": 2},
+                "optim": {"lr": 2e-3}, "schedule": {"warmup_steps": 0, "kind": "constant"},
+                "finetune": {"mode": "dpo", "dpo": {"beta": 0.1}}, "eval": {"every": 0},
+                "checkpoint": {"save_every": 100}, "log": {"tensorboard": False, "plot": False}}
+
+    ref, split = tmp_path / "sp1", tmp_path / "sp2"
+    proc = _run("finetune", config(1), ref, 1)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    proc = _run("finetune", config(2), split, 2)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    reference = _losses(ref)
+    assert sorted(reference) == list(range(1, 7))
+    _close(_losses(split), reference, 1e-5)

@@ -104,6 +104,7 @@ class PreferenceTuning(Finetuning):
 
     name = "dpo"
     unit = "pairs"
+    rows_per_sample = 2  # a pair is two rows of a forward: chosen, rejected (sequence parallelism sizes by it)
     load = staticmethod(load_pairs)
 
     def make_stream(self, rows: list[int]) -> RowStream:
@@ -183,6 +184,16 @@ class PreferenceTuning(Finetuning):
     def _logps(self, engine, batch: dict, d: Dist, adapters: bool):
         batch = {k: v.to(d.device) for k, v in batch.items() if k != "index"}
         labels = batch.pop("labels")
+        if self.sequence_parallel and engine.module.training:
+            # Each rank scores its slice of the right-padded rows (causal attention never reads the
+            # padding, so no mask); the sums are the group's (training/sequence_parallel.py).
+            import torch.nn.functional as F
+
+            shift = F.pad(labels, (0, 1), value=IGNORE_INDEX)[:, 1:]
+            if adapters:
+                return self.sequence_parallel.sequence_logps(engine, batch["input_ids"], shift, IGNORE_INDEX)
+            with engine.module.disable_adapter():
+                return self.sequence_parallel.sequence_logps(engine.module, batch["input_ids"], shift, IGNORE_INDEX)
         if adapters:
             logits = engine(**batch).logits
         else:
@@ -218,6 +229,8 @@ class PreferenceTuning(Finetuning):
     def loss(self, engine, batch, d):
         loss, m = self._pair_loss(engine, batch, d)
         tokens = int(batch["attention_mask"].sum())
+        if self.sequence_parallel:  # the group's ranks read the same pairs
+            loss, tokens = self.sequence_parallel.group_loss(loss), tokens // self.sequence_parallel.size
         return loss.float(), tokens, {k: m[k].mean() for k in METRICS}
 
     def evaluate(self, engine, d):
