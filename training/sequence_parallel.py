@@ -26,6 +26,11 @@ What this module adds around DeepSpeed's pieces, and why:
   sequence's mean-loss gradient; DeepSpeed then sums gradients over all ranks and divides by the DP
   degree. The value a rank reports is the group's whole loss (its slice's part plus the others',
   detached), so the core's logged mean is the unsplit run's.
+- DPO: a pair's loss needs each row's whole log-probability; each rank sums its slice's and the sums
+  are all-reduced with autograd (`sequence_logps`), so every rank computes the same loss, and
+  backward runs on loss / N because the all-reduce's backward adds the N ranks' gradients.
+- Evaluation is not split: DeepSpeed's wrapper is off in eval (`disable_in_eval`), so every rank
+  scores whole held-out sequences as the evaluation code shards them.
 """
 
 from __future__ import annotations
@@ -47,7 +52,7 @@ class SequenceParallel:
     dp_rank: int
     dp_world: int
     group: Any
-    mpu: Any  # DeepSpeed's parallel_state_sp module, handed to deepspeed.initialize
+    mpu: Any  # DeepSpeed's SP state (parallel_state_sp) as deepspeed.initialize takes it (see `setup`)
     attention: str  # the attention implementation name DeepSpeed's wrapper took over
 
     # -- data ------------------------------------------------------------------------------------
