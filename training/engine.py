@@ -19,7 +19,8 @@ def deepspeed_config(config: RunConfig, split: BatchSplit, on_gpu: bool) -> dict
     zero: dict[str, Any] = {"stage": t.zero_stage, "contiguous_gradients": True, "overlap_comm": on_gpu}
     if t.offload_optimizer:
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": on_gpu}
-    optimizer_params: dict[str, Any] = {"lr": o.lr, "betas": list(o.betas), "eps": o.eps, "weight_decay": o.weight_decay}
+    optimizer_params: dict[str, Any] = {"lr": o.lr, "betas": list(o.betas), "eps": o.eps,
+                                        "weight_decay": o.weight_decay}
     if not (on_gpu and t.offload_optimizer) and o.implementation == "torch":
         # torch's AdamW: nothing to compile at start-up (DeepSpeed's own Adam ops build with a C++
         # compiler on first use); on a GPU its fused kernel is as fast as DeepSpeed's (optim.implementation:
