@@ -2,23 +2,12 @@
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
+import check_imports  # tools/ is on sys.path (tests/conftest.py)
 import pytest
-
-ROOT = Path(__file__).resolve().parents[2]
-
-
-def _check_imports():
-    spec = importlib.util.spec_from_file_location("check_imports", ROOT / "tools" / "check_imports.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def test_contracts_hold_on_the_checkout():
-    done = _check_imports().check()
+    done = check_imports.check()
     assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-2000:]
     assert "0 broken" in done.stdout
 
@@ -42,6 +31,6 @@ def test_contracts_hold_on_the_checkout():
     ],
 )
 def test_a_planted_import_breaks_a_contract(file, line, broken):
-    done = _check_imports().check(plant=(file, line))
+    done = check_imports.check(plant=(file, line))
     assert done.returncode != 0
     assert broken in " ".join(done.stdout.split()), done.stdout[-4000:]
