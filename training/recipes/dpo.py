@@ -216,6 +216,9 @@ class PreferenceTuning(Finetuning):
     # -- the loss ---------------------------------------------------------------------------------
 
     def _pair_loss(self, engine, batch: dict, d: Dist):
+        # One copy to the device for both forwards (the reference's and the policy's); the row index
+        # stays on the host, where the stored reference scores are.
+        batch = {k: v if k == "index" else v.to(d.device, non_blocking=True) for k, v in batch.items()}
         ref_sums, ref_counts = self._reference_logps(engine, batch, d)
         sums, counts = self._logps(engine, batch, d, adapters=True)
         sums, counts = sums.double(), counts.double()

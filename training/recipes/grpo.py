@@ -180,6 +180,7 @@ class Rollout:
     ref_logps: object = None  # (B, C) beta > 0
     normalizer: object = None  # dapo: the generation's completion tokens / (processes × accumulation)
     metrics: dict = field(default_factory=dict)  # name -> 0-d tensor
+    n_tokens: int = 0  # attention_mask's sum, counted on the host when built: the loss reads no device value
 
     def to(self, device) -> Rollout:
         def move(x):
@@ -188,7 +189,7 @@ class Rollout:
         return Rollout(*(move(getattr(self, k)) for k in ("input_ids", "attention_mask", "prompt_lens", "mask",
                                                            "advantages", "old_logps", "ref_logps",
                                                            "normalizer")),
-                       metrics={k: move(v) for k, v in self.metrics.items()})
+                       metrics={k: move(v) for k, v in self.metrics.items()}, n_tokens=self.n_tokens)
 
 
 class PromptStream:
@@ -429,7 +430,8 @@ class GroupRelativeTuning(Finetuning):
         metrics["zero_std_fraction"] = torch.isclose(std, torch.zeros_like(std)).double().mean()
         metrics["reward_error_fraction"] = torch.tensor(n_failed / len(comp), dtype=torch.float64)
         r = Rollout(input_ids, attn, torch.tensor(lens), mask, adv.float(),
-                    metrics={k: torch.as_tensor(v, dtype=torch.float64) for k, v in metrics.items()})
+                    metrics={k: torch.as_tensor(v, dtype=torch.float64) for k, v in metrics.items()},
+                    n_tokens=sum(lens) + sum(len(c) for c in comp))
         return r.to(device)
 
     def _logps(self, model, r: Rollout):
@@ -457,7 +459,7 @@ class GroupRelativeTuning(Finetuning):
                             normalizer=r.normalizer)
         metrics = dict(r.metrics)
         metrics.update(m)
-        return loss, int(r.attention_mask.sum()), metrics
+        return loss, r.n_tokens, metrics
 
     # -- evaluation: completions of the held-out prompts -----------------------------------------
 
