@@ -29,10 +29,9 @@ class EngineState:
     restarts: int = 0
     down_since: float | None = None
     models: list[dict] = field(default_factory=list)  # its last /v1/models listing
-    # Adapters loaded at run time (name → path) and start-up adapters unloaded at run time: what a
-    # restarted engine must be told again to serve what it served before.
+    # Adapters loaded at run time (name → path): what a restarted engine must be told again to serve
+    # what it served before.
     loaded: dict[str, str] = field(default_factory=dict)
-    unloaded: set[str] = field(default_factory=set)
 
     @property
     def up(self) -> bool:

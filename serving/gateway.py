@@ -124,6 +124,8 @@ class Gateway:
         self.routes: dict[str, str] = {}  # model id (variant, LoRA adapter) → engine name
         self.sessions: dict[str, aiohttp.ClientSession] = {}
         self.slots: dict[str, asyncio.Semaphore] = {}
+        self.adapter_lock = asyncio.Lock()  # a name's check and its load (or unload) are one step
+        self._refreshing: asyncio.Future | None = None
         self.loop: asyncio.AbstractEventLoop | None = None  # set while serving; the supervisor calls in
 
     # ------------------------------------------------------------------------------ engine client
@@ -179,6 +181,13 @@ class Gateway:
             raise aiohttp.ClientResponseError(None, (), status=reply.status, message=reply.message())
         return reply.json()["data"]
 
+    async def _shared_refresh(self) -> None:
+        """A route refresh that concurrent callers share: a burst of requests for unknown models
+        costs one /v1/models call per engine, not one per request."""
+        if self._refreshing is None or self._refreshing.done():
+            self._refreshing = asyncio.ensure_future(self.refresh_routes())
+        await asyncio.shield(self._refreshing)
+
     async def refresh_routes(self) -> list[dict]:
         """Ask every engine that is up what it serves (base model and LoRA adapters); returns the
         merged list. An engine that is down keeps its last listing, so its models get a 503, not a 404."""
@@ -215,7 +224,7 @@ class Gateway:
         name = self.routes.get(model)
         if name is None:  # an adapter loaded on an engine directly appears only after a refresh
             with contextlib.suppress(aiohttp.ClientError, OSError, TimeoutError):
-                await self.refresh_routes()
+                await self._shared_refresh()
             name = self.routes.get(model)
         if name is None:
             known = ", ".join(sorted(self.routes)) or "none"
@@ -322,6 +331,15 @@ class Gateway:
         )
 
     async def load_adapter(self, request: Request) -> Response:
+        # Under the lock, two loads of one name cannot both pass the "not served yet" check.
+        async with self.adapter_lock:
+            return await self._load_adapter(request)
+
+    async def unload_adapter(self, request: Request) -> Response:
+        async with self.adapter_lock:
+            return await self._unload_adapter(request)
+
+    async def _load_adapter(self, request: Request) -> Response:
         payload = dict(request.scope.get("state", {}).get("json_body") or {})
         name, path = payload.get("lora_name"), payload.get("lora_path")
         for field_name, value in (("lora_name", name), ("lora_path", path)):
@@ -373,7 +391,7 @@ class Gateway:
                 await self.refresh_routes()
         return reply.response()
 
-    async def unload_adapter(self, request: Request) -> Response:
+    async def _unload_adapter(self, request: Request) -> Response:
         payload = dict(request.scope.get("state", {}).get("json_body") or {})
         name = payload.get("lora_name")
         if not isinstance(name, str) or not name:
