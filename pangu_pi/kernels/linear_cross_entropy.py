@@ -132,6 +132,10 @@ def linear_cross_entropy(
     denominator = num_items_in_batch
     if denominator is not None:
         reduction = "sum"
+    if not torch.is_grad_enabled():
+        # The forward computes the gradients as it goes whenever autograd might ask for them, and
+        # grad mode is always off inside it: detached inputs are how a no_grad call skips that work.
+        flat, weight = flat.detach(), weight.detach()
     return _LinearCrossEntropy.apply(flat, weight, flat_labels, ignore_index, reduction, chunk_size, denominator)
 
 

@@ -133,6 +133,11 @@ def siaf_and_mul_stacked(
     """
     check_siaf_args(gate, up, scale, shift, weight, activation)
     n = scale.shape[0]
+    if scale.dim() == 1:
+        # The loop reads (n,) parameters one 0-d value at a time, which never changes the activations'
+        # dtype; as (n, 1) tensors they would promote (bf16 activations, fp32 parameters -> fp32).
+        scale, shift = scale.to(gate.dtype), shift.to(gate.dtype)
+        weight = weight.to(gate.dtype) if weight is not None else None
     terms = ACTIVATIONS[activation](torch.addcmul(shift.view(n, -1), gate.unsqueeze(-2), scale.view(n, -1)))
     if weight is not None:
         terms = terms * weight.view(n, -1)

@@ -200,3 +200,29 @@ def test_the_model_with_fused_loss_gives_the_plain_loss_and_gradients(seed, how)
     for name in plain_grads:
         torch.testing.assert_close(fused_grads[name], plain_grads[name], atol=1e-5, rtol=1e-4,
                                    msg=f"{name}, seed {seed}")
+
+
+class MatmulCount(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.overloadpacket in (torch.ops.aten.mm, torch.ops.aten.addmm, torch.ops.aten.bmm):
+            self.count += 1
+        return func(*args, **(kwargs or {}))
+
+
+def test_no_grad_computes_no_gradients_on_the_way():
+    """Under no_grad (evaluation with labels) the forward takes one matmul a chunk, the logits', not the
+    three a chunk that the gradients of the hidden states and the weight add; same loss."""
+    N, D, V, chunk = 256, 16, 500, 64
+    hidden = torch.randn(N, D, requires_grad=True)
+    weight = torch.randn(V, D, requires_grad=True)
+    labels = torch.randint(0, V, (N,))
+    with MatmulCount() as training:
+        want = linear_cross_entropy(hidden, weight, labels, chunk_size=chunk)
+    with torch.no_grad(), MatmulCount() as evaluating:
+        got = linear_cross_entropy(hidden, weight, labels, chunk_size=chunk)
+    assert evaluating.count == N // chunk < training.count
+    torch.testing.assert_close(got, want.detach())

@@ -184,6 +184,19 @@ def test_stacked_form_is_the_reference(rng, activation, per_channel, has_weight)
     )
 
 
+@pytest.mark.parametrize("per_channel", [False, True])
+def test_stacked_form_keeps_the_references_dtype_with_fp32_parameters(rng, per_channel):
+    """bf16 activations with fp32 SIAF parameters: generation (stacked) and training (the loop) give
+    one output dtype."""
+    g, u, a, b, c = make_inputs(rng, (2, 7), 2, per_channel, True)
+    g, u = g.bfloat16().cpu(), u.bfloat16().cpu()
+    a, b, c = (t.float().cpu() for t in (a, b, c))
+    want = siaf_and_mul_reference(g, u, a, b, c)
+    got = siaf_and_mul_stacked(g, u, a, b, c)
+    assert got.dtype == want.dtype
+    torch.testing.assert_close(got.float(), want.float(), rtol=2e-2, atol=2e-2)
+
+
 def test_reference_backend_runs_the_stacked_form_without_autograd(rng, monkeypatch):
     calls = []
     monkeypatch.setattr(kernels, "siaf_and_mul_stacked", lambda *a: calls.append("stacked") or a[0])
