@@ -64,6 +64,9 @@ class DataConfig:
     tokenizer_vocab_size: int = 8192
     cache_dir: str | None = None
     workers: int = 1
+    # Pretraining: keep the packed documents of a row apart (RoPE positions restart after each EOS,
+    # attention stays inside a document; training/documents.py). Fine-tuning rows always are.
+    document_masking: bool = False
 
 
 @dataclass
@@ -652,6 +655,9 @@ def check_finetune(config: RunConfig) -> None:
          "set model.init_from to the HF checkpoint folder to fine-tune (e.g. the output of `pangu-pi export`)")
     need(bool(config.data.datasets), "set data.datasets to a list of {path: chat.jsonl, weight: 1.0}")
     need(config.data.seq_len >= 8, f"data.seq_len must be at least 8, got {config.data.seq_len}")
+    need(not config.data.document_masking,
+         "data.document_masking is a pretraining key: fine-tuning rows already keep each chat apart "
+         "(positions from 0, block-causal mask); remove it from the fine-tuning config")
     lora_dpo = "dpo" in str(f.mode).lower() and "lora" in str(f.mode).lower()
     need(f.mode in FINETUNE_MODES, f"finetune.mode must be full, lora or dpo, or grpo (online RL), got {f.mode!r}"
          + ("; for DPO on LoRA adapters set finetune.mode=dpo and finetune.dpo.lora=true" if lora_dpo else ""))

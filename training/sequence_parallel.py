@@ -17,7 +17,7 @@ What this module adds around DeepSpeed's pieces, and why:
   document) and each rank passes its slice; DeepSpeed gathers them in every attention call. Its
   wrapper drops the attention mask (it was built for the local slice), so on SDPA the core attention
   registered here (`ATTENTION`) rebuilds the block-causal mask of the whole sequence from the
-  gathered positions, the same mask the unsplit run builds (training/sft_data.block_causal_mask); a
+  gathered positions, the same mask the unsplit run builds (training/documents.block_causal_mask); a
   single document per row keeps SDPA's `is_causal` path. Flash attention reads the document
   boundaries from the positions itself. Eager and flex attention are refused (DeepSpeed's flex path
   rebuilds a plain causal mask, which would join documents).
@@ -180,7 +180,7 @@ def _document_attention(module, query, key, value, attention_mask, *args, positi
     """SDPA over the whole gathered sequence, masked per document from its position ids."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-    from .sft_data import block_causal_mask
+    from .documents import block_causal_mask
 
     if position_ids is not None and bool((position_ids[:, 1:] == 0).any()):
         attention_mask = _cached_mask(position_ids, block_causal_mask)

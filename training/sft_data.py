@@ -37,6 +37,8 @@ from typing import TypeVar
 import numpy as np
 import torch
 
+from .documents import block_causal_mask  # noqa: F401  (kept importable from here)
+
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
@@ -363,16 +365,6 @@ def materialise(row: Sequence[Example], seq_len: int, pad_id: int) -> tuple[np.n
     labels += [IGNORE_INDEX] * pad
     positions += range(pad)
     return np.array(ids, np.int64), np.array(labels, np.int64), np.array(positions, np.int64)
-
-
-def block_causal_mask(position_ids: torch.Tensor) -> torch.Tensor:
-    """(B, 1, T, T) boolean mask, True where a query may attend a key: earlier-or-same positions of
-    the same example, examples being the runs that start where the position id is 0."""
-    segment = (position_ids == 0).cumsum(-1)  # (B, T)
-    same = segment[:, :, None] == segment[:, None, :]
-    T = position_ids.shape[-1]
-    causal = torch.ones(T, T, dtype=torch.bool, device=position_ids.device).tril()
-    return (same & causal)[:, None]
 
 
 def collate(batch: Sequence[dict], attn_implementation: str = "sdpa") -> dict:

@@ -133,13 +133,26 @@ class Pretraining(Recipe):
     def build_model(self, ds_config: dict):
         return build_model(self.model_config, ds_config, init_from=self.config.model.get("init_from"))
 
+    def _documents(self, engine, input_ids) -> dict:
+        """position_ids (and the mask) that keep a row's documents apart, with data.document_masking."""
+        if not self.config.data.document_masking:
+            return {}
+        from ..documents import document_inputs
+
+        model_config = getattr(getattr(engine, "module", engine), "config", self.model_config)
+        attn = getattr(model_config, "_attn_implementation", None) or "sdpa"
+        return document_inputs(input_ids, self.plan_.eos_id, attn)
+
     def loss(self, engine, batch, d):
         batch = batch.to(d.device, non_blocking=True)
         if self.sequence_parallel:  # this rank's slice of every sequence (training/sequence_parallel.py)
-            return self.sequence_parallel.causal_lm_loss(engine, batch[:, :-1], batch[:, 1:])
+            # SP rebuilds the documents' mask from the gathered positions in every attention call.
+            positions = self._documents(engine, batch[:, :-1]).get("position_ids")
+            return self.sequence_parallel.causal_lm_loss(engine, batch[:, :-1], batch[:, 1:], positions)
         # The model computes the loss (train.fused_loss: without forming the logits); the targets are
         # the inputs shifted by one.
-        loss = engine(input_ids=batch[:, :-1], shift_labels=batch[:, 1:]).loss
+        inputs = batch[:, :-1]
+        loss = engine(input_ids=inputs, shift_labels=batch[:, 1:], **self._documents(engine, inputs)).loss
         return loss, batch[:, 1:].numel()
 
     def evaluate(self, engine, d) -> float:
@@ -147,7 +160,7 @@ class Pretraining(Recipe):
 
         def score(engine, indices):
             batch = torch.stack([self.val_data[j] for j in indices]).to(d.device)
-            logits = engine(input_ids=batch[:, :-1]).logits
+            logits = engine(input_ids=batch[:, :-1], **self._documents(engine, batch[:, :-1])).logits
             return token_loss_sums(logits, batch[:, 1:], shift=False)
 
         samples = range(min(self.config.eval.samples, len(self.val_data)))
