@@ -392,6 +392,13 @@ def format_table(results: dict) -> str:
         lines.append(f"{'text'.ljust(width)}  {'tokens':>8}  {'ppl':>9}  {'bits/char':>9}")
         for name, r in results["perplexity"].items():
             lines.append(f"{name.ljust(width)}  {r['tokens']:>8}  {r['ppl']:>9.3f}  {r['bits_per_char']:>9.4f}")
+    if results.get("passkey"):
+        if lines:
+            lines.append("")
+        lines.append(f"{'passkey tokens':<14}  {'n':>4}  {'acc':>6}  by depth (0 → 1, fifths)")
+        for length, r in results["passkey"].items():
+            depths = " ".join("  -  " if a is None else f"{a:.2f}" for a in r["acc_by_depth"])
+            lines.append(f"{length:<14}  {r['n']:>4}  {r['acc']:>6.3f}  {depths}")
     return "\n".join(lines)
 
 
@@ -410,6 +417,10 @@ def evaluate(
     dtype: str = "float32",
     window: int = 1024,
     progress: bool = True,
+    passkey: list[int] = (),
+    passkey_trials: int = 40,
+    passkey_filler: str | None = None,
+    seed: int = 0,
 ) -> dict:
     import os
 
@@ -417,6 +428,11 @@ def evaluate(
 
     if "{question}" not in prompt:
         raise _user_error(f"--prompt must contain {{question}}, got {prompt!r}")
+    if passkey and url:
+        raise _user_error("--passkey generates with the checkpoint itself; drop --url (or score the server's "
+                          "model by its folder)")
+    if passkey_filler and not Path(passkey_filler).is_file():
+        raise FileNotFoundError(f"--passkey-filler {passkey_filler} does not exist")
     tokenizer = load_tokenizer(model)
     items_by_task = {name: read_task(p)[:limit] for name, p in zip(_names(list(tasks)), tasks)}
     texts = {name: Path(p).read_text(encoding="utf-8") for name, p in zip(_names(list(ppl)), ppl) if Path(p).is_file()}
@@ -440,6 +456,12 @@ def evaluate(
         results["tasks"][name] = score_multiple_choice(items, fmt, scorer, progress)
     for name, text in texts.items():
         results["perplexity"][name] = perplexity(text, fmt, scorer, window, progress)
+    if passkey:
+        from .passkey import DEFAULT_FILLER, passkey_accuracy
+
+        filler = Path(passkey_filler).read_text(encoding="utf-8") if passkey_filler else DEFAULT_FILLER
+        results["passkey"] = passkey_accuracy(scorer.model, tokenizer, list(passkey), passkey_trials, scorer.device,
+                                              filler, seed, bos, progress)
     return results
 
 
@@ -473,12 +495,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="auto", help="cpu, cuda or auto")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     parser.add_argument("--window", type=int, default=1024, help="perplexity window in tokens")
+    parser.add_argument("--passkey", nargs="+", type=int, default=[], metavar="TOKENS",
+                        help="passkey retrieval at these prompt lengths in tokens (training/passkey.py)")
+    parser.add_argument("--passkey-trials", type=int, default=40, help="passkey prompts per length (default 40)")
+    parser.add_argument("--passkey-filler", metavar="FILE",
+                        help="text to hide the key in (default: a few plain sentences, repeated)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the passkey keys, depths and offsets")
     parser.add_argument("--predictions", action="store_true", help="keep per-question predictions in the JSON")
     parser.add_argument("--no-card", action="store_true",
                         help="leave the checkpoint's README.md model card as it is (default: add these results)")
     args = parser.parse_args(argv)
-    if not args.task and not args.ppl:
-        raise _user_error("nothing to evaluate: give --task FILE... and/or --ppl FILE...")
+    if not args.task and not args.ppl and not args.passkey:
+        raise _user_error("nothing to evaluate: give --task FILE..., --ppl FILE... and/or --passkey TOKENS...")
+    if args.passkey_trials < 1 or any(n < 2 for n in args.passkey):
+        raise _user_error("--passkey lengths must be at least 2 tokens and --passkey-trials at least 1")
     if args.served_model and not args.url:
         raise _user_error("--model names a model on a server; give the server with --url")
     results = evaluate(
@@ -495,6 +525,10 @@ def main(argv: list[str] | None = None) -> int:
         args.device,
         args.dtype,
         args.window,
+        passkey=args.passkey,
+        passkey_trials=args.passkey_trials,
+        passkey_filler=args.passkey_filler,
+        seed=args.seed,
     )
     if not args.predictions:
         for r in results["tasks"].values():
