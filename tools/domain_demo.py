@@ -566,6 +566,35 @@ def generate(out_dir, seed: int = 0, train: int = 4000, heldout: int = 360, text
     return manifest
 
 
+# Facts a long document states once and asks for at its end (the long-context stage's training signal).
+KEY_NAMES = ("pass key", "case number", "account number", "docket number", "file reference", "registration number")
+DOCUMENT_KINDS = ("filing", "judgment", "prospectus", "ruling", "annual report", "contract file")
+
+
+def long_documents(domain_text, out_path, n_docs: int, seed: int = 0, lines: tuple[int, int] = (1, 4),
+                   facts: tuple[int, int] = (1, 3)) -> Path:
+    """Long synthetic legal and financial documents as JSONL `{"text"}`: runs of the domain prose
+    (between `lines` lines each) with one to three numbered facts stated at random depths and asked
+    for at the end, each answer following its question. A model learns from them to find a fact
+    anywhere in its context; several facts a document give it more of that signal per token."""
+    rng = random.Random(f"long:{seed}")
+    prose_lines = [ln for ln in Path(domain_text).read_text(encoding="utf-8").splitlines() if ln.strip()]
+    out_path = Path(out_path)
+    with open(out_path, "w", encoding="utf-8") as f:
+        for _ in range(n_docs):
+            body = rng.sample(prose_lines, rng.randint(*lines))
+            kind = rng.choice(DOCUMENT_KINDS)
+            planted = [(name, rng.randint(10_000, 99_999)) for name in rng.sample(KEY_NAMES, rng.randint(*facts))]
+            for name, key in planted:
+                fact = rng.choice([f"The {name} of this {kind} is {key}.", f"Note: the {name} is {key}.",
+                                   f"For the record, the {name} is {key}; keep it."])
+                body.insert(rng.randint(0, len(body)), fact)
+            rng.shuffle(planted)
+            questions = "".join(f"\nWhat is the {name}? The {name} is {key}." for name, key in planted)
+            f.write(json.dumps({"text": " ".join(body) + questions}, ensure_ascii=False) + "\n")
+    return out_path
+
+
 def generate_main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="tools/domain_demo.py",

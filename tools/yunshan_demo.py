@@ -22,6 +22,13 @@ where a later run finds and reuses it (delete a stage's folder to redo it):
                                  law ones asked as two-option multiple choice (configs/yunshan_grpo_tiny.yaml)
     6. eval/*.json               held-out multiple-choice accuracy (and bits per character on the
                                  held-out domain prose) before (the base) and after each stage
+    7. data/long/, long/, long-hf/
+                                 the long-context stage: the domain model (continued-hf) extended 4x
+                                 with YaRN (128 -> 512 tokens) and pretrained further on long documents
+                                 (demo/long.jsonl : general text = 1 : 1, configs/yunshan_long_tiny.yaml,
+                                 sequence parallelism over the 2 processes); eval/passkey_*.json:
+                                 passkey retrieval at 1x, 2x and 4x the original context, before
+                                 (as it was, and with YaRN but no training) and after
     summary.json                 the figures, also printed as a table
 """
 
@@ -159,8 +166,74 @@ def grpo_prompts(demo_dir: Path, seed: int, limit: int = 2000) -> Path:
     return path
 
 
+ORIGINAL_CONTEXT = 128  # tokens: what the demo's base and continued pretraining train at
+LONG_FACTOR = 4
+
+
+def with_yarn(model: Path, out: Path, factor: int, original: int) -> Path:
+    """A copy of `model` whose config extends its context `factor`x by YaRN; the weights unchanged."""
+    import shutil
+
+    from pangu_pi import PanGuPiConfig
+
+    if not _done(out):
+        tmp = out.with_name(out.name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.copytree(model, tmp)
+        config = PanGuPiConfig.from_pretrained(tmp)
+        config.max_position_embeddings = factor * original
+        config.rope_parameters = {"rope_type": "yarn", "factor": float(factor),
+                                  "original_max_position_embeddings": original,
+                                  "rope_theta": config.rope_parameters.get("rope_theta", 10000.0)}
+        config.save_pretrained(tmp)
+        os.replace(tmp, out)
+    return out
+
+
+def passkey(model: Path, filler: Path, out: Path, log: Path, trials: int, seed: int) -> dict:
+    lengths = [ORIGINAL_CONTEXT * k for k in (1, 2, LONG_FACTOR)]
+    if not out.is_file():
+        run(["eval", str(model), "--passkey", *map(str, lengths), "--passkey-trials", str(trials),
+             "--passkey-filler", str(filler), "--seed", str(seed), "--out", str(out), "--device", "cpu",
+             "--no-card"], log)
+    got = json.loads(out.read_text())["passkey"]
+    return {f"{n // ORIGINAL_CONTEXT}x": got[str(n)]["acc"] for n in lengths}
+
+
+def long_context(run_dir: Path, demo_dir: Path, tok_dom: Path, continued_hf: Path, general_data: Path, *,
+                 steps: int, trials: int, seed: int, log: Path) -> dict:
+    """Stage 7: YaRN 4x and continued pretraining on long documents; passkey before and after."""
+    from domain_demo import long_documents  # tools/, beside this script
+
+    docs = demo_dir / "long.jsonl"
+    if not docs.is_file():
+        long_documents(demo_dir / "domain.txt", docs.with_suffix(".tmp"), n_docs=6000, seed=seed)
+        os.replace(docs.with_suffix(".tmp"), docs)
+    long_data = run_dir / "data" / "long"
+    if not (long_data / "manifest.json").is_file():
+        run(["data", "prepare", "--tokenizer", str(tok_dom), "--input", str(docs), "--out", str(long_data),
+             "--quiet"], log)
+    long_hf = run_dir / "long-hf"
+    if not _done(long_hf):
+        run(["pretrain", "--config", "configs/yunshan_long_tiny.yaml", "--nproc", "2", "--out", str(run_dir / "long"),
+             "--max-steps", str(steps), "--no-progress", "--set", f"model.init_from={continued_hf}",
+             "--set", f"data.tokenizer={tok_dom}", "--set", f"seed={seed}",
+             "--set", f"data.datasets=[{{path: {long_data}, weight: 1}}, {{path: {general_data}, weight: 1}}]"], log)
+        run(["export", str(run_dir / "long"), str(long_hf), "--force"], log)
+    yarn_only = with_yarn(continued_hf, run_dir / "continued-yarn", LONG_FACTOR, ORIGINAL_CONTEXT)
+    filler = demo_dir / "domain_heldout.txt"  # prose the long documents never used
+    ev = run_dir / "eval"
+    return {
+        "before": passkey(continued_hf, filler, ev / "passkey_before.json", log, trials, seed),
+        "before_yarn": passkey(yarn_only, filler, ev / "passkey_before_yarn.json", log, trials, seed),
+        "after": passkey(long_hf, filler, ev / "passkey_after.json", log, trials, seed),
+        "trials": trials, "original_context": ORIGINAL_CONTEXT, "factor": LONG_FACTOR,
+    }
+
+
 def demo(run_dir: Path, *, base_steps: int, continue_steps: int, sft_steps: int, dpo_steps: int, add_pieces: int,
-         eval_limit: int | None, seed: int, grpo_steps: int = 30) -> dict:
+         eval_limit: int | None, seed: int, grpo_steps: int = 30, long_steps: int = 300,
+         passkey_trials: int = 40) -> dict:
     from pangu_pi.corpus import default_corpus_files
 
     run_dir = run_dir.resolve()
@@ -267,6 +340,14 @@ def demo(run_dir: Path, *, base_steps: int, continue_steps: int, sft_steps: int,
         "grpo": evaluate(grpo / "model", demo_dir, run_dir / "eval" / "grpo.json", log, eval_limit),
     }
     end("eval")
+
+    # 7. Long context: YaRN 4x, continued pretraining on long documents, passkey before and after.
+    stage("long")
+    long_figures = None
+    if long_steps:
+        long_figures = long_context(run_dir, demo_dir, tok_dom, continued_hf, general_data, steps=long_steps,
+                                    trials=passkey_trials, seed=seed, log=log)
+    end("long")
     summary = {
         "chance": CHANCE,
         "seed": seed,
@@ -279,9 +360,10 @@ def demo(run_dir: Path, *, base_steps: int, continue_steps: int, sft_steps: int,
         "grpo_rewards": {k: grpo_summary.get("grpo", {}).get(k) for k in ("first_reward", "final_reward")}
         | {"val_reward": grpo_summary.get("val_reward")},
         "stages": figures,
+        "passkey": long_figures,
         "seconds": timings,
         "steps": {"base": base_steps, "continue": continue_steps, "sft": sft_steps, "dpo": dpo_steps,
-                  "grpo": grpo_steps},
+                  "grpo": grpo_steps, "long": long_steps},
         "run": str(run_dir),
     }
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
@@ -322,6 +404,15 @@ def report(summary: dict) -> str:
                    if r.get("first_reward") is not None else "")
         lines.append(f"GRPO: accuracy {100 * summary['dpo_acc']:.1f}% (DPO) → {100 * summary['grpo_acc']:.1f}%"
                      f"{rewards}")
+    if summary.get("passkey"):
+        p = summary["passkey"]
+        lines.append(f"\npasskey retrieval ({p['trials']} prompts per length; original context "
+                     f"{p['original_context']} tokens):")
+        lines.append(f"  {'model':<44} {'1x':>6} {'2x':>6} {'4x':>6}")
+        for key, label in (("before", "before: the domain model as it is"),
+                           ("before_yarn", "before: with YaRN 4x, not trained"),
+                           ("after", "after long-context continued pretraining")):
+            lines.append(f"  {label:<44} " + " ".join(f"{100 * p[key][k]:5.1f}%" for k in ("1x", "2x", "4x")))
     return "\n".join(lines)
 
 
@@ -333,6 +424,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--sft-steps", type=int, default=120, help="instruction-tuning steps")
     p.add_argument("--dpo-steps", type=int, default=60, help="preference-tuning (DPO) steps after instruction tuning")
     p.add_argument("--grpo-steps", type=int, default=30, help="GRPO steps after preference tuning")
+    p.add_argument("--long-steps", type=int, default=300,
+                   help="long-context continued-pretraining steps (0: skip the long-context stage)")
+    p.add_argument("--passkey-trials", type=int, default=40, help="passkey prompts per length")
     p.add_argument("--add", type=int, default=500, help="new tokenizer pieces to learn (at most)")
     p.add_argument("--eval-limit", type=int, help="score only the first N held-out questions")
     p.add_argument("--seed", type=int, default=0)
@@ -340,11 +434,14 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
     summary = demo(Path(args.run), base_steps=args.base_steps, continue_steps=args.continue_steps,
                    sft_steps=args.sft_steps, dpo_steps=args.dpo_steps, add_pieces=args.add, eval_limit=args.eval_limit,
-                   seed=args.seed, grpo_steps=args.grpo_steps)
+                   seed=args.seed, grpo_steps=args.grpo_steps, long_steps=args.long_steps,
+                   passkey_trials=args.passkey_trials)
     print(json.dumps({"before_acc": round(summary["before_acc"], 4), "after_acc": round(summary["after_acc"], 4),
                       "sft_acc": round(summary["sft_acc"], 4), "dpo_acc": round(summary["dpo_acc"], 4),
                       "grpo_acc": round(summary["grpo_acc"], 4),
-                      "chance": CHANCE}))
+                      "chance": CHANCE}
+                     | {f"passkey_{k}_{x}": v for k, row in (summary["passkey"] or {}).items()
+                        if isinstance(row, dict) for x, v in row.items()}))
     return 0
 
 

@@ -141,3 +141,38 @@ def test_the_old_command_name_without_a_checkout_exits_2_with_one_line(tmp_path,
     monkeypatch.setattr(sys, "argv", ["main_job", "--run", "r"])
     assert _moved.run_moved("main_job") == 2
     assert capsys.readouterr().err == "moved: run python tools/main_job.py --run r\n"
+
+
+def test_long_documents_ask_for_facts_they_state_earlier(demo, tmp_path):
+    from domain_demo import long_documents
+
+    folder, _ = demo
+    path = long_documents(folder / "domain.txt", tmp_path / "long.jsonl", n_docs=50, seed=1)
+    docs = [r["text"] for r in _read_jsonl(path)]
+    assert len(docs) == 50 and docs == [r["text"] for r in _read_jsonl(
+        long_documents(folder / "domain.txt", tmp_path / "again.jsonl", n_docs=50, seed=1))]
+    counts = Counter()
+    for text in docs:
+        body, *questions = text.split("\nWhat is the ")
+        assert 1 <= len(questions) <= 3
+        counts[len(questions)] += 1
+        for q in questions:
+            name, key = re.fullmatch(r"(.+)\? The \1 is (\d{5})\.", q).groups()
+            assert re.search(rf"the {name}( of this [a-z ]+)? is {key}", body, re.IGNORECASE), (name, key)
+    assert len(counts) == 3  # one, two and three facts all occur
+
+
+def test_with_yarn_extends_the_context_and_keeps_the_weights(tmp_path):
+    import yunshan_demo
+    from safetensors.torch import load_file
+
+    from pangu_pi import PanGuPiConfig, PanGuPiForCausalLM
+
+    PanGuPiForCausalLM(PanGuPiConfig.from_preset("tiny", vocab_size=64)).save_pretrained(tmp_path / "m")
+    out = yunshan_demo.with_yarn(tmp_path / "m", tmp_path / "yarn", factor=4, original=128)
+    config = PanGuPiConfig.from_pretrained(out)
+    assert config.max_position_embeddings == 512
+    assert config.rope_parameters["rope_type"] == "yarn" and config.rope_parameters["factor"] == 4.0
+    assert config.rope_parameters["original_max_position_embeddings"] == 128
+    a, b = load_file(tmp_path / "m" / "model.safetensors"), load_file(out / "model.safetensors")
+    assert a.keys() == b.keys() and all((a[k] == b[k]).all() for k in a)
