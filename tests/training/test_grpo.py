@@ -184,13 +184,6 @@ def test_a_prompt_file_without_prompts_and_an_unimportable_reward_are_refused_be
     assert not (tmp_path / "a" / "checkpoints").exists() and not (tmp_path / "b" / "checkpoints").exists()
 
 
-def test_the_vllm_generator_is_refused_in_one_line_before_compute(work, tmp_path, monkeypatch):
-    built = _no_model_built(monkeypatch)
-    with pytest.raises(UserError, match="finetune.grpo.generator vllm is not available") as err:
-        _run(_config(work, tmp_path / "v", generator="vllm"))
-    assert "\n" not in str(err.value) and built == []
-
-
 def test_prompt_records_render_with_the_chat_template_and_malformed_ones_are_counted(work):
     from pangu_pi.tokenizer import load_tokenizer
     from pangu_pi.training.prompt_data import PromptDataset

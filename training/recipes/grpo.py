@@ -28,7 +28,9 @@ How a step runs (per process; `batch.*` counts prompts, each with G completions)
   prompts of all the step's micro-batches. Each prompt's G completions are sampled by the HF model's
   generate() with a seed derived from `seed` and the prompt's position in the run, so the same
   prompt position gives the same completions on resume and on any process count (the sampler's RNG
-  is a function of the data position the checkpoint stores). Rewards, advantages, the reference's
+  is a function of the data position the checkpoint stores). With `generator: vllm` a vLLM engine in
+  this process samples them all at once from the same seeds, after the policy's current weights are
+  pushed to it (training/vllm_rollout.py). Rewards, advantages, the reference's
   log-probs (β > 0) and the sampling policy's (num_iterations > 1) are computed then, once.
 - Each micro-step then takes its batch of rollouts: a forward of prompt + completion, the loss.
 - Rollouts that later optimizer steps reuse (num_iterations > 1) are saved with the checkpoint of
@@ -255,8 +257,9 @@ class GroupRelativeTuning(Finetuning):
     def plan(self, world_size: int, progress: bool) -> dict:
         grpo = self.config.finetune.grpo
         if grpo.generator == "vllm":
-            raise UserError("finetune.grpo.generator vllm is not available in this version; use "
-                            "finetune.grpo.generator=hf (the policy's own generate())")
+            from ..vllm_rollout import require_vllm
+
+            require_vllm()
         reward_lib.resolve_rewards(grpo.rewards)  # a reward that does not import is refused before the data loads
         return super().plan(world_size, progress)
 
@@ -275,6 +278,7 @@ class GroupRelativeTuning(Finetuning):
         self.reward_errors = 0
         self.seconds = {"generation": 0.0, "rewards": 0.0, "reference": 0.0}
         self.world, self.rank = d.world, d.rank
+        self.vllm = None  # the colocated engine (generator vllm), started in prepare()
 
     def make_stream(self, rows: list[int]) -> PromptStream:
         split = self.split
@@ -284,6 +288,20 @@ class GroupRelativeTuning(Finetuning):
     # -- the reference ---------------------------------------------------------------------------
 
     def prepare(self, engine, d: Dist, resume_from) -> None:
+        if self.grpo.generator == "vllm":
+            from ..vllm_rollout import VllmRollout
+
+            t0 = time.perf_counter()
+            # Room for every completion of a generation at once: G per prompt of all the step's micro-batches.
+            self.vllm = VllmRollout(self.model_config, seq_len=self.config.data.seq_len,
+                                    max_seqs=self.grpo.num_generations * self.split.micro_batch_size
+                                    * self.split.grad_accum, precision=self.config.train.precision,
+                                    seed=self.config.seed)
+            self.seconds["vllm_start"] = time.perf_counter() - t0
+            self.seconds["weights_push"] = 0.0
+        self._prepare_reference(engine, d)
+
+    def _prepare_reference(self, engine, d: Dist) -> None:
         if self.grpo.beta == 0:
             self.reference_source = "none (beta 0)"
             return
@@ -334,6 +352,36 @@ class GroupRelativeTuning(Finetuning):
         mask = torch.arange(completion.shape[1], device=completion.device).unsqueeze(0) <= first.unsqueeze(1)
         return completion, mask, stopped
 
+    def _generate_vllm(self, model, plan: list[list[tuple[int, int]]]):
+        """_generate's (prompt, row, ids, mask, stopped) for every prompt of the plan, sampled at once by
+        the colocated engine after the policy's current weights are pushed to it."""
+        import torch
+
+        g = self.grpo
+        t0 = time.perf_counter()
+        self.vllm.push(model)
+        self.seconds["weights_push"] += time.perf_counter() - t0
+        flat = [(position, row) for micro in plan for position, row in micro]
+        outs = self.vllm.generate([(self.data[row].prompt_ids, sample_seed(self.config.seed, position))
+                                   for position, row in flat], g.num_generations, temperature=g.temperature,
+                                  top_p=g.top_p, max_tokens=g.max_completion_length, stop_ids=self.stop_ids)
+        raw, k = [], 0
+        for micro in plan:
+            rows = []
+            for _, row in micro:
+                samples = outs[k]
+                k += 1
+                width = max(len(ids) for ids, _ in samples)
+                ids = torch.full((len(samples), width), self.pad_id, dtype=torch.long)
+                mask = torch.zeros((len(samples), width), dtype=torch.bool)
+                for i, (tokens, _) in enumerate(samples):  # vLLM ends a completion at its first stop id
+                    ids[i, :len(tokens)] = torch.tensor(tokens, dtype=torch.long)
+                    mask[i, :len(tokens)] = True
+                stopped = torch.tensor([s for _, s in samples])
+                rows.append((self.data[row], row, ids, mask, stopped))
+            raw.append(rows)
+        return raw
+
     def _score(self, prompts, completion_ids: list[list[int]], stopped: list[bool], index: list[int]):
         """(per function (n_fn, n), totals (n,)) as float64 tensors on the CPU; failures reported and counted."""
         import torch
@@ -359,16 +407,19 @@ class GroupRelativeTuning(Finetuning):
         G, device = self.grpo.num_generations, d.device
         model = engine.module
         engine.eval()
-        raw = []
         t0 = time.perf_counter()
-        for micro in plan:
-            rows = []
-            for position, row in micro:
-                p = self.data[row]
-                ids, mask, stopped = self._generate(model, p.prompt_ids, G, sample_seed(self.config.seed, position),
-                                                    device)
-                rows.append((p, row, ids, mask, stopped))
-            raw.append(rows)
+        if self.vllm is not None:
+            raw = self._generate_vllm(model, plan)
+        else:
+            raw = []
+            for micro in plan:
+                rows = []
+                for position, row in micro:
+                    p = self.data[row]
+                    ids, mask, stopped = self._generate(model, p.prompt_ids, G,
+                                                        sample_seed(self.config.seed, position), device)
+                    rows.append((p, row, ids, mask, stopped))
+                raw.append(rows)
         t1 = time.perf_counter()
         self.seconds["generation"] += t1 - t0
         out = []
@@ -534,7 +585,7 @@ class GroupRelativeTuning(Finetuning):
             "loss_type": g.loss_type, "num_generations": g.num_generations, "beta": g.beta,
             "epsilon": g.epsilon, "epsilon_high": g.epsilon_high, "num_iterations": g.num_iterations,
             "scale_rewards": g.scale_rewards, "temperature": g.temperature, "top_p": g.top_p,
-            "max_completion_length": g.max_completion_length,
+            "max_completion_length": g.max_completion_length, "generator": g.generator,
             "rewards": [{"name": r.name, "weight": r.weight, **r.options} for r in self.rewards],
             "weights": "lora" if self.config.finetune.uses_lora else "full",
             "reference": self.reference_source, "reference_bytes": self.reference_bytes,
@@ -543,6 +594,10 @@ class GroupRelativeTuning(Finetuning):
             "reward_errors": int(errors.item()),
             "seconds_rank0": {k: round(v, 3) for k, v in self.seconds.items()},
         }
+        if self.vllm is not None:
+            summary["grpo"]["vllm_pushes"] = self.vllm.pushes
+            self.vllm.close()  # every process at once: the engines' groups are collective
+            self.vllm = None
         if d.rank == 0:
             rows = [r for r in read_metrics(Path(self.config.out) / layout.METRICS) if "reward" in r]
             if rows:
