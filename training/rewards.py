@@ -53,6 +53,12 @@ Built-ins (`function:` names):
     length_penalty   0 up to `max_tokens` completion tokens, then −(excess / max_tokens) down to −1;
                      −1 for a completion cut off at max_completion_length (`stopped` false).
     regex_format     1 if the completion matches the regular expression `pattern` (re.fullmatch, DOTALL), else 0.
+    closer_to_chosen 1 if the completion is nearer the record's `chosen` answer than its `rejected` one,
+                     0 if nearer the rejected, 0.5 if as near: by their last numbers where the two answers
+                     end in different numbers, else by character similarity (difflib's ratio). Either
+                     field may be text or DPO's [{"role": "assistant", "content": ...}]; so a preference
+                     file's pairs serve as GRPO prompts, and a policy that cannot yet write the exact
+                     answer still learns which of two plausible answers its own are closer to.
 """
 
 from __future__ import annotations
@@ -235,6 +241,38 @@ def regex_format(prompts, completions, *, pattern: str, **_):
     return [1.0 if rx.fullmatch(text) else 0.0 for text in _texts(completions)]
 
 
+def _answer_text(value) -> str:
+    """A chosen/rejected field as text: a string, or the content of DPO's assistant messages."""
+    if isinstance(value, list):
+        return "".join(m.get("content") or "" for m in value if isinstance(m, dict))
+    return str(value)
+
+
+def closer_to_chosen(prompts, completions, chosen=None, rejected=None, **_):
+    from difflib import SequenceMatcher
+
+    if chosen is None or rejected is None:
+        return [None] * len(completions)
+    out = []
+    for text, good, bad in zip(_texts(completions), chosen, rejected):
+        if good is None or bad is None:
+            out.append(None)
+            continue
+        good, bad = _answer_text(good), _answer_text(bad)
+        want, wrong = last_number(good), last_number(bad)
+        if want is not None and wrong is not None and want != wrong:
+            got = last_number(text)
+            if got is None:  # the two answers differ by their number, and this one gives none
+                out.append(0.0)
+                continue
+            to_good, to_bad = abs(got - want), abs(got - wrong)
+        else:
+            to_good = 1 - SequenceMatcher(None, text, good, autojunk=False).ratio()
+            to_bad = 1 - SequenceMatcher(None, text, bad, autojunk=False).ratio()
+        out.append(1.0 if to_good < to_bad else 0.0 if to_good > to_bad else 0.5)
+    return out
+
+
 BUILTINS: dict[str, Callable] = {
     "numeric_answer": numeric_answer,
     "option_letter": option_letter,
@@ -242,6 +280,7 @@ BUILTINS: dict[str, Callable] = {
     "tool_call": tool_call,
     "length_penalty": length_penalty,
     "regex_format": regex_format,
+    "closer_to_chosen": closer_to_chosen,
 }
 # The options each built-in takes from its config entry (anything else there is refused).
 BUILTIN_OPTIONS = {
@@ -251,6 +290,7 @@ BUILTIN_OPTIONS = {
     "tool_call": set(),
     "length_penalty": {"max_tokens"},
     "regex_format": {"pattern"},
+    "closer_to_chosen": set(),
 }
 ENTRY_KEYS = {"function", "weight", "name"}
 

@@ -31,6 +31,21 @@ def test_option_letter_takes_the_option_the_completion_picks():
     assert option_letter(None, _c(*texts), answer=["B", "B", "A", "D", "B"]) == [1.0, 1.0, 1.0, 1.0, 0.0]
 
 
+def test_closer_to_chosen_compares_numbers_where_the_answers_differ_by_one_else_the_text():
+    from pangu_pi.training.rewards import closer_to_chosen
+
+    right = [{"role": "assistant", "content": "Simple interest = $600 × 6% × 6 = $216."}]
+    wrong = [{"role": "assistant", "content": "Simple interest = $600 × 6% × 7 = $252."}]
+    texts = ["... = $220.", "... = $250.", "... = $234.", "I cannot say.", "= $216"]
+    assert closer_to_chosen(None, _c(*texts), chosen=[right] * 5, rejected=[wrong] * 5) == [1.0, 0.0, 0.5, 0.0, 1.0]
+    void, valid = "The contract is void: a party is under 18.", "The contract is valid: both parties agreed."
+    texts = ["The contract is void: one party is 17.", "The contract is valid.", "", "x"]
+    got = closer_to_chosen(None, _c(*texts), chosen=[void] * 4, rejected=[valid] * 4)
+    assert got[:2] == [1.0, 0.0]
+    assert closer_to_chosen(None, _c("a"), chosen=None, rejected=None) == [None]
+    assert closer_to_chosen(None, _c("a"), chosen=[None], rejected=["b"]) == [None]
+
+
 def test_json_schema_validates_the_completion_or_its_json_block():
     from pangu_pi.training.rewards import json_schema
 
