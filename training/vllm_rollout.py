@@ -43,6 +43,19 @@ from pangu_pi.errors import UserError
 GPU_MEMORY_FRACTION = 0.3  # of the device's memory, beside the policy, its gradients and optimizer state
 
 
+# vLLM's loggers that speak at every push: the reload's timing, the prefix-cache reset, and the rotary
+# embedding "failing" to load (it has no weights to load; its tables are computed, not pushed).
+RELOAD_LOGGERS = ("vllm.model_executor.model_loader.reload.inplace",
+                  "vllm.model_executor.model_loader.reload.layerwise", "vllm.v1.core.block_pool")
+
+
+def quiet_reload_logs() -> None:
+    import logging
+
+    for name in RELOAD_LOGGERS:
+        logging.getLogger(name).setLevel(logging.ERROR)
+
+
 def require_vllm() -> None:
     """Refuse `generator: vllm` in one line where vLLM cannot be imported."""
     try:
@@ -142,6 +155,8 @@ class VllmRollout:
         self.llm.collective_rpc(reload)
         self.llm.reset_prefix_cache()  # cached prefixes hold keys and values of the old weights
         self.pushes += 1
+        if first:  # the first push was reported in full; later ones would repeat it at every step
+            quiet_reload_logs()
 
     def generate(self, prompts: list[tuple[list[int], int | None]], n: int, *, temperature: float, top_p: float,
                  max_tokens: int, stop_ids: list[int]) -> list[list[tuple[list[int], bool]]]:
