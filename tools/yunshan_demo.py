@@ -17,11 +17,14 @@ where a later run finds and reuses it (delete a stage's folder to redo it):
                                  demo/preference.jsonl: the right answer against a plausible wrong
                                  one of the same family (configs/yunshan_dpo_tiny.yaml)
     5. grpo/                     `pangu-pi finetune` with finetune.mode: grpo from dpo/model, on
-                                 demo/grpo_prompts.jsonl: the training questions, finance ones (and
-                                 law ones with a number for answer) scored by that number, the other
-                                 law ones asked as two-option multiple choice (configs/yunshan_grpo_tiny.yaml)
+                                 demo/grpo_prompts.jsonl: the training questions, each with the rule's
+                                 answer and a plausible wrong one; rewarded when the written answer is
+                                 nearer the right one, and when it ends with the right number
+                                 (configs/yunshan_grpo_tiny.yaml)
     6. eval/*.json               held-out multiple-choice accuracy (and bits per character on the
-                                 held-out domain prose) before (the base) and after each stage
+                                 held-out domain prose) before (the base) and after each stage;
+                                 eval/generated_*.json: the held-out questions answered by generation
+                                 after SFT, DPO and GRPO (the nearest of the four choices)
     7. data/long/, long/, long-hf/
                                  the long-context stage: the domain model (continued-hf) extended 4x
                                  with YaRN (128 -> 512 tokens) and pretrained further on long documents
@@ -130,40 +133,91 @@ def preference_pairs(demo_dir: Path, seed: int) -> Path:
     return path
 
 
-# Families whose rule ends the answer with the figure asked for (an amount, a rate, a year): GRPO
-# checks that number. The others (a verdict; marginal_rate's answer ends with the bracket bound, not
-# the rate) are asked as multiple choice between the right answer and the pair's wrong one.
+# Families whose rule ends the answer with the figure asked for (an amount, a rate, a year): their
+# prompts also carry that number, for the exact-answer reward. (marginal_rate's answer ends with the
+# bracket bound, not the rate; the verdict families end with no figure.)
 NUMERIC_FAMILIES = {"simple_interest", "compound_interest", "percent_change", "tax_owed", "filing_deadline",
                     "inheritance"}
 
 
 def grpo_prompts(demo_dir: Path, seed: int, limit: int = 2000) -> Path:
     """demo/grpo_prompts.jsonl from the training cases' preference pairs (the held-out questions stay
-    unseen): `{"prompt", "answer": NUMBER}` for the numeric families (numeric_answer), `{"prompt" with
-    options A and B, "option": LETTER}` for the others (option_letter), `family` on each."""
+    unseen): `{"prompt", "chosen": the rule's answer, "rejected": the pair's plausible wrong one,
+    "family"}`, and `"answer": NUMBER` for the numeric families. The rewards (closer_to_chosen,
+    numeric_answer) check what the policy writes against them. A file from an earlier layout (two-option
+    letter questions, which a model never taught to answer with a letter scores 0 on) is rewritten."""
     from pangu_pi.training.rewards import last_number
 
     path = demo_dir / "grpo_prompts.jsonl"
-    if path.is_file():
+    if path.is_file() and '"chosen"' in path.read_text(encoding="utf-8").split("\n", 1)[0]:
         return path
-    rng = random.Random(seed * 9_173 + 5)
     rows = []
     for line in preference_pairs(demo_dir, seed).read_text(encoding="utf-8").splitlines()[:limit]:
         pair = json.loads(line)
         right, wrong = pair["chosen"][0]["content"], pair["rejected"][0]["content"]
+        row = {"prompt": pair["prompt"], "chosen": right, "rejected": wrong, "family": pair["family"]}
         if pair["family"] in NUMERIC_FAMILIES:
-            rows.append({"prompt": pair["prompt"], "answer": last_number(right), "family": pair["family"]})
-            continue
-        options = [right, wrong] if rng.random() < 0.5 else [wrong, right]
-        letter = "AB"[options.index(right)]
-        question = pair["prompt"][-1]["content"]
-        asked = f"{question}\nA) {options[0]}\nB) {options[1]}\nAnswer with the letter of the right option."
-        rows.append({"prompt": [*pair["prompt"][:-1], {"role": "user", "content": asked}], "option": letter,
-                     "family": pair["family"]})
+            row["answer"] = last_number(right)
+        rows.append(row)
     tmp = path.with_suffix(".tmp")
     tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
     os.replace(tmp, path)
     return path
+
+
+def nearest_choice(text: str, choices: list[str]) -> int:
+    """The choice a written answer is nearest to: by last number where the choices all end in different
+    numbers, else by character similarity (the closer_to_chosen reward's rule, over all the choices)."""
+    from difflib import SequenceMatcher
+
+    from pangu_pi.training.rewards import last_number
+
+    numbers = [last_number(c) for c in choices]
+    got = last_number(text)
+    if None not in numbers and len(set(numbers)) == len(numbers) and got is not None:
+        return min(range(len(choices)), key=lambda i: abs(got - numbers[i]))
+    return max(range(len(choices)), key=lambda i: SequenceMatcher(None, text, choices[i], autojunk=False).ratio())
+
+
+def generative_accuracy(model: Path, demo_dir: Path, out: Path, limit: int, max_new_tokens: int = 96) -> dict:
+    """Held-out accuracy of what the model writes (what GRPO trains): its greedy answer to each held-out
+    question (a user turn) is right when it is nearer the right choice than every distractor, and
+    `exact` when it ends with the right number (numeric families)."""
+    if out.is_file():
+        return json.loads(out.read_text())
+    import math
+
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    import pangu_pi  # noqa: F401  (registers the model)
+    from pangu_pi.tokenizer import load_tokenizer
+    from pangu_pi.training.rewards import last_number
+
+    tok = load_tokenizer(model)
+    net = AutoModelForCausalLM.from_pretrained(model).eval()
+    items = [json.loads(x) for x in (demo_dir / "heldout_mc.jsonl").read_text(encoding="utf-8").splitlines()][:limit]
+    right = exact = numeric = 0
+    print(f"generating answers to {len(items)} held-out questions with {model}", flush=True)
+    for item in items:
+        text = tok.apply_chat_template([{"role": "user", "content": item["question"]}], tokenize=False,
+                                       add_generation_prompt=True)
+        ids = torch.tensor([tok(text, add_special_tokens=False)["input_ids"]])
+        with torch.no_grad():
+            gen = net.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
+                               do_sample=False, eos_token_id=net.generation_config.eos_token_id,
+                               pad_token_id=tok.pad_token_id or tok.eos_token_id)
+        answer = tok.decode(gen[0, ids.shape[1]:], skip_special_tokens=True)
+        right += nearest_choice(answer, item["choices"]) == item["answer"]
+        if item["family"] in NUMERIC_FAMILIES:
+            numeric += 1
+            want, got = last_number(item["choices"][item["answer"]]), last_number(answer)
+            exact += got is not None and want is not None and math.isclose(got, want, rel_tol=1e-3)
+    result = {"n": len(items), "acc": right / len(items), "exact_numeric": exact / max(1, numeric),
+              "n_numeric": numeric}
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    return result
 
 
 ORIGINAL_CONTEXT = 128  # tokens: what the demo's base and continued pretraining train at
@@ -232,8 +286,8 @@ def long_context(run_dir: Path, demo_dir: Path, tok_dom: Path, continued_hf: Pat
 
 
 def demo(run_dir: Path, *, base_steps: int, continue_steps: int, sft_steps: int, dpo_steps: int, add_pieces: int,
-         eval_limit: int | None, seed: int, grpo_steps: int = 30, long_steps: int = 300,
-         passkey_trials: int = 40) -> dict:
+         eval_limit: int | None, seed: int, grpo_steps: int = 120, long_steps: int = 300,
+         passkey_trials: int = 40, gen_limit: int = 120) -> dict:
     from pangu_pi.corpus import default_corpus_files
 
     run_dir = run_dir.resolve()
@@ -339,6 +393,9 @@ def demo(run_dir: Path, *, base_steps: int, continue_steps: int, sft_steps: int,
         "preference": evaluate(dpo / "model", demo_dir, run_dir / "eval" / "preference.json", log, eval_limit),
         "grpo": evaluate(grpo / "model", demo_dir, run_dir / "eval" / "grpo.json", log, eval_limit),
     }
+    generated = {name: generative_accuracy(path, demo_dir, run_dir / "eval" / f"generated_{name}.json", gen_limit)
+                 for name, path in (("instruct", sft / "model"), ("preference", dpo / "model"),
+                                    ("grpo", grpo / "model"))} if gen_limit else {}
     end("eval")
 
     # 7. Long context: YaRN 4x, continued pretraining on long documents, passkey before and after.
@@ -360,6 +417,7 @@ def demo(run_dir: Path, *, base_steps: int, continue_steps: int, sft_steps: int,
         "grpo_rewards": {k: grpo_summary.get("grpo", {}).get(k) for k in ("first_reward", "final_reward")}
         | {"val_reward": grpo_summary.get("val_reward")},
         "stages": figures,
+        "generated": generated,
         "passkey": long_figures,
         "seconds": timings,
         "steps": {"base": base_steps, "continue": continue_steps, "sft": sft_steps, "dpo": dpo_steps,
@@ -404,6 +462,15 @@ def report(summary: dict) -> str:
                    if r.get("first_reward") is not None else "")
         lines.append(f"GRPO: accuracy {100 * summary['dpo_acc']:.1f}% (DPO) → {100 * summary['grpo_acc']:.1f}%"
                      f"{rewards}")
+    if summary.get("generated"):
+        g = summary["generated"]
+        n = next(iter(g.values()))["n"]
+        lines.append(f"\nheld-out answers written by the model ({n} questions, greedy; nearest of the 4 choices; "
+                     "chance 25%):")
+        for key, label in (("instruct", "after SFT"), ("preference", "after DPO"), ("grpo", "after GRPO")):
+            if key in g:
+                lines.append(f"  {label:<12} {100 * g[key]['acc']:5.1f}%   exact number (numeric families, "
+                             f"{g[key]['n_numeric']}): {100 * g[key]['exact_numeric']:5.1f}%")
     if summary.get("passkey"):
         p = summary["passkey"]
         lines.append(f"\npasskey retrieval ({p['trials']} prompts per length; original context "
@@ -423,10 +490,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--continue-steps", type=int, default=100, help="continued-pretraining steps")
     p.add_argument("--sft-steps", type=int, default=120, help="instruction-tuning steps")
     p.add_argument("--dpo-steps", type=int, default=60, help="preference-tuning (DPO) steps after instruction tuning")
-    p.add_argument("--grpo-steps", type=int, default=30, help="GRPO steps after preference tuning")
+    p.add_argument("--grpo-steps", type=int, default=120, help="GRPO steps after preference tuning")
     p.add_argument("--long-steps", type=int, default=300,
                    help="long-context continued-pretraining steps (0: skip the long-context stage)")
     p.add_argument("--passkey-trials", type=int, default=40, help="passkey prompts per length")
+    p.add_argument("--gen-limit", type=int, default=120,
+                   help="held-out questions answered by generation after SFT, DPO and GRPO (0: skip)")
     p.add_argument("--add", type=int, default=500, help="new tokenizer pieces to learn (at most)")
     p.add_argument("--eval-limit", type=int, help="score only the first N held-out questions")
     p.add_argument("--seed", type=int, default=0)
@@ -435,11 +504,12 @@ def main(argv: list[str] | None = None) -> int:
     summary = demo(Path(args.run), base_steps=args.base_steps, continue_steps=args.continue_steps,
                    sft_steps=args.sft_steps, dpo_steps=args.dpo_steps, add_pieces=args.add, eval_limit=args.eval_limit,
                    seed=args.seed, grpo_steps=args.grpo_steps, long_steps=args.long_steps,
-                   passkey_trials=args.passkey_trials)
+                   passkey_trials=args.passkey_trials, gen_limit=args.gen_limit)
     print(json.dumps({"before_acc": round(summary["before_acc"], 4), "after_acc": round(summary["after_acc"], 4),
                       "sft_acc": round(summary["sft_acc"], 4), "dpo_acc": round(summary["dpo_acc"], 4),
                       "grpo_acc": round(summary["grpo_acc"], 4),
                       "chance": CHANCE}
+                     | {f"generated_{k}_acc": round(v["acc"], 4) for k, v in (summary["generated"] or {}).items()}
                      | {f"passkey_{k}_{x}": v for k, row in (summary["passkey"] or {}).items()
                         if isinstance(row, dict) for x, v in row.items()}))
     return 0

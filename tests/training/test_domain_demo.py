@@ -176,3 +176,19 @@ def test_with_yarn_extends_the_context_and_keeps_the_weights(tmp_path):
     assert config.rope_parameters["original_max_position_embeddings"] == 128
     a, b = load_file(tmp_path / "m" / "model.safetensors"), load_file(out / "model.safetensors")
     assert a.keys() == b.keys() and all((a[k] == b[k]).all() for k in a)
+
+
+def test_grpo_prompts_carry_both_answers_and_the_nearest_choice_reads_a_written_answer(demo):
+    import yunshan_demo
+
+    from pangu_pi.training.rewards import last_number
+
+    folder, _ = demo
+    rows = _read_jsonl(yunshan_demo.grpo_prompts(folder, seed=0))
+    assert rows and all({"prompt", "chosen", "rejected", "family"} <= set(r) for r in rows)
+    numeric = [r for r in rows if r["family"] in yunshan_demo.NUMERIC_FAMILIES]
+    assert numeric and all(r["answer"] == last_number(r["chosen"]) for r in numeric)
+    choices = ["Interest = $600 × 6% × 7 = $252.", "Interest = $600 × 6% × 6 = $216.", "It is $36.", "$2,000."]
+    assert yunshan_demo.nearest_choice("I think it is $220", choices) == 1
+    assert yunshan_demo.nearest_choice("The contract is void.", ["The contract is valid.", "The contract is void.",
+                                                                   "The contract is valid.", "No claim."]) == 1
