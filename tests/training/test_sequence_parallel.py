@@ -70,6 +70,9 @@ def test_recipes_and_attention_sequence_parallel_cannot_take_are_refused(tmp_pat
     with pytest.raises(UserError, match="the grpo recipe cannot split"):
         sp.check(config_for("grpo"), 2, config.model_config())
     sp.check(config_for("dpo"), 2, config.model_config())  # DPO sums each sequence's slices over the group
+    with pytest.raises(UserError, match="does not run with train.zero_stage 3") as err:
+        sp.check(_run_config(sequence_parallel=2, zero_stage=3), 2, config.model_config())
+    assert "\n" not in str(err.value)
 
 
 def test_sequence_parallel_must_be_a_positive_whole_number():
@@ -208,17 +211,21 @@ def sft_inputs(tokenizer_dir, tmp_path_factory) -> tuple[Path, Path]:
 
 
 @pytest.mark.slow
-def test_sft_split_over_two_ranks_reproduces_the_losses(sft_inputs, tmp_path):
+@pytest.mark.parametrize("mode, zero_stage", [("full", 2), ("lora", 2)])
+def test_sft_split_over_two_ranks_reproduces_the_losses(sft_inputs, tmp_path, mode, zero_stage):
+    """Full weights, and LoRA adapters (peft's wrapped attention under DeepSpeed's Ulysses wrapper; LoRA
+    dropout off, whose masks are drawn per process and would differ between the runs by design)."""
     base, chat = sft_inputs
 
     def config(sp: int) -> dict:
         # 128-token rows pack several chats each (per-document positions, block-causal masks).
         return {"model": {"init_from": str(base)},
                 "data": {"datasets": [{"path": str(chat), "weight": 1.0}], "seq_len": 128},
-                "train": {"max_steps": STEPS, "precision": "fp32", "sequence_parallel": sp},
+                "train": {"max_steps": STEPS, "precision": "fp32", "sequence_parallel": sp,
+                          "zero_stage": zero_stage},
                 "batch": {"global_batch_size": 4, "micro_batch_size": 2},
                 "optim": {"lr": 3e-3}, "schedule": {"warmup_steps": 2},
-                "finetune": {"mode": "full"}, "eval": {"every": 0},
+                "finetune": {"mode": mode, "lora": {"dropout": 0.0}}, "eval": {"every": 0},
                 "checkpoint": {"save_every": 100}, "log": {"tensorboard": False, "plot": False}}
 
     ref, split = tmp_path / "sp1", tmp_path / "sp2"
