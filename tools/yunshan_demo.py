@@ -286,10 +286,17 @@ def long_context(run_dir: Path, demo_dir: Path, tok_dom: Path, continued_hf: Pat
 
 
 def demo(run_dir: Path, *, base_steps: int, continue_steps: int, sft_steps: int, dpo_steps: int, add_pieces: int,
-         eval_limit: int | None, seed: int, grpo_steps: int = 120, long_steps: int = 300,
-         passkey_trials: int = 40, gen_limit: int = 120) -> dict:
+         eval_limit: int | None, seed: int, grpo_steps: int = 120, long_steps: int | None = None,
+         passkey_trials: int | None = None, gen_limit: int | None = None) -> dict:
     from pangu_pi.corpus import default_corpus_files
 
+    # Sized from the other settings unless given, so a shortened demo is shortened throughout: the
+    # long-context stage trains 3x the continued-pretraining steps (300 by default), and --eval-limit
+    # caps the generated answers (120) and the passkey prompts per length (40).
+    long_steps = 3 * continue_steps if long_steps is None else long_steps
+    gen_limit = min(120, eval_limit or 120) if gen_limit is None else gen_limit
+    passkey_trials = (40 if not eval_limit else max(5, min(40, eval_limit // 4))) if passkey_trials is None \
+        else passkey_trials
     run_dir = run_dir.resolve()
     run_dir.mkdir(parents=True, exist_ok=True)
     log = run_dir / "demo.log"
@@ -491,11 +498,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--sft-steps", type=int, default=120, help="instruction-tuning steps")
     p.add_argument("--dpo-steps", type=int, default=60, help="preference-tuning (DPO) steps after instruction tuning")
     p.add_argument("--grpo-steps", type=int, default=120, help="GRPO steps after preference tuning")
-    p.add_argument("--long-steps", type=int, default=300,
-                   help="long-context continued-pretraining steps (0: skip the long-context stage)")
-    p.add_argument("--passkey-trials", type=int, default=40, help="passkey prompts per length")
-    p.add_argument("--gen-limit", type=int, default=120,
-                   help="held-out questions answered by generation after SFT, DPO and GRPO (0: skip)")
+    p.add_argument("--long-steps", type=int,
+                   help="long-context continued-pretraining steps (default 3 × --continue-steps; 0: skip the stage)")
+    p.add_argument("--passkey-trials", type=int,
+                   help="passkey prompts per length (default 40; with --eval-limit N, N/4 between 5 and 40)")
+    p.add_argument("--gen-limit", type=int, help="held-out questions answered by generation after SFT, DPO and "
+                   "GRPO (default 120, at most --eval-limit; 0: skip)")
     p.add_argument("--add", type=int, default=500, help="new tokenizer pieces to learn (at most)")
     p.add_argument("--eval-limit", type=int, help="score only the first N held-out questions")
     p.add_argument("--seed", type=int, default=0)
