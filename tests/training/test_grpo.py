@@ -199,7 +199,8 @@ def test_prompt_records_render_with_the_chat_template_and_malformed_ones_are_cou
 
 def test_the_yunshan_demo_grpo_prompts_score_the_rules_answer_1_and_a_wrong_one_0(tmp_path, tokenizer_dir):
     """The demo's GRPO stage: its prompts (from the training cases) load with no malformed record, and
-    the rewards of configs/yunshan_grpo_tiny.yaml give the rule's answer 1 and the pair's wrong one 0."""
+    the rewards of configs/yunshan_grpo_tiny.yaml give the rule's answer full marks (nearer the right
+    answer: 1, plus the exact figure: 1 for the numeric families) and the pair's wrong one 0."""
     from domain_demo import generate  # tools/
     from yunshan_demo import NUMERIC_FAMILIES, grpo_prompts
 
@@ -211,28 +212,18 @@ def test_the_yunshan_demo_grpo_prompts_score_the_rules_answer_1_and_a_wrong_one_
     generate(tmp_path / "demo", seed=3, train=90, heldout=18, text_lines=30)
     path = grpo_prompts(tmp_path / "demo", seed=3)
     records = [json.loads(line) for line in path.read_text().splitlines()]
-    pairs = [json.loads(line) for line in (tmp_path / "demo" / "preference.jsonl").read_text().splitlines()]
-    assert len(records) == 90
+    assert len(records) == 90 and all({"prompt", "chosen", "rejected"} <= set(r) for r in records)
     assert {r["family"] for r in records if "answer" in r} == NUMERIC_FAMILIES
-    assert {r["option"] for r in records if "option" in r} == {"A", "B"}
     data = PromptDataset([str(path)], load_tokenizer(tokenizer_dir), 256)
     assert len(data) == 90 and not data.records.malformed
     config = load_config(ROOT / "configs" / "yunshan_grpo_tiny.yaml", recipe="finetune", check_paths=False)
     rewards = resolve_rewards(config.finetune.grpo.rewards)
-    right, wrong, fields = [], [], {"answer": [], "option": []}
-    for record, pair in zip(records, pairs):
-        fields["answer"].append(record.get("answer"))
-        fields["option"].append(record.get("option"))
-        if "option" in record:
-            right.append(record["option"])
-            wrong.append("B" if record["option"] == "A" else "A")
-        else:
-            right.append(pair["chosen"][0]["content"])
-            wrong.append(pair["rejected"][0]["content"])
+    fields = {k: [r.get(k) for r in records] for k in ("answer", "chosen", "rejected")}
     as_chat = lambda texts: [[{"role": "assistant", "content": t}] for t in texts]  # noqa: E731
-    _, good, _ = score(rewards, [r["prompt"] for r in records], as_chat(right), [[1]] * 90, fields, list(range(90)))
-    _, bad, _ = score(rewards, [r["prompt"] for r in records], as_chat(wrong), [[1]] * 90, fields, list(range(90)))
-    assert good == [1.0] * 90
+    prompts = [r["prompt"] for r in records]
+    _, good, _ = score(rewards, prompts, as_chat(fields["chosen"]), [[1]] * 90, fields, list(range(90)))
+    _, bad, _ = score(rewards, prompts, as_chat(fields["rejected"]), [[1]] * 90, fields, list(range(90)))
+    assert good == [2.0 if "answer" in r else 1.0 for r in records]
     assert sum(bad) <= 0.1 * 90  # a wrong answer of a numeric family can end with the right figure only by chance
 
 
