@@ -146,8 +146,13 @@ class Pretraining(Recipe):
     def loss(self, engine, batch, d):
         batch = batch.to(d.device, non_blocking=True)
         if self.sequence_parallel:  # this rank's slice of every sequence (training/sequence_parallel.py)
-            # SP rebuilds the documents' mask from the gathered positions in every attention call.
-            positions = self._documents(engine, batch[:, :-1]).get("position_ids")
+            # Positions only: SP rebuilds the documents' mask from the gathered positions in every
+            # attention call, so building the (T, T) mask here would be work thrown away.
+            positions = None
+            if self.config.data.document_masking:
+                from ..documents import document_positions
+
+                positions = document_positions(batch[:, :-1], self.plan_.eos_id)
             return self.sequence_parallel.causal_lm_loss(engine, batch[:, :-1], batch[:, 1:], positions)
         # The model computes the loss (train.fused_loss: without forming the logits); the targets are
         # the inputs shifted by one.
