@@ -113,6 +113,17 @@ def _close(a: dict, b: dict, tol: float) -> None:
     assert worst <= tol, f"largest per-step loss difference {worst:.3g} > {tol}: {a} vs {b}"
 
 
+def _split_matches_unsplit(command: str, config, tmp_path: Path, steps: int) -> None:
+    """`config(sp)` run unsplit on 1 process and split on 2: the same per-step losses (≤ 1e-5)."""
+    ref, split = tmp_path / "sp1", tmp_path / "sp2"
+    for out, sp in ((ref, 1), (split, 2)):
+        proc = _run(command, config(sp), out, sp)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    reference = _losses(ref)
+    assert sorted(reference) == list(range(1, steps + 1))
+    _close(_losses(split), reference, 1e-5)
+
+
 @pytest.fixture(scope="module")
 def pretrain_cache(tmp_path_factory) -> Path:
     from pangu_pi.training.config import build_config
@@ -228,14 +239,7 @@ def test_sft_split_over_two_ranks_reproduces_the_losses(sft_inputs, tmp_path, mo
                 "finetune": {"mode": mode, "lora": {"dropout": 0.0}}, "eval": {"every": 0},
                 "checkpoint": {"save_every": 100}, "log": {"tensorboard": False, "plot": False}}
 
-    ref, split = tmp_path / "sp1", tmp_path / "sp2"
-    proc = _run("finetune", config(1), ref, 1)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    proc = _run("finetune", config(2), split, 2)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    reference = _losses(ref)
-    assert sorted(reference) == list(range(1, STEPS + 1))
-    _close(_losses(split), reference, 1e-5)
+    _split_matches_unsplit("finetune", config, tmp_path, STEPS)
 
 
 def test_memory_estimate_counts_one_slice_of_each_sequence_per_rank():
@@ -346,11 +350,4 @@ def test_dpo_split_over_two_ranks_reproduces_the_losses(sft_inputs, tmp_path):
                 "finetune": {"mode": "dpo", "dpo": {"beta": 0.1}}, "eval": {"every": 0},
                 "checkpoint": {"save_every": 100}, "log": {"tensorboard": False, "plot": False}}
 
-    ref, split = tmp_path / "sp1", tmp_path / "sp2"
-    proc = _run("finetune", config(1), ref, 1)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    proc = _run("finetune", config(2), split, 2)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    reference = _losses(ref)
-    assert sorted(reference) == list(range(1, 7))
-    _close(_losses(split), reference, 1e-5)
+    _split_matches_unsplit("finetune", config, tmp_path, 6)
